@@ -1,0 +1,46 @@
+"""Thin HTTP handlers: the OpenAI endpoints (`openai`) and the router's own (`admin`)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from router.errors import RouterError, error_response
+
+__all__ = ["request_id", "json_errors"]
+
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(request: web.Request) -> str:
+    """The client's `x-request-id` when it is safe to echo (length, charset), else a new one."""
+    given = request.headers.get("x-request-id")
+    if given and VALID_REQUEST_ID.fullmatch(given):
+        return given
+    return os.urandom(16).hex()
+
+
+class HTTPStatusError(RouterError):
+    """aiohttp's own 404/405/413... re-dressed as OpenAI-style errors."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = "invalid_request_error" if status < 500 else "internal_error"
+        self.code = str(status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer aiohttp's routing errors (unknown path, wrong method) as OpenAI-style JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = HTTPStatusError(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(error, request_id(request), headers)

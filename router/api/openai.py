@@ -1,0 +1,100 @@
+"""The OpenAI-compatible endpoints: proxied ones, and the router-local `/v1/models`.
+
+A proxied request goes: read the inbound request (JSON or multipart) -> the policy picks a
+backend among those serving the model -> the proxy lifecycle forwards it and streams back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from router.api import request_id
+from router.errors import NoBackendAvailable, RouterError
+from router.flow import RequestFlow
+from router.inbound import InboundRequest, read_json_request
+from router.keys import CLIENT_SESSION, CONFIG, EVENTS, POLICY, POOL
+from router.multipart import read_multipart_request
+from router.proxy import Lifecycle, exchange
+
+__all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
+
+JSON_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/rerank",
+    "/rerank",
+    "/v1/score",
+    "/score",
+    "/tokenize",
+    "/detokenize",
+)
+MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def read_inbound(request: web.Request, multipart: bool) -> InboundRequest:
+    app = request.app
+    config = app[CONFIG]
+    if multipart:
+        return await read_multipart_request(
+            request, app[POOL], config.max_body_size, config.spool_dir
+        )
+    return await read_json_request(request, app[POOL], config.max_json_body_size)
+
+
+async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
+    app = request.app
+    flow = RequestFlow(id=request_id(request), endpoint=endpoint)
+    lifecycle = Lifecycle(request, app[EVENTS], flow)
+    try:
+        inbound = await read_inbound(request, multipart)
+    except RouterError as error:
+        return lifecycle.reject(error)
+    try:
+        flow.model, flow.stream = inbound.model, inbound.stream
+        candidates = app[POOL].candidates(inbound.model)
+        if not candidates:
+            return lifecycle.reject(NoBackendAvailable(f"no backend serves {inbound.model}"))
+        flow.backend = app[POLICY].choose(inbound, candidates)
+        async with lifecycle:
+            await exchange(request, flow, inbound, app[CLIENT_SESSION], lifecycle)
+        return lifecycle.result()
+    finally:
+        await inbound.aclose()
+
+
+def proxy_handler(endpoint: str, multipart: bool) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy(request, endpoint, multipart)
+
+    return handle
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The union of the backends' models, with aliases (their `root` is the served model)."""
+    pool = request.app[POOL]
+    created = int(time.time())
+    entries = [
+        {"id": model, "object": "model", "created": created, "owned_by": "router", "root": model}
+        for model in pool.models()
+    ]
+    entries += [
+        {"id": alias, "object": "model", "created": created, "owned_by": "router", "root": model}
+        for alias, model in sorted(pool.aliases.items())
+        if pool.candidates(model)
+    ]
+    return web.json_response({"object": "list", "data": entries})
+
+
+def add_routes(app: web.Application) -> None:
+    for endpoint in JSON_ENDPOINTS:
+        app.router.add_post(endpoint, proxy_handler(endpoint, multipart=False))
+    for endpoint in MULTIPART_ENDPOINTS:
+        app.router.add_post(endpoint, proxy_handler(endpoint, multipart=True))
+    app.router.add_get("/v1/models", list_models)

@@ -1,0 +1,71 @@
+"""`make_app(config)`: the Application, its state (AppKeys) and the owners of its resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from router.api import admin, json_errors, openai
+from router.backends import BackendPool
+from router.config import Config
+from router.discovery.static import static_backends
+from router.events import RequestEvents
+from router.keys import CLIENT_SESSION, CONFIG, EVENTS, METRICS, POLICY, POOL, STATS
+from router.metrics import Metrics
+from router.policies import make_policy
+from router.stats.requests import RequestStats
+
+__all__ = ["make_app"]
+
+
+async def client_session(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the one ClientSession (and connection pool) for all backend calls."""
+    config = app[CONFIG]
+    connector = aiohttp.TCPConnector(
+        limit=config.max_upstream_connections,
+        keepalive_timeout=config.upstream_keepalive,
+    )
+    # No total timeout: streams may run for hours; connect and per-read limits catch a dead
+    # or stalled backend instead.
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=config.connect_timeout,
+        sock_connect=config.connect_timeout,
+        sock_read=config.read_timeout,
+    )
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,  # bytes pass through with their Content-Encoding
+        cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    ) as session:
+        app[CLIENT_SESSION] = session
+        yield
+
+
+def make_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=config.max_json_body_size, middlewares=[json_errors])
+    pool = BackendPool(aliases=config.aliases)
+    stats = RequestStats(config.request_stats_window)
+    metrics = Metrics(stats, pool)
+    policy = make_policy(config.routing_logic)
+    app[CONFIG] = config
+    app[POOL] = pool
+    app[STATS] = stats
+    app[METRICS] = metrics
+    app[POLICY] = policy
+    app[EVENTS] = RequestEvents([stats, metrics, policy])
+    if config.demo:
+        # Imported here so the fake engines are loaded only in demo mode.
+        from router.discovery.demo import demo_engines
+
+        app.cleanup_ctx.append(demo_engines)
+    else:
+        pool.replace(static_backends(config))
+    app.cleanup_ctx.append(client_session)
+    openai.add_routes(app)
+    admin.add_routes(app)
+    return app

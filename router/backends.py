@@ -1,0 +1,84 @@
+"""Backends (engine replicas) and the pool that maps models to the backends serving them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from yarl import URL
+
+__all__ = ["Backend", "BackendPool"]
+
+
+def backend_id(url: str) -> str:
+    """A short id that is the same for the same URL on every router replica and restart."""
+    return hashlib.sha256(url.encode()).hexdigest()[:10]
+
+
+@dataclass(eq=False)
+class Backend:
+    """One engine replica: where it is and which models it serves."""
+
+    url: str
+    """Base URL without a trailing slash, e.g. `http://10.0.0.7:8000`."""
+    models: tuple[str, ...]
+    id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if not self.id:
+            self.id = backend_id(self.url)
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.id} {self.url} models={list(self.models)}>"
+
+
+class BackendPool:
+    """The current backend set, indexed by model; aliases map extra names to served models."""
+
+    def __init__(self, backends: Iterable[Backend] = (), aliases: dict[str, str] | None = None):
+        self.aliases: dict[str, str] = dict(aliases or {})
+        self._backends: tuple[Backend, ...] = ()
+        self._by_model: dict[str, tuple[Backend, ...]] = {}
+        self.replace(backends)
+
+    def replace(self, backends: Iterable[Backend]) -> None:
+        """Swap in a new backend set (discovery calls this); lookups see it at once."""
+        self._backends = tuple(backends)
+        by_model: dict[str, list[Backend]] = {}
+        for backend in self._backends:
+            for model in backend.models:
+                by_model.setdefault(model, []).append(backend)
+        self._by_model = {model: tuple(group) for model, group in by_model.items()}
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return self._backends
+
+    def resolve(self, model: str) -> str:
+        """The served model name for `model`, following an alias."""
+        return self.aliases.get(model, model)
+
+    def candidates(self, model: str) -> Sequence[Backend]:
+        """Backends serving the (already resolved) model; empty when none does."""
+        return self._by_model.get(model, ())
+
+    def models(self) -> list[str]:
+        """Served model names, sorted."""
+        return sorted(self._by_model)
+
+    def __repr__(self) -> str:
+        return f"<BackendPool backends={len(self._backends)} models={self.models()}>"
+
+
+def parse_url(url: str) -> str:
+    """Validate a backend URL (http or https with a host) and return it normalised."""
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not an http(s) URL with a host: {url!r}")
+    return str(parsed).rstrip("/")

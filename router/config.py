@@ -1,0 +1,76 @@
+"""The router's configuration: one frozen dataclass tree, validated once at start.
+
+Nothing else in the package reads `argv` or the environment; `router.cli` builds a `Config`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["Config", "StaticBackend", "ConfigError", "parse_size", "DEMO_MODELS"]
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+DEMO_MODELS = ("demo-llm", "demo-whisper")
+"""Models the built-in demo engines serve (`--demo`)."""
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the flag or key."""
+
+
+@dataclass(frozen=True)
+class StaticBackend:
+    url: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8001
+    service_discovery: str = "static"
+    static_backends: tuple[StaticBackend, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+    """alias -> served model name."""
+    routing_logic: str = "roundrobin"
+    log_level: str = "info"
+    request_stats_window: float = 60.0
+    """Seconds of history behind QPS, average TTFT and average latency."""
+    demo: bool = False
+    """Start two in-process demo engines and route to them."""
+    demo_engines: int = 2
+    connect_timeout: float = 5.0
+    """Seconds to open a TCP connection to a backend (a pool slot wait included)."""
+    read_timeout: float = 600.0
+    """Seconds to wait for the backend's first byte and for each next chunk; streams have no
+    total limit."""
+    max_body_size: int = 2 * GIB
+    """Largest multipart (audio) request body."""
+    max_json_body_size: int = 64 * MIB
+    """Largest JSON request body."""
+    max_upstream_connections: int = 0
+    """Concurrent connections to all backends together; 0 means no limit (aiohttp's default
+    of 100 would quietly cap concurrent streams)."""
+    upstream_keepalive: float = 4.0
+    """Seconds an idle pooled backend connection is kept; shorter than engines' idle timeout
+    (uvicorn closes idle connections after 5 s), because a POST is not retried on a stale one."""
+    spool_dir: str | None = None
+    """Where multipart bodies with the file before `model` are spooled; None: the system temp."""
+
+
+SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB, "t": 1024 * GIB}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `123`, `64MiB`, `2G`, `512k` (binary units)."""
+    match = SIZE_PATTERN.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 64MiB, 2GiB, 1048576)")
+    number, unit = match.groups()
+    scale = SIZE_UNITS[(unit or "")[:1].lower()]
+    return int(float(number) * scale)

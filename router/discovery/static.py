@@ -1,0 +1,12 @@
+"""Static discovery: the backends given by `--static-backends` / `--static-models`."""
+
+from __future__ import annotations
+
+from router.backends import Backend
+from router.config import Config
+
+__all__ = ["static_backends"]
+
+
+def static_backends(config: Config) -> list[Backend]:
+    return [Backend(url=item.url, models=item.models) for item in config.static_backends]

@@ -1,0 +1,111 @@
+"""The router's exceptions and their one rendering: OpenAI-style JSON errors.
+
+Every failure the router itself produces crosses layers as a `RouterError` subclass, which
+knows its HTTP status, OpenAI error type and code. `error_response` turns one into the
+`{"error": {"message", "type", "code"}}` body with an `x-request-id` header.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from router.flow import Outcome
+
+__all__ = [
+    "RouterError",
+    "InternalError",
+    "BadRequest",
+    "ModelNotFound",
+    "PayloadTooLarge",
+    "NoBackendAvailable",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "error_response",
+    "error_body",
+]
+
+
+class RouterError(Exception):
+    """A failure with an HTTP status, answered to the client as OpenAI-style JSON."""
+
+    status = 500
+    error_type = "internal_error"
+    code: str | None = "internal_error"
+    outcome = Outcome.REJECTED
+    """How a request that fails with this error is counted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InternalError(RouterError):
+    """A bug in the router; the traceback is logged, the client gets a JSON 500."""
+
+    outcome = Outcome.ROUTER_ERROR
+
+
+class BadRequest(RouterError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelNotFound(RouterError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(RouterError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class NoBackendAvailable(RouterError):
+    """No backend could be reached (none configured, or every connect attempt failed)."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "no_backend_available"
+    outcome = Outcome.BACKEND_ERROR
+
+
+class UpstreamError(RouterError):
+    """The backend failed before the response started (reset, invalid HTTP)."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "bad_gateway"
+    outcome = Outcome.BACKEND_ERROR
+
+
+class UpstreamTimeout(RouterError):
+    """The backend sent nothing within the read timeout."""
+
+    status = 504
+    error_type = "upstream_timeout"
+    code = "gateway_timeout"
+    outcome = Outcome.TIMEOUT
+
+
+def error_body(status: int, message: str, error_type: str, code: str | int | None) -> bytes:
+    payload = {"error": {"message": message, "type": error_type, "code": code}}
+    return json.dumps(payload).encode()
+
+
+def error_response(
+    error: RouterError, request_id: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = web.Response(
+        status=error.status,
+        body=error_body(error.status, error.message, error.error_type, error.code),
+        content_type="application/json",
+    )
+    response.headers["x-request-id"] = request_id
+    if headers:
+        response.headers.update(headers)
+    return response

@@ -1,0 +1,80 @@
+"""The flow: one object per proxied request, carried through every layer and every event.
+
+The invariant, which `router.proxy.lifecycle` guarantees: every flow gets exactly one
+`on_new`, at most one `on_response`, and exactly one `on_complete`, whose `outcome` is set.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.backends import Backend
+
+__all__ = ["Outcome", "RequestFlow"]
+
+
+class Outcome(enum.Enum):
+    """How a request ended; set once, just before `on_complete`."""
+
+    OK = "ok"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    BACKEND_ERROR = "backend_error"
+    TIMEOUT = "timeout"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    """The handler was cancelled with its client still connected (e.g. shutdown)."""
+    ROUTER_ERROR = "router_error"
+    """A bug in the router (logged with its traceback)."""
+
+
+@dataclass(eq=False, slots=True)
+class RequestFlow:
+    """What the router knows about one request, from arrival to completion."""
+
+    id: str
+    """The request id: the client's valid `x-request-id`, or one we made; sent both ways."""
+    endpoint: str
+    """The route path, e.g. `/v1/chat/completions` (a bounded label, unlike the raw path)."""
+    t_start: float = field(default_factory=time.monotonic)
+    """`time.monotonic()` when the handler started."""
+    model: str | None = None
+    """The model the client asked for (after alias resolution: the served model)."""
+    stream: bool = False
+    """True when the client asked for a streamed answer."""
+    backend: Backend | None = None
+    """The backend serving the request; None when rejected before routing."""
+    status: int | None = None
+    """HTTP status sent to the client (the backend's, or the router's own error status)."""
+    t_headers: float | None = None
+    """When the backend's status and headers arrived."""
+    t_first_byte: float | None = None
+    """When the first body byte arrived from the backend (time to first token)."""
+    t_end: float | None = None
+    """When the request completed, successfully or not."""
+    outcome: Outcome | None = None
+    """How it ended; None until `on_complete`."""
+    error: str | None = None
+    """A short description of what went wrong, when something did."""
+    bytes_down: int = 0
+    """Response body bytes sent to the client."""
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the backend's first body byte."""
+        return None if self.t_first_byte is None else self.t_first_byte - self.t_start
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.t_end is None else self.t_end - self.t_start
+
+    def __repr__(self) -> str:
+        backend = self.backend.id if self.backend else None
+        outcome = self.outcome.value if self.outcome else "open"
+        return (
+            f"<RequestFlow {self.id} {self.endpoint} model={self.model!r} "
+            f"backend={backend} status={self.status} {outcome}>"
+        )

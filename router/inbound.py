@@ -1,0 +1,94 @@
+"""The inbound request: what routing needs to know, parsed once, plus the body to forward.
+
+JSON bodies are forwarded as received (re-serialised only when an alias renames the model).
+Multipart bodies are forwarded as a stream (see `router.multipart`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from router.backends import BackendPool
+from router.errors import BadRequest, ModelNotFound, PayloadTooLarge
+
+__all__ = ["InboundRequest", "UploadBody", "read_json_request", "resolve_model"]
+
+
+class UploadBody(Protocol):
+    """A request body forwarded as a stream of chunks, with its own cleanup."""
+
+    content_length: int | None
+    error: Exception | None
+    """Set when the stream failed on the client's side (too large, client gone)."""
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class InboundRequest:
+    """A parsed client request, ready to route and forward."""
+
+    model: str
+    """The served model name (an alias already resolved)."""
+    stream: bool
+    """The client asked for a streamed answer (for multipart: when `stream` preceded the file)."""
+    headers: CIMultiDictProxy[str]
+    json: dict[str, Any] | None = None
+    """The parsed JSON body; None for multipart requests."""
+    body: bytes | None = None
+    """The JSON body to forward."""
+    upload: UploadBody | None = None
+    """The multipart body to forward."""
+
+    async def aclose(self) -> None:
+        if self.upload is not None:
+            await self.upload.aclose()
+
+
+def resolve_model(pool: BackendPool, model: object) -> str:
+    """Validate the requested model and follow an alias; raise the client's error if unknown."""
+    if model is None or model == "":
+        raise BadRequest("the request has no 'model'")
+    if not isinstance(model, str):
+        raise BadRequest("'model' must be a string")
+    served = pool.resolve(model)
+    if not pool.candidates(served):
+        known = sorted(set(pool.models()) | set(pool.aliases))
+        raise ModelNotFound(
+            f"The model `{model}` does not exist. Known models: {', '.join(known) or 'none'}."
+        )
+    return served
+
+
+async def read_json_request(
+    request: web.Request, pool: BackendPool, limit: int
+) -> InboundRequest:
+    """Read and check a JSON body; `limit` is the app's `client_max_size`, which aiohttp
+    enforces while reading."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    requested = body.get("model")
+    served = resolve_model(pool, requested)
+    if served != requested:
+        body["model"] = served
+        raw = json.dumps(body).encode()
+    return InboundRequest(
+        model=served, stream=body.get("stream") is True, headers=request.headers,
+        json=body, body=raw,
+    )

@@ -1,0 +1,239 @@
+"""The proxy lifecycle: one request to one backend, streamed both ways, accounted exactly once.
+
+`Lifecycle` is the context manager every proxied request runs in: `on_new` on entry,
+`on_complete` exactly once on exit, whatever happens (client gone, backend failure, timeout,
+cancellation). `exchange` does the forwarding inside it: the body goes up as it arrives, the
+backend's status and headers come back at once, then every chunk as it arrives. The backend
+response is always released (read to the end) or closed (anything else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import TracebackType
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from router.errors import (
+    InternalError,
+    NoBackendAvailable,
+    RouterError,
+    UpstreamError,
+    UpstreamTimeout,
+    error_response,
+)
+from router.events import RequestEvents
+from router.flow import Outcome, RequestFlow
+from router.inbound import InboundRequest
+
+__all__ = ["Lifecycle", "exchange", "ClientGone"]
+
+log = logging.getLogger("router.proxy")
+
+REQUEST_ID = istr("x-request-id")
+BACKEND_HEADER = istr("x-router-backend")
+HOP_BY_HOP = frozenset(
+    istr(name)
+    for name in (
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    )
+)
+# Also not forwarded upstream: aiohttp sets Host and Content-Length itself, and an `Expect`
+# was already answered by our own server.
+NOT_FORWARDED_UP = HOP_BY_HOP | {hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID}
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {REQUEST_ID}
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that went away before the answer (never sent, only counted)."""
+
+
+class ClientGone(Exception):
+    """The client's connection broke while we wrote to it."""
+
+
+def forward_headers(
+    incoming: CIMultiDictProxy[str], drop: frozenset[istr], request_id: str
+) -> CIMultiDict[str]:
+    """Copy end-to-end headers, dropping hop-by-hop ones and those the Connection header names."""
+    headers = CIMultiDict(incoming)
+    named = incoming.get(hdrs.CONNECTION)
+    if named:
+        drop = drop | {istr(name.strip()) for name in named.split(",")}
+    for name in drop:
+        headers.popall(name, None)
+    headers[REQUEST_ID] = request_id
+    return headers
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class Lifecycle:
+    """Runs one request's events: `on_new` on entry, exactly one `on_complete` on exit.
+
+    Router errors raised inside are turned into the request's outcome and an OpenAI-style
+    error response (`error_response()`), so the caller does not handle them again.
+    """
+
+    def __init__(self, request: web.Request, events: RequestEvents, flow: RequestFlow):
+        self.request = request
+        self.events = events
+        self.flow = flow
+        self.error: RouterError | None = None
+        self.response: web.StreamResponse | None = None
+        self._completed = False
+
+    async def __aenter__(self) -> Lifecycle:
+        self.events.on_new(self.flow)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if self._completed:
+            return False
+        self._completed = True
+        flow = self.flow
+        suppress = False
+        try:
+            if exc is None:
+                flow.outcome = flow.outcome or Outcome.OK
+            elif isinstance(exc, RouterError):
+                flow.outcome, flow.status, flow.error = exc.outcome, exc.status, exc.message
+                self.error, suppress = exc, True
+            elif isinstance(exc, ClientGone):
+                flow.outcome, suppress = Outcome.CLIENT_DISCONNECTED, True
+            elif isinstance(exc, asyncio.CancelledError):
+                gone = client_gone(self.request)
+                flow.outcome = Outcome.CLIENT_DISCONNECTED if gone else Outcome.CANCELLED
+            else:
+                log.error("request %s failed in the router", flow.id, exc_info=exc)
+                self.error = InternalError("the router failed to handle the request")
+                flow.outcome, flow.status, suppress = Outcome.ROUTER_ERROR, 500, True
+                flow.error = repr(exc)
+            if flow.outcome is Outcome.CLIENT_DISCONNECTED and flow.status is None:
+                flow.status = CLIENT_CLOSED_REQUEST
+        finally:
+            flow.t_end = time.monotonic()
+            self.events.on_complete(flow)
+        return suppress
+
+    def reject(self, error: RouterError) -> web.Response:
+        """Account for a request refused before routing (`on_new`, then `on_complete` at once)
+        and return its error response."""
+        self.flow.outcome, self.flow.status, self.flow.error = (
+            error.outcome, error.status, error.message
+        )
+        self.events.on_new(self.flow)
+        self._completed = True
+        self.flow.t_end = time.monotonic()
+        self.events.on_complete(self.flow)
+        return error_response(error, self.flow.id)
+
+    def result(self) -> web.StreamResponse:
+        """What the handler returns once the lifecycle is over."""
+        if self.error is not None and (self.response is None or not self.response.prepared):
+            return error_response(self.error, self.flow.id)
+        if self.response is not None:
+            return self.response
+        # The client is gone and nothing was sent: aiohttp's write of this fails quietly.
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
+
+
+def upstream_error(error: BaseException, flow: RequestFlow, inbound: InboundRequest) -> Exception:
+    """Translate a failure before the backend's headers into our own exception."""
+    upload = inbound.upload
+    if upload is not None and upload.error is not None:
+        # The body stream failed on the client's side, not the backend's.
+        return upload.error if isinstance(upload.error, RouterError) else ClientGone()
+    backend = flow.backend.id if flow.backend else "?"
+    if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return NoBackendAvailable(f"backend {backend} is unreachable: {error}")
+    if isinstance(error, TimeoutError):
+        return UpstreamTimeout(f"backend {backend} did not answer in time")
+    return UpstreamError(f"backend {backend} failed: {error!r}")
+
+
+async def exchange(
+    request: web.Request,
+    flow: RequestFlow,
+    inbound: InboundRequest,
+    session: aiohttp.ClientSession,
+    lifecycle: Lifecycle,
+) -> None:
+    """Forward the request to `flow.backend` and stream the answer back to the client."""
+    assert flow.backend is not None
+    headers = forward_headers(request.headers, NOT_FORWARDED_UP, flow.id)
+    data: object = inbound.body
+    if inbound.upload is not None:
+        data = inbound.upload.chunks()
+        if inbound.upload.content_length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(inbound.upload.content_length)
+    try:
+        upstream = await session.request(
+            request.method, flow.backend.url + request.path_qs, data=data, headers=headers
+        )
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise upstream_error(error, flow, inbound) from error
+    released = False
+    try:
+        flow.t_headers = time.monotonic()
+        flow.status = upstream.status
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, NOT_FORWARDED_DOWN, flow.id),
+        )
+        response.headers[BACKEND_HEADER] = flow.backend.id
+        lifecycle.response = response
+        try:
+            await response.prepare(request)
+        except ConnectionError as error:
+            raise ClientGone() from error
+        content = upstream.content
+        events = lifecycle.events
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as error:
+                break_stream(request, flow, error)
+                return
+            if not chunk:
+                break
+            if flow.t_first_byte is None:
+                flow.t_first_byte = time.monotonic()
+                events.on_response(flow)
+            flow.bytes_down += len(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionError as error:
+                raise ClientGone() from error
+        try:
+            await response.write_eof()
+        except ConnectionError as error:
+            raise ClientGone() from error
+        upstream.release()
+        released = True
+    finally:
+        if not released:
+            upstream.close()
+
+
+def break_stream(request: web.Request, flow: RequestFlow, error: BaseException) -> None:
+    """The backend failed after the response started: the status is gone, so the only honest
+    signal left is to cut the client's connection before the end of the body."""
+    timed_out = isinstance(error, TimeoutError)
+    flow.outcome = Outcome.TIMEOUT if timed_out else Outcome.BACKEND_ERROR
+    flow.error = f"backend failed mid-stream: {error!r}"
+    log.warning("request %s: %s", flow.id, flow.error)
+    if request.transport is not None:
+        request.transport.close()

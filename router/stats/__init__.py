@@ -1,0 +1,1 @@
+"""Statistics the router keeps: request stats fed by the lifecycle events."""

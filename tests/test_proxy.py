@@ -1,0 +1,200 @@
+"""The proxy path end to end: the official openai client -> router -> fake vLLM engines."""
+
+from __future__ import annotations
+
+import aiohttp
+import openai
+import pytest
+
+from router.config import Config, StaticBackend
+from router.flow import Outcome
+from router.testing import RunningEngine
+
+from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for
+
+
+def client_for(router: RouterUnderTest) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+
+
+async def test_chat_completion_through_router(router: RouterUnderTest) -> None:
+    client = client_for(router)
+    reply = await client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content == "tok0 tok1 tok2 tok3"
+    await router.settled(1)
+    flow = router.log.only()
+    assert (flow.outcome, flow.status, flow.stream) == (Outcome.OK, 200, False)
+    assert flow.ttft is not None and flow.duration is not None
+
+
+async def test_chat_stream_arrives_chunk_by_chunk(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    for engine in engines:
+        engine.behaviour.token_delay = 0.2
+    client = client_for(router)
+    stream = await client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces = []
+    engine_busy_at_first_piece = None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if engine_busy_at_first_piece is None:
+                engine_busy_at_first_piece = sum(e.state.open for e in engines)
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage
+    # The first piece reached the client while the engine was still generating: no buffering.
+    assert engine_busy_at_first_piece == 1
+    assert "".join(pieces).split() == ["tok0", "tok1", "tok2"]
+    assert usage is not None and usage.completion_tokens == 3
+    await router.settled(1)
+    assert router.log.only().stream is True
+
+
+async def test_completions_stream_and_not(router: RouterUnderTest) -> None:
+    client = client_for(router)
+    reply = await client.completions.create(model=CHAT, prompt="say", max_tokens=2)
+    assert reply.choices[0].text == "tok0 tok1"
+    stream = await client.completions.create(model=CHAT, prompt="say", max_tokens=2, stream=True)
+    text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+    assert text.split() == ["tok0", "tok1"]
+    await router.settled(2)
+
+
+async def test_embeddings(router: RouterUnderTest) -> None:
+    client = client_for(router)
+    reply = await client.embeddings.create(model=CHAT, input=["one", "two"])
+    assert len(reply.data) == 2 and len(reply.data[0].embedding) == 8
+    await router.settled(1)
+
+
+async def test_responses_stream_and_not(router: RouterUnderTest) -> None:
+    client = client_for(router)
+    reply = await client.responses.create(model=CHAT, input="hello")
+    assert reply.output_text
+    events = [event.type async for event in await client.responses.create(
+        model=CHAT, input="hello", stream=True
+    )]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    await router.settled(2)
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/rerank", {"query": "q", "documents": ["a", "b"]}),
+        ("/rerank", {"query": "q", "documents": ["a", "b"]}),
+        ("/v1/score", {"text_1": "a", "text_2": "b"}),
+        ("/score", {"text_1": "a", "text_2": "b"}),
+        ("/tokenize", {"prompt": "a b c"}),
+        ("/detokenize", {"tokens": [1, 2]}),
+    ],
+)
+async def test_other_endpoints_are_proxied(
+    router: RouterUnderTest, engines: list[RunningEngine], path: str, body: dict[str, object]
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + path, json={"model": CHAT, **body}) as response:
+            assert response.status == 200, await response.text()
+            assert response.content_type == "application/json"
+            await response.json()
+    await router.settled(1)
+    assert sum(engine.state.completed for engine in engines) == 1
+    assert router.log.only().endpoint == path
+
+
+async def test_round_robin_alternates_backends(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            async with session.post(router.url + "/v1/completions",
+                                    json={"model": CHAT, "prompt": "x"}) as response:
+                assert response.status == 200
+    assert [engine.state.completed for engine in engines] == [2, 2]
+    await router.settled(4)
+
+
+async def test_request_id_is_kept_forwarded_and_echoed(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + "/v1/completions",
+                                json={"model": CHAT, "prompt": "x"},
+                                headers={"X-Request-Id": "client-id-1"}) as response:
+            assert response.headers["x-request-id"] == "client-id-1"
+        async with session.post(router.url + "/v1/completions",
+                                json={"model": CHAT, "prompt": "x"},
+                                headers={"X-Request-Id": "bad id\twith junk"}) as response:
+            generated = response.headers["x-request-id"]
+    assert generated != "bad id\twith junk" and len(generated) == 32
+    seen = [engine.state.last_headers for engine in engines]
+    assert {headers["x-request-id"] for headers in seen if headers} == {"client-id-1", generated}
+    await router.settled(2)
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            router.url + "/v1/completions",
+            json={"model": CHAT, "prompt": "x"},
+            headers={"Connection": "keep-alive, X-Private", "X-Private": "secret",
+                     "Proxy-Authorization": "Basic abc", "X-Kept": "yes"},
+        ) as response:
+            assert response.status == 200
+            assert "Transfer-Encoding" not in response.headers or response.headers[
+                "Transfer-Encoding"] == "chunked"
+    headers = engines[0].state.last_headers
+    assert headers is not None
+    assert headers["X-Kept"] == "yes"
+    assert "X-Private" not in headers and "Proxy-Authorization" not in headers
+
+
+async def test_aliases_are_resolved_and_listed(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    router = await start_router(config_for(engines, aliases={"gpt-4o": CHAT}))
+    client = client_for(router)
+    reply = await client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.model == CHAT
+    assert engines[0].state.last_json is not None
+    assert engines[0].state.last_json["model"] == CHAT
+    listed = {model.id: model for model in (await client.models.list()).data}
+    assert set(listed) == {*MODELS, "gpt-4o"}
+    assert listed["gpt-4o"].model_extra == {"root": CHAT}
+    await router.settled(1)
+
+
+async def test_models_is_the_union_over_backends(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    config = Config(static_backends=(
+        StaticBackend(engines[0].url, ("a", "b")), StaticBackend(engines[1].url, ("b", "c"))
+    ))
+    router = await start_router(config)
+    ids = [model.id for model in (await client_for(router).models.list()).data]
+    assert ids == ["a", "b", "c"]
+
+
+async def test_backend_error_status_passes_through_unchanged(
+    solo_router: RouterUnderTest, engine: RunningEngine
+) -> None:
+    engine.behaviour.fail_status = 429
+    async with aiohttp.ClientSession() as session:
+        async with session.post(solo_router.url + "/v1/completions",
+                                json={"model": CHAT, "prompt": "x"}) as response:
+            assert response.status == 429
+            body = await response.json()
+            assert body["error"]["code"] == 429
+            assert response.headers["x-request-id"]
+    await solo_router.settled(1)
+    flow = solo_router.log.only()
+    assert (flow.status, flow.outcome) == (429, Outcome.OK)
