@@ -105,6 +105,7 @@ async def test_openai_transcription_reaches_engine_intact(
     assert [flow.stream for flow in router.log.flows.values()] == [False, True]
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 async def test_openai_translation(router: RouterUnderTest) -> None:
     audio = audio_bytes(50_000)
     result = await openai_client(router).audio.translations.create(

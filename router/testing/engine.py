@@ -21,6 +21,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 
 __all__ = [
@@ -701,29 +702,26 @@ async def detokenize(request: web.Request) -> web.StreamResponse:
 
 async def _read_upload(request: web.Request) -> Upload:
     """Stream a multipart body: hash the `file` part chunk by chunk, keep the other fields."""
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError, KeyError) as exc:
-        raise _BadRequest(400, f"Expected a multipart/form-data body: {exc}") from None
     digest = hashlib.sha256()
     size = 0
     have_file = False
     fields: dict[str, str] = {}
-    while True:
-        part = await reader.next()
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            raise _BadRequest(400, "Nested multipart bodies are not supported.")
-        if part.name == "file":
-            have_file = True
-            while chunk := await part.read_chunk(_READ_SIZE):
-                digest.update(chunk)
-                size += len(chunk)
-        elif part.name is not None:
-            fields[part.name] = await part.text()
-        else:
-            await part.release()
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise _BadRequest(400, "Nested multipart bodies are not supported.")
+            if part.name == "file":
+                have_file = True
+                while chunk := await part.read_chunk(_READ_SIZE):
+                    digest.update(chunk)
+                    size += len(chunk)
+            elif part.name is not None:
+                fields[part.name] = await part.text()
+            else:
+                await part.release()
+    except (AssertionError, ValueError, KeyError, HttpProcessingError) as exc:
+        raise _BadRequest(400, f"Invalid multipart/form-data body: {exc}") from None
     if not have_file:
         raise _BadRequest(400, "Field `file` is required.")
     return Upload(sha256=digest.hexdigest(), size=size, fields=fields)
