@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import openai
 import pytest
 
+from router.app import make_app
 from router.config import Config, StaticBackend
 from router.flow import Outcome
+from router.keys import POLICY
 from router.testing import RunningEngine
 
 from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for
@@ -198,3 +202,22 @@ async def test_backend_error_status_passes_through_unchanged(
     await solo_router.settled(1)
     flow = solo_router.log.only()
     assert (flow.status, flow.outcome) == (429, Outcome.OK)
+
+
+class BrokenPolicy:
+    def choose(self, request: object, candidates: object) -> object:
+        raise RuntimeError("policy bug")
+
+
+async def test_a_router_bug_is_a_json_500_with_request_id(
+    aiohttp_client: Any, engines: list[RunningEngine]
+) -> None:
+    app = make_app(config_for(engines))
+    app[POLICY] = BrokenPolicy()  # type: ignore[assignment]
+    client = await aiohttp_client(app)
+    response = await client.post("/v1/completions", json={"model": CHAT, "prompt": "x"},
+                                 headers={"X-Request-Id": "bug-1"})
+    assert response.status == 500
+    assert response.headers["x-request-id"] == "bug-1"
+    assert (await response.json())["error"]["type"] == "internal_error"
+    assert sum(engine.state.started for engine in engines) == 0

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from router.errors import RouterError, error_response
+from router.errors import InternalError, RouterError, error_response
 
 __all__ = ["request_id", "json_errors"]
+
+log = logging.getLogger("router.api")
 
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -35,7 +38,8 @@ class HTTPStatusError(RouterError):
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer aiohttp's routing errors (unknown path, wrong method) as OpenAI-style JSON."""
+    """Answer aiohttp's routing errors (unknown path, wrong method) and the router's own bugs
+    as OpenAI-style JSON instead of aiohttp's plain text."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -44,3 +48,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         error = HTTPStatusError(exc.status, f"{exc.reason}: {request.method} {request.path}")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(error, request_id(request), headers)
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.path)
+        return error_response(InternalError("internal router error"), request_id(request))
