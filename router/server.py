@@ -38,14 +38,18 @@ def run(config: Config) -> None:
                 config.port, DEMO_MODELS[0],
             )
 
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        # Without it a handler learns of a disconnect only at its next write, and a backend
-        # computing a first token would keep working for a client that is gone.
-        handler_cancellation=True,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-        access_log=None,
-        print=announce,
-    )
+    try:
+        web.run_app(
+            app,
+            host=config.host,
+            port=config.port,
+            # Without it a handler learns of a disconnect only at its next write, and a backend
+            # computing a first token would keep working for a client that is gone.
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            access_log=None,
+            print=announce,
+        )
+    except OSError as error:  # e.g. the port is taken: one line, not a traceback
+        log.critical("router stopped: %s", error)
+        raise SystemExit(1) from None
