@@ -22,7 +22,7 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/python -m router --port $(PORT) \
-		$(if $(BACKENDS),--static-backends $(BACKENDS) --static-models $(MODELS),--demo) $(ARGS)
+		$(if $(BACKENDS),--static-backends '$(BACKENDS)' --static-models '$(MODELS)',--demo) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

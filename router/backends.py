@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-__all__ = ["Backend", "BackendPool"]
+__all__ = ["Backend", "BackendPool", "parse_url"]
 
 
 def backend_id(url: str) -> str:

@@ -4,6 +4,7 @@ same Helm values and unit files work."""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -137,6 +138,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not sep or not alias.strip() or not model.strip():
             raise ConfigError(f"argument --static-aliases: expected alias:model, got {pair!r}")
         aliases[alias.strip()] = model.strip()
+    spool_dir = args.spool_dir
+    if spool_dir is not None and not (
+        os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)
+    ):
+        raise ConfigError(f"argument --spool-dir: {args.spool_dir!r} is not a writable directory")
     if args.max_upstream_connections < 0:
         raise ConfigError("argument --max-upstream-connections: must be 0 or more")
     return Config(

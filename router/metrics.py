@@ -116,7 +116,8 @@ class Metrics:
 
     def on_complete(self, flow: RequestFlow) -> None:
         outcome = flow.outcome.value if flow.outcome else "unknown"
-        self._requests.get(flow.endpoint, str(flow.status), outcome).inc()
+        status = "none" if flow.status is None else str(flow.status)
+        self._requests.get(flow.endpoint, status, outcome).inc()
         if flow.duration is not None:
             self._duration.get(flow.endpoint).observe(flow.duration)
 

@@ -118,8 +118,12 @@ class Lifecycle:
             else:
                 log.error("request %s failed in the router", flow.id, exc_info=exc)
                 self.error = InternalError("the router failed to handle the request")
-                flow.outcome, flow.status, suppress = Outcome.ROUTER_ERROR, 500, True
+                flow.outcome, suppress = Outcome.ROUTER_ERROR, True
                 flow.error = repr(exc)
+                if self.response is not None and self.response.prepared:
+                    cut_client(self.request)
+                else:
+                    flow.status = 500
             if flow.outcome is Outcome.CLIENT_DISCONNECTED and flow.status is None:
                 flow.status = CLIENT_CLOSED_REQUEST
         finally:
@@ -235,5 +239,11 @@ def break_stream(request: web.Request, flow: RequestFlow, error: BaseException) 
     flow.outcome = Outcome.TIMEOUT if timed_out else Outcome.BACKEND_ERROR
     flow.error = f"backend failed mid-stream: {error!r}"
     log.warning("request %s: %s", flow.id, flow.error)
+    cut_client(request)
+
+
+def cut_client(request: web.Request) -> None:
+    """Close the client's connection after what was already written, without ending the body:
+    the client sees a truncated answer, never a falsely complete one."""
     if request.transport is not None:
         request.transport.close()
