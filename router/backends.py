@@ -72,13 +72,22 @@ class BackendPool:
         """Served model names, sorted."""
         return sorted(self._by_model)
 
+    def routable_aliases(self) -> dict[str, str]:
+        """Aliases whose model some backend serves, sorted by alias."""
+        return {a: m for a, m in sorted(self.aliases.items()) if m in self._by_model}
+
     def __repr__(self) -> str:
         return f"<BackendPool backends={len(self._backends)} models={self.models()}>"
 
 
 def parse_url(url: str) -> str:
-    """Validate a backend URL (http or https with a host) and return it normalised."""
+    """Validate a backend base URL and return it normalised.
+
+    It is http(s) with a host, and may have a path prefix (request paths are appended to
+    it), but no query, fragment or credentials, which would end up in the wrong place."""
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"not an http(s) URL with a host: {url!r}")
+    if parsed.raw_query_string or parsed.raw_fragment or parsed.user or parsed.password:
+        raise ValueError(f"a backend URL has no query, fragment or credentials: {url!r}")
     return str(parsed).rstrip("/")

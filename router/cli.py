@@ -4,6 +4,7 @@ same Helm values and unit files work."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from typing import NoReturn
@@ -27,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise ValueError(text)
     return value
 

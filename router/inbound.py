@@ -61,7 +61,7 @@ def resolve_model(pool: BackendPool, model: object) -> str:
         raise BadRequest("'model' must be a string")
     served = pool.resolve(model)
     if not pool.candidates(served):
-        known = sorted(set(pool.models()) | set(pool.aliases))
+        known = sorted({*pool.models(), *pool.routable_aliases()})
         raise ModelNotFound(
             f"The model `{model}` does not exist. Known models: {', '.join(known) or 'none'}."
         )

@@ -86,8 +86,7 @@ async def list_models(request: web.Request) -> web.Response:
     ]
     entries += [
         {"id": alias, "object": "model", "created": created, "owned_by": "router", "root": model}
-        for alias, model in sorted(pool.aliases.items())
-        if pool.candidates(model)
+        for alias, model in pool.routable_aliases().items()
     ]
     return web.json_response({"object": "list", "data": entries})
 

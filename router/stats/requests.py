@@ -7,6 +7,7 @@ one-second buckets: memory depends on the window length, not on the request rate
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class BackendSnapshot:
 
 class BackendRequestStats:
     def __init__(self, window: float, clock: Callable[[], float]) -> None:
-        self.window = window
+        # Whole one-second buckets: a window of 2.5 s is kept, and divided by, as 3 s.
+        self.window = max(1, math.ceil(window))
         self.in_flight = 0
         self._clock = clock
         self._buckets: deque[Bucket] = deque()
