@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,29 +23,11 @@ from pathlib import Path
 
 import aiohttp
 
+from router.testing.processes import cpu_seconds, free_port, proc_status_kib, wait_until_healthy
+
 CHAT = "bench-llm"
 WHISPER = "bench-whisper"
-TICKS = os.sysconf("SC_CLK_TCK")
 RESULTS = Path(__file__).parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
 
 
 @dataclass
@@ -63,18 +44,6 @@ class Result:
 
 async def spawn(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(sys.executable, *args)
-
-
-async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                async with session.get(url + "/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
 
 
 def chat_body(stream: bool) -> bytes:
@@ -130,7 +99,7 @@ async def upload_figures(session: aiohttp.ClientSession, url: str, pid: int,
             yield block
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    baseline = memory_kib(pid, "VmRSS")
+    baseline = proc_status_kib(pid, "VmRSS")
     started = time.perf_counter()
     async with session.post(url + "/v1/audio/transcriptions", data=body(),
                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
@@ -138,7 +107,7 @@ async def upload_figures(session: aiohttp.ClientSession, url: str, pid: int,
         text = (await response.json())["text"]
     elapsed = time.perf_counter() - started
     assert digest.hexdigest() in text, "the engine did not receive the upload intact"
-    peak = memory_kib(pid, "VmHWM")
+    peak = proc_status_kib(pid, "VmHWM")
     return {"size_mb": size_mb, "mb_per_s": size_mb / elapsed,
             "rss_before_mb": baseline / 1024, "rss_peak_mb": peak / 1024,
             "rss_growth_mb": (peak - baseline) / 1024}
@@ -164,8 +133,8 @@ async def run(requests: int, concurrency: int, upload_mb: int) -> dict[str, obje
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_healthy(session, engine_url)
-            await wait_healthy(session, urls["router"])
+            await wait_until_healthy(session, engine_url, processes["direct"])
+            await wait_until_healthy(session, urls["router"], processes["router"])
             for workload, stream in (("chat", False), ("sse64", True)):
                 body = chat_body(stream)
                 for clients in (1, concurrency):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -15,6 +13,7 @@ import pytest
 
 from router.cli import parse_config
 from router.config import GIB, KIB, MIB, Config, StaticBackend
+from router.testing.processes import free_port, wait_until_healthy
 
 BAD_FLAGS = {
     # id: (argv, the flag the error line must name)
@@ -195,13 +194,6 @@ def test_python_m_router_with_a_bad_flag_exits_2_with_one_line(
     assert_one_line_naming(err, BAD_FLAGS[case][1])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_demo_router_answers_and_exits_0_on_sigint() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -211,7 +203,7 @@ async def test_demo_router_answers_and_exits_0_on_sigint() -> None:
     )
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_until_healthy(session, url, process, deadline=time.monotonic() + 15)
+            await wait_until_healthy(session, url, process)
             async with session.post(url + "/v1/chat/completions", json={
                 "model": "demo-llm", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 3,
@@ -230,23 +222,3 @@ async def test_demo_router_answers_and_exits_0_on_sigint() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
-
-
-async def wait_until_healthy(
-    session: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process,
-    deadline: float,
-) -> None:
-    while True:
-        if process.returncode is not None:
-            _, err = await process.communicate()
-            pytest.fail(f"router exited with {process.returncode}: {err.decode()}")
-        try:
-            async with session.get(url + "/health") as response:
-                if response.status == 200:
-                    assert (await response.json())["status"] == "ok"
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail("router did not answer /health within 15 s")
-        await asyncio.sleep(0.05)

@@ -4,36 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from router.testing import RunningEngine
+from router.testing.processes import free_port, proc_status_kib, wait_until_healthy
 
 from .conftest import WHISPER
 from .test_multipart import BOUNDARY, content_type
 
 UPLOAD_SIZE = 200 * 1024 * 1024
 MAX_GROWTH = 48 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
 
 
 async def upload_body(digest: hashlib._Hash, file_first: bool) -> AsyncIterator[bytes]:
@@ -67,15 +52,8 @@ async def test_200mb_upload_keeps_router_memory_flat(
     try:
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(15):
-                while True:
-                    try:
-                        async with session.get(url + "/health") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.1)
-            baseline = await asyncio.to_thread(memory_kib, process.pid, "VmRSS")
+            await wait_until_healthy(session, url, process)
+            baseline = await asyncio.to_thread(proc_status_kib, process.pid, "VmRSS")
             digest = hashlib.sha256()
             started = time.monotonic()
             async with session.post(url + "/v1/audio/transcriptions",
@@ -84,7 +62,7 @@ async def test_200mb_upload_keeps_router_memory_flat(
                 assert response.status == 200, await response.text()
                 text = (await response.json())["text"]
             elapsed = time.monotonic() - started
-            peak = await asyncio.to_thread(memory_kib, process.pid, "VmHWM")
+            peak = await asyncio.to_thread(proc_status_kib, process.pid, "VmHWM")
         assert digest.hexdigest() in text
         growth = (peak - baseline) * 1024
         print(f"\n200 MB upload, file {'first' if file_first else 'last'}: router RSS "
