@@ -3,8 +3,9 @@
 A subscriber is any object with some of these methods; each is synchronous and cheap
 (request stats, metrics, policies' load counters). When they fire:
 
-- `on_new(flow)`: the request was routed (`flow.backend` is set), or it was rejected before
-  routing (`flow.backend` is None; `on_complete` with outcome `rejected` follows at once).
+- `on_new(flow)`: the request was routed (`flow.backend` is set), or it ended before routing
+  (`flow.backend` is None: refused, or its client left while sending the body; `on_complete`
+  follows at once).
 - `on_response(flow)`: the backend's first body byte arrived (`flow.t_first_byte` is set).
   Not every flow gets one: a backend can fail before sending a byte.
 - `on_complete(flow)`: the request is over; `flow.outcome`, `flow.status` and `flow.t_end`

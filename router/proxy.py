@@ -132,16 +132,25 @@ class Lifecycle:
         return suppress
 
     def reject(self, error: RouterError) -> web.Response:
-        """Account for a request refused before routing (`on_new`, then `on_complete` at once)
-        and return its error response."""
-        self.flow.outcome, self.flow.status, self.flow.error = (
-            error.outcome, error.status, error.message
-        )
-        self.events.on_new(self.flow)
-        self._completed = True
-        self.flow.t_end = time.monotonic()
-        self.events.on_complete(self.flow)
+        """Account for a request refused before routing and return its error response."""
+        self._end_unrouted(error.outcome, error.status, error.message)
         return error_response(error, self.flow.id)
+
+    def abandon(self) -> None:
+        """Account for a request cancelled before routing (its client left mid-body)."""
+        if client_gone(self.request):
+            self._end_unrouted(Outcome.CLIENT_DISCONNECTED, CLIENT_CLOSED_REQUEST, None)
+        else:
+            self._end_unrouted(Outcome.CANCELLED, None, None)
+
+    def _end_unrouted(self, outcome: Outcome, status: int | None, error: str | None) -> None:
+        """`on_new` then `on_complete` at once, for a flow that never got a backend."""
+        flow = self.flow
+        flow.outcome, flow.status, flow.error = outcome, status, error
+        self.events.on_new(flow)
+        self._completed = True
+        flow.t_end = time.monotonic()
+        self.events.on_complete(flow)
 
     def result(self) -> web.StreamResponse:
         """What the handler returns once the lifecycle is over."""

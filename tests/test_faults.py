@@ -223,3 +223,17 @@ async def test_mixed_traffic_with_random_disconnects_leaves_nothing_behind(
     outcomes = router.log.outcomes()
     assert outcomes.count(Outcome.OK) >= 40
     assert set(outcomes) <= {Outcome.OK, Outcome.CLIENT_DISCONNECTED}
+
+
+async def test_client_leaving_while_sending_its_body_is_counted_once(
+    solo_router: RouterUnderTest, engine: RunningEngine
+) -> None:
+    body = json.dumps(CHAT_BODY).encode()
+    _, writer = await raw_post(solo_router, "/v1/chat/completions", body[:10],
+                               {"Content-Length": str(len(body))})
+    await asyncio.sleep(0.1)  # the handler is now waiting for the rest of the body
+    writer.close()
+    await solo_router.settled(1)
+    flow = solo_router.log.only()
+    assert (flow.outcome, flow.status, flow.backend) == (Outcome.CLIENT_DISCONNECTED, 499, None)
+    assert engine.state.started == 0

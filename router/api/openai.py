@@ -6,6 +6,7 @@ backend among those serving the model -> the proxy lifecycle forwards it and str
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -56,6 +57,9 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
         inbound = await read_inbound(request, multipart)
     except RouterError as error:
         return lifecycle.reject(error)
+    except asyncio.CancelledError:
+        lifecycle.abandon()
+        raise
     try:
         flow.model, flow.stream = inbound.model, inbound.stream
         candidates = app[POOL].candidates(inbound.model)
