@@ -12,9 +12,12 @@ from router.backends import BackendPool
 from router.config import Config
 from router.discovery.static import static_backends
 from router.events import RequestEvents
-from router.keys import CLIENT_SESSION, CONFIG, EVENTS, METRICS, POLICY, POOL, STATS
+from router.keys import (
+    CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS, METRICS, POLICY, POOL, STATS,
+)
 from router.metrics import Metrics
-from router.policies import make_policy
+from router.policies import PolicyContext, make_policy
+from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = ["make_app"]
@@ -51,10 +54,12 @@ def make_app(config: Config) -> web.Application:
     pool = BackendPool(aliases=config.aliases)
     stats = RequestStats(config.request_stats_window)
     metrics = Metrics(stats, pool)
-    policy = make_policy(config.routing_logic)
+    engine_stats = EngineStats()
+    policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config
     app[POOL] = pool
     app[STATS] = stats
+    app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
     app[POLICY] = policy
     app[EVENTS] = RequestEvents([stats, metrics, policy])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from yarl import URL
 
@@ -24,7 +24,8 @@ class Backend:
     """Base URL without a trailing slash, e.g. `http://10.0.0.7:8000`."""
     models: tuple[str, ...]
     id: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()
+    """Roles or tags from discovery, e.g. `prefill` / `decode` for disaggregated serving."""
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")

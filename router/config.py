@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 class StaticBackend:
     url: str
     models: tuple[str, ...]
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,39 @@ class Config:
     (uvicorn closes idle connections after 5 s), because a POST is not retried on a stale one."""
     spool_dir: str | None = None
     """Where multipart bodies with the file before `model` are spooled; None: the system temp."""
+
+    # Routing policies (router/policies/).
+    session_key: str = "x-session-id"
+    """`session` policy: the header (then top-level body field) holding the session key;
+    `-` and `_` are interchangeable."""
+    prefix_match_threshold: float = 0.5
+    """`prefixaware`: the share of the prompt that must match a backend's cached prefix."""
+    balance_abs_threshold: float = 32.0
+    """`prefixaware`: load gap (in requests) beyond which the fleet counts as imbalanced..."""
+    balance_rel_threshold: float = 1.5
+    """...when also the busiest backend carries this many times the load of the idlest."""
+    prefix_cache_max_chars: int = 10_000_000
+    """`prefixaware`: bound on the prompt characters the prefix tree holds (LRU eviction)."""
+    prefill_model_labels: tuple[str, ...] = ("prefill",)
+    decode_model_labels: tuple[str, ...] = ("decode",)
+
+    # Engine stats (router/stats/engine.py).
+    engine_stats_interval: float = 10.0
+    engine_stats_timeout: float = 5.0
+
+    # Health (router/health.py).
+    health_check_interval: float = 10.0
+    health_check_path: str = "/health"
+    health_check_timeout: float = 5.0
+    cb_failure_threshold: int = 5
+    """Consecutive failures that open a backend's circuit breaker."""
+    cb_cooldown: float = 30.0
+    """Seconds an open breaker waits before letting one trial request through."""
+
+    # Failover (router/proxy.py).
+    max_retries: int = 2
+    retry_backoff: float = 0.05
+    """Seconds before the first retry; doubled for each next one."""
 
 
 SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

@@ -1,4 +1,4 @@
-"""Request events: `on_new`, `on_response`, `on_complete`, fanned out to subscribers.
+"""Request events: `on_new`, `on_retry`, `on_response`, `on_complete`, fanned out to subscribers.
 
 A subscriber is any object with some of these methods; each is synchronous and cheap
 (request stats, metrics, policies' load counters). When they fire:
@@ -8,6 +8,10 @@ A subscriber is any object with some of these methods; each is synchronous and c
   follows at once).
 - `on_response(flow)`: the backend's first body byte arrived (`flow.t_first_byte` is set).
   Not every flow gets one: a backend can fail before sending a byte.
+- `on_retry(flow)`: an attempt failed before any byte reached the client and the request
+  moves to another backend: `flow.attempts[-1]` is the failed try (its backend, error,
+  outcome), `flow.backend` is already the new backend. Zero or more times between `on_new`
+  and `on_response`/`on_complete`; counters keyed by backend move from the old to the new.
 - `on_complete(flow)`: the request is over; `flow.outcome`, `flow.status` and `flow.t_end`
   are set. Exactly once per `on_new`.
 
@@ -28,13 +32,15 @@ __all__ = ["Subscriber", "RequestEvents"]
 log = logging.getLogger("router.events")
 
 Handler = Callable[[RequestFlow], object]
-EVENT_NAMES = ("on_new", "on_response", "on_complete")
+EVENT_NAMES = ("on_new", "on_retry", "on_response", "on_complete")
 
 
 class Subscriber(Protocol):
     """Documentation only: implement any subset of these methods."""
 
     def on_new(self, flow: RequestFlow) -> None: ...
+
+    def on_retry(self, flow: RequestFlow) -> None: ...
 
     def on_response(self, flow: RequestFlow) -> None: ...
 
@@ -57,6 +63,9 @@ class RequestEvents:
 
     def on_new(self, flow: RequestFlow) -> None:
         self._emit("on_new", flow)
+
+    def on_retry(self, flow: RequestFlow) -> None:
+        self._emit("on_retry", flow)
 
     def on_response(self, flow: RequestFlow) -> None:
         self._emit("on_response", flow)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router.backends import Backend
 
-__all__ = ["Outcome", "RequestFlow"]
+__all__ = ["Outcome", "Attempt", "RequestFlow"]
 
 
 class Outcome(enum.Enum):
@@ -29,6 +29,16 @@ class Outcome(enum.Enum):
     """The handler was cancelled with its client still connected (e.g. shutdown)."""
     ROUTER_ERROR = "router_error"
     """A bug in the router (logged with its traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A failed try on one backend, before any byte reached the client (then retried)."""
+
+    backend: Backend
+    error: str
+    outcome: Outcome
+    """`backend_error` or `timeout`."""
 
 
 @dataclass(eq=False, slots=True)
@@ -61,6 +71,8 @@ class RequestFlow:
     """A short description of what went wrong, when something did."""
     bytes_down: int = 0
     """Response body bytes sent to the client."""
+    attempts: list[Attempt] = field(default_factory=list)
+    """Failed tries on other backends before `backend`, oldest first (see `on_retry`)."""
 
     @property
     def ttft(self) -> float | None:

@@ -10,15 +10,19 @@ from router.config import Config
 from router.events import RequestEvents
 from router.metrics import Metrics
 from router.policies import RoutingPolicy
+from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
-__all__ = ["CONFIG", "POOL", "POLICY", "EVENTS", "STATS", "METRICS", "CLIENT_SESSION"]
+__all__ = [
+    "CONFIG", "POOL", "POLICY", "EVENTS", "STATS", "ENGINE_STATS", "METRICS", "CLIENT_SESSION",
+]
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", BackendPool)
 POLICY = web.AppKey("policy", RoutingPolicy)
 EVENTS = web.AppKey("events", RequestEvents)
 STATS = web.AppKey("stats", RequestStats)
+ENGINE_STATS = web.AppKey("engine_stats", EngineStats)
 METRICS = web.AppKey("metrics", Metrics)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""

@@ -8,27 +8,42 @@ app subscribes it. A new policy is a new module plus one line in `POLICIES`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from router.config import Config
 from router.policies.roundrobin import RoundRobin
+from router.stats.engine import EngineStats
+from router.stats.requests import RequestStats
 
 if TYPE_CHECKING:
     from router.backends import Backend
     from router.inbound import InboundRequest
 
-__all__ = ["RoutingPolicy", "POLICIES", "make_policy"]
+__all__ = ["RoutingPolicy", "PolicyContext", "POLICIES", "make_policy"]
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may read besides the request: settings and the fleet's load figures."""
+
+    config: Config
+    stats: RequestStats
+    """The router's own in-flight counts: `stats.for_backend(backend.id).in_flight`."""
+    engines: EngineStats
+    """The engines' last scraped figures: `engines.get(backend.id)` (None before a scrape)."""
 
 
 class RoutingPolicy(Protocol):
     def choose(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:
-        """Return one of `candidates` (never empty) for `request`."""
+        """Return one of `candidates` (never empty; all healthy) for `request`."""
         ...
 
 
-POLICIES: dict[str, Callable[[], RoutingPolicy]] = {
+POLICIES: dict[str, Callable[[PolicyContext], RoutingPolicy]] = {
     "roundrobin": RoundRobin,
 }
 
 
-def make_policy(name: str) -> RoutingPolicy:
-    return POLICIES[name]()
+def make_policy(name: str, context: PolicyContext) -> RoutingPolicy:
+    return POLICIES[name](context)

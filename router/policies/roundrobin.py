@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router.backends import Backend
     from router.inbound import InboundRequest
+    from router.policies import PolicyContext
 
 __all__ = ["RoundRobin"]
 
 
 class RoundRobin:
-    def __init__(self) -> None:
+    def __init__(self, context: PolicyContext) -> None:
         self._turn: dict[str, int] = {}
 
     def choose(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:

@@ -66,6 +66,10 @@ class BackendRequestStats:
         self.in_flight += 1
         self._bucket().started += 1
 
+    def moved_away(self) -> None:
+        """A request left this backend for another one (a retry)."""
+        self.in_flight -= 1
+
     def completed(self, flow: RequestFlow) -> None:
         self.in_flight -= 1
         bucket = self._bucket()
@@ -110,6 +114,11 @@ class RequestStats:
     def on_new(self, flow: RequestFlow) -> None:
         if flow.backend is not None:
             self.for_backend(flow.backend.id).started()
+
+    def on_retry(self, flow: RequestFlow) -> None:
+        assert flow.backend is not None
+        self.for_backend(flow.attempts[-1].backend.id).moved_away()
+        self.for_backend(flow.backend.id).in_flight += 1
 
     def on_complete(self, flow: RequestFlow) -> None:
         if flow.backend is not None:
