@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,12 +13,14 @@ from router.backends import BackendPool
 from router.config import Config
 from router.discovery.static import static_backends
 from router.events import RequestEvents
+from router.health import HealthProber, HealthTracker
 from router.keys import (
-    CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS, METRICS, POLICY, POOL, STATS,
+    CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS, HEALTH, METRICS, POLICY, POOL, STATS,
 )
 from router.metrics import Metrics
 from router.policies import PolicyContext, make_policy
-from router.stats.engine import EngineStats
+from router.routing import BackendChooser
+from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = ["make_app"]
@@ -49,6 +52,32 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the engine-stats scraper and the health prober, as background tasks with a
+    session of their own, so their calls never share (or show up in) the proxy's pool."""
+    config = app[CONFIG]
+    pool = app[POOL]
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        loops = []
+        if config.engine_stats_interval > 0:
+            loops.append(EngineScraper(
+                app[ENGINE_STATS], pool, session,
+                config.engine_stats_interval, config.engine_stats_timeout,
+            ).run())
+        if config.health_check_interval > 0:
+            loops.append(HealthProber(
+                app[HEALTH], pool, session, config.health_check_interval,
+                config.health_check_path, config.health_check_timeout,
+            ).run())
+        tasks = [asyncio.create_task(loop) for loop in loops]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def make_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_json_body_size, middlewares=[json_errors])
     pool = BackendPool(aliases=config.aliases)
@@ -56,13 +85,16 @@ def make_app(config: Config) -> web.Application:
     metrics = Metrics(stats, pool)
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
+    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
     app[CONFIG] = config
     app[POOL] = pool
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
     app[POLICY] = policy
-    app[EVENTS] = RequestEvents([stats, metrics, policy])
+    app[HEALTH] = health
+    app[CHOOSER] = BackendChooser(pool, policy, health)
+    app[EVENTS] = RequestEvents([stats, health, metrics, policy])
     if config.demo:
         # Imported here so the fake engines are loaded only in demo mode.
         from router.discovery.demo import demo_engines
@@ -71,6 +103,7 @@ def make_app(config: Config) -> web.Application:
     else:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(fleet_watchers)
     openai.add_routes(app)
     admin.add_routes(app)
     return app

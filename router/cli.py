@@ -33,6 +33,34 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(text)
+    return value
+
+
+def ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -49,6 +77,10 @@ def size(text: str) -> int:
 
 # argparse names the type function in its message ("invalid size value"): give them names.
 positive_float.__name__ = "positive number"
+non_negative_float.__name__ = "number >= 0"
+ratio.__name__ = "ratio between 0 and 1"
+positive_int.__name__ = "integer >= 1"
+non_negative_int.__name__ = "integer >= 0"
 port_number.__name__ = "port"
 size.__name__ = "size"
 
@@ -90,11 +122,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on concurrent backend connections; 0 = no cap (default)")
     add("--spool-dir", default=None,
         help="directory for multipart bodies that must be spooled (default: system temp)")
+
+    routing = parser.add_argument_group("routing policies")
+    add = routing.add_argument
+    add("--static-model-labels", default="",
+        help="comma-separated labels, one entry per backend (';' for several), e.g. "
+             "prefill,prefill,decode,decode")
+    add("--session-key", default="x-session-id",
+        help="session policy: header, then top-level body field, holding the session key "
+             "('-' and '_' interchangeable; default x-session-id)")
+    add("--prefix-match-threshold", type=ratio, default=0.5,
+        help="prefixaware: share of the prompt a backend's cached prefix must match "
+             "(default 0.5)")
+    add("--balance-abs-threshold", type=non_negative_float, default=32.0,
+        help="prefixaware: load gap in requests beyond which affinity yields to balance "
+             "(default 32)")
+    add("--balance-rel-threshold", type=positive_float, default=1.5,
+        help="prefixaware: ...when the busiest backend also has this many times the load "
+             "of the idlest (default 1.5)")
+    add("--prefix-cache-max-chars", type=positive_int, default=10_000_000,
+        help="prefixaware: bound on prompt characters kept in the prefix tree (default 1e7)")
+    add("--prefill-model-labels", default="prefill",
+        help="disaggregated_prefill: labels of prefill backends (default prefill)")
+    add("--decode-model-labels", default="decode",
+        help="disaggregated_prefill: labels of decode backends (default decode)")
+
+    fleet = parser.add_argument_group("engine stats, health and failover")
+    add = fleet.add_argument
+    add("--engine-stats-interval", type=non_negative_float, default=10.0,
+        help="seconds between scrapes of each engine's /metrics; 0 turns scraping off "
+             "(default 10)")
+    add("--engine-stats-timeout", type=positive_float, default=5.0,
+        help="seconds a scrape may take (default 5)")
+    add("--health-check-interval", type=non_negative_float, default=10.0,
+        help="seconds between active health probes; 0 turns them off (default 10)")
+    add("--health-check-path", default="/health", help="probe path (default /health)")
+    add("--health-check-timeout", type=positive_float, default=5.0,
+        help="seconds a probe may take (default 5)")
+    add("--cb-failure-threshold", type=positive_int, default=5,
+        help="consecutive failures that open a backend's circuit breaker (default 5)")
+    add("--cb-cooldown", type=positive_float, default=30.0,
+        help="seconds before an open breaker lets one trial request through (default 30)")
+    add("--max-retries", type=non_negative_int, default=2,
+        help="retries on other backends for a request that failed before its answer "
+             "started (default 2)")
+    add("--retry-backoff", type=non_negative_float, default=0.05,
+        help="seconds before the first retry, doubled for each next one (default 0.05)")
     return parser
 
 
 def split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def split_group(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(";") if item.strip())
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
@@ -121,16 +203,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
             f"argument --static-models: {len(model_groups)} entries for {len(urls)} backends "
             "(give one entry per backend; separate several models of one backend with ';')"
         )
+    label_groups = split_list(args.static_model_labels)
+    if label_groups and len(label_groups) != len(urls):
+        raise ConfigError(
+            f"argument --static-model-labels: {len(label_groups)} entries for {len(urls)} "
+            "backends (give one entry per backend; separate several labels with ';')"
+        )
     backends = []
-    for url, group in zip(urls, model_groups):
+    for number, (url, group) in enumerate(zip(urls, model_groups)):
         try:
             normalised = parse_url(url)
         except ValueError as error:
             raise ConfigError(f"argument --static-backends: {error}") from None
-        models = tuple(m.strip() for m in group.split(";") if m.strip())
+        models = split_group(group)
         if not models:
             raise ConfigError(f"argument --static-models: no model for backend {url}")
-        backends.append(StaticBackend(url=normalised, models=models))
+        labels = split_group(label_groups[number]) if label_groups else ()
+        backends.append(StaticBackend(url=normalised, models=models, labels=labels))
     if len({b.url for b in backends}) != len(backends):
         raise ConfigError("argument --static-backends: a backend URL is listed twice")
     aliases: dict[str, str] = {}
@@ -144,6 +233,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)
     ):
         raise ConfigError(f"argument --spool-dir: {args.spool_dir!r} is not a writable directory")
+    if not args.health_check_path.startswith("/"):
+        raise ConfigError("argument --health-check-path: must start with '/'")
     if args.max_upstream_connections < 0:
         raise ConfigError("argument --max-upstream-connections: must be 0 or more")
     return Config(
@@ -162,4 +253,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_json_body_size=args.max_json_body_size,
         max_upstream_connections=args.max_upstream_connections,
         spool_dir=args.spool_dir,
+        session_key=args.session_key,
+        prefix_match_threshold=args.prefix_match_threshold,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        prefix_cache_max_chars=args.prefix_cache_max_chars,
+        prefill_model_labels=tuple(split_list(args.prefill_model_labels)),
+        decode_model_labels=tuple(split_list(args.decode_model_labels)),
+        engine_stats_interval=args.engine_stats_interval,
+        engine_stats_timeout=args.engine_stats_timeout,
+        health_check_interval=args.health_check_interval,
+        health_check_path=args.health_check_path,
+        health_check_timeout=args.health_check_timeout,
+        cb_failure_threshold=args.cb_failure_threshold,
+        cb_cooldown=args.cb_cooldown,
+        max_retries=args.max_retries,
+        retry_backoff=args.retry_backoff,
     )

@@ -71,6 +71,8 @@ class RequestFlow:
     """A short description of what went wrong, when something did."""
     bytes_down: int = 0
     """Response body bytes sent to the client."""
+    prefill_backend: Backend | None = None
+    """With disaggregated prefill: the backend that computed the prompt's KV cache."""
     attempts: list[Attempt] = field(default_factory=list)
     """Failed tries on other backends before `backend`, oldest first (see `on_retry`)."""
 

@@ -27,6 +27,11 @@ class UploadBody(Protocol):
     error: Exception | None
     """Set when the stream failed on the client's side (too large, client gone)."""
 
+    @property
+    def replayable(self) -> bool:
+        """True while `chunks()` can (still) produce the whole body from its start."""
+        ...
+
     def chunks(self) -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
@@ -47,6 +52,11 @@ class InboundRequest:
     """The JSON body to forward."""
     upload: UploadBody | None = None
     """The multipart body to forward."""
+
+    @property
+    def replayable(self) -> bool:
+        """The body can be sent again to another backend."""
+        return self.upload is None or self.upload.replayable
 
     async def aclose(self) -> None:
         if self.upload is not None:

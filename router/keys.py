@@ -8,18 +8,23 @@ from aiohttp import web
 from router.backends import BackendPool
 from router.config import Config
 from router.events import RequestEvents
+from router.health import HealthTracker
 from router.metrics import Metrics
 from router.policies import RoutingPolicy
+from router.routing import BackendChooser
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = [
-    "CONFIG", "POOL", "POLICY", "EVENTS", "STATS", "ENGINE_STATS", "METRICS", "CLIENT_SESSION",
+    "CONFIG", "POOL", "POLICY", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
+    "METRICS", "CLIENT_SESSION",
 ]
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", BackendPool)
 POLICY = web.AppKey("policy", RoutingPolicy)
+HEALTH = web.AppKey("health", HealthTracker)
+CHOOSER = web.AppKey("chooser", BackendChooser)
 EVENTS = web.AppKey("events", RequestEvents)
 STATS = web.AppKey("stats", RequestStats)
 ENGINE_STATS = web.AppKey("engine_stats", EngineStats)

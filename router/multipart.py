@@ -200,8 +200,14 @@ class MultipartUpload:
         self._limit = limit
         self._read = sum(len(chunk) for chunk in head)
         self._rename: tuple[int, int, bytes] | None = None
+        self._started = False
         self.content_length = content_length
         self.error: Exception | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """A spooled body can be read again; a streamed one only until its first byte went."""
+        return self._spool is not None or not self._started
 
     def rename_field(self, part: Part, value: str) -> None:
         """Send `value` instead of the body of `part`."""
@@ -223,6 +229,7 @@ class MultipartUpload:
             async for chunk in self._spool.chunks():
                 yield chunk
             return
+        self._started = True
         head, self._head = self._head, []
         for chunk in head:
             yield chunk

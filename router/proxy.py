@@ -10,8 +10,11 @@ response is always released (read to the end) or closed (anything else).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
@@ -26,11 +29,12 @@ from router.errors import (
     UpstreamTimeout,
     error_response,
 )
+from router.backends import Backend
 from router.events import RequestEvents
-from router.flow import Outcome, RequestFlow
+from router.flow import Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest
 
-__all__ = ["Lifecycle", "exchange", "ClientGone"]
+__all__ = ["Lifecycle", "Failover", "forward", "exchange", "ClientGone"]
 
 log = logging.getLogger("router.proxy")
 
@@ -176,12 +180,118 @@ def upstream_error(error: BaseException, flow: RequestFlow, inbound: InboundRequ
     return UpstreamError(f"backend {backend} failed: {error!r}")
 
 
+@dataclass(frozen=True)
+class Failover:
+    """How a request that failed before its answer started moves to another backend."""
+
+    reroute: Callable[[Collection[str]], Backend | None]
+    """Another backend, given the ids already tried; None when there is none."""
+    max_retries: int
+    backoff: float
+    """Seconds before the first retry, doubled for each next one."""
+
+
+RETRIED_OUTCOMES = (Outcome.BACKEND_ERROR, Outcome.TIMEOUT)
+
+
+async def forward(
+    request: web.Request,
+    flow: RequestFlow,
+    inbound: InboundRequest,
+    session: aiohttp.ClientSession,
+    lifecycle: Lifecycle,
+    path: str,
+    failover: Failover | None,
+) -> None:
+    """`exchange` with failover: a backend failure before any byte reached the client is
+    retried on another backend while the body can be sent again."""
+    if flow.prefill_backend is not None:
+        await prefill(request, flow, inbound, session, path)
+    while True:
+        try:
+            await exchange(request, flow, inbound, session, lifecycle, path)
+            return
+        except RouterError as error:
+            if (
+                failover is None
+                or error.outcome not in RETRIED_OUTCOMES
+                or lifecycle.response is not None
+                or len(flow.attempts) >= failover.max_retries
+                or not inbound.replayable
+            ):
+                raise
+            assert flow.backend is not None
+            tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
+            backend = failover.reroute(tried)
+            if backend is None:
+                raise
+            flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
+            log.warning("request %s: %s; retrying on backend %s (attempt %d)",
+                        flow.id, error.message, backend.id, len(flow.attempts) + 1)
+            flow.backend = backend
+            lifecycle.events.on_retry(flow)
+            await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
+
+
+async def prefill(
+    request: web.Request,
+    flow: RequestFlow,
+    inbound: InboundRequest,
+    session: aiohttp.ClientSession,
+    path: str,
+) -> None:
+    """Disaggregated prefill, first hop: `flow.prefill_backend` computes the prompt's KV cache
+    (one token, no stream); the decode request then carries the `kv_transfer_params` it
+    returned, so the decode backend fetches the cache instead of recomputing it."""
+    assert flow.prefill_backend is not None and inbound.json is not None
+    backend = flow.prefill_backend
+    body = {key: value for key, value in inbound.json.items() if key != "stream_options"}
+    body.update(stream=False, max_tokens=1, kv_transfer_params={
+        "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+        "remote_block_ids": None, "remote_host": None, "remote_port": None,
+    })
+    if "max_completion_tokens" in body:
+        body["max_completion_tokens"] = 1
+    headers = forward_headers(request.headers, NOT_FORWARDED_UP, flow.id)
+    try:
+        async with session.post(backend.url + path, json=body, headers=headers) as response:
+            answer = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise upstream_error(error, flow, inbound) from error
+    if response.status != 200:
+        raise PrefillFailed(response.status, answer, backend.id)
+    try:
+        params = json.loads(answer).get("kv_transfer_params")
+    except (ValueError, AttributeError):
+        params = None
+    if not isinstance(params, dict):
+        raise UpstreamError(f"prefill backend {backend.id} returned no kv_transfer_params")
+    inbound.body = json.dumps({**inbound.json, "kv_transfer_params": params}).encode()
+
+
+class PrefillFailed(RouterError):
+    """The prefill backend answered with an error: its status and message go to the client."""
+
+    error_type = "upstream_error"
+
+    def __init__(self, status: int, answer: bytes, backend_id: str) -> None:
+        try:
+            message = str(json.loads(answer)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = answer[:200].decode("utf-8", "replace")
+        super().__init__(f"prefill backend {backend_id} answered {status}: {message}")
+        self.status = status
+        self.code = "prefill_failed"
+        self.outcome = Outcome.REJECTED if status < 500 else Outcome.BACKEND_ERROR
+
+
 async def exchange(
     request: web.Request,
     flow: RequestFlow,
     inbound: InboundRequest,
     session: aiohttp.ClientSession,
     lifecycle: Lifecycle,
+    path: str,
 ) -> None:
     """Forward the request to `flow.backend` and stream the answer back to the client."""
     assert flow.backend is not None
@@ -193,7 +303,7 @@ async def exchange(
             headers[hdrs.CONTENT_LENGTH] = str(inbound.upload.content_length)
     try:
         upstream = await session.request(
-            request.method, flow.backend.url + request.path_qs, data=data, headers=headers
+            request.method, flow.backend.url + path, data=data, headers=headers
         )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, flow, inbound) from error

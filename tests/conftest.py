@@ -43,6 +43,9 @@ class EventLog:
         self.events[flow.id].append("new")
         self.flows[flow.id] = flow
 
+    def on_retry(self, flow: RequestFlow) -> None:
+        self.events[flow.id].append("retry")
+
     def on_response(self, flow: RequestFlow) -> None:
         self.events[flow.id].append("response")
 
@@ -55,6 +58,9 @@ class EventLog:
             assert names[0] == "new" and names[-1] == "complete", (flow_id, names)
             assert names.count("new") == 1 and names.count("complete") == 1, (flow_id, names)
             assert names.count("response") <= 1, (flow_id, names)
+            if "retry" in names:  # retries come before the first byte
+                assert names.count("retry") == len(self.flows[flow_id].attempts), names
+                assert "response" not in names[: names.index("retry")], names
 
     def outcomes(self) -> list[Outcome | None]:
         return [flow.outcome for flow in self.flows.values()]

@@ -203,9 +203,11 @@ def closed_port() -> int:
 
 async def test_unreachable_backend_is_a_quick_503(start_router: StartRouter) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
-    router = await start_router(
-        Config(static_backends=(StaticBackend(url, ("m",)),), connect_timeout=2.0)
-    )
+    # Probes off: this is the request path's own connect failure, not the prober's verdict.
+    router = await start_router(Config(
+        static_backends=(StaticBackend(url, ("m",)),), connect_timeout=2.0,
+        health_check_interval=0,
+    ))
     started = time.monotonic()
     reply = await call("POST", router.url + "/v1/completions",
                        data=b'{"model": "m", "prompt": "x"}', headers=JSON)

@@ -11,7 +11,7 @@ import pytest
 from router.app import make_app
 from router.config import Config, StaticBackend
 from router.flow import Outcome
-from router.keys import POLICY
+from router.keys import CHOOSER
 from router.testing import RunningEngine
 
 from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for
@@ -213,7 +213,7 @@ async def test_a_router_bug_is_a_json_500_with_request_id(
     aiohttp_client: Any, engines: list[RunningEngine]
 ) -> None:
     app = make_app(config_for(engines))
-    app[POLICY] = BrokenPolicy()  # type: ignore[assignment]
+    app[CHOOSER].policy = BrokenPolicy()  # type: ignore[assignment]
     client = await aiohttp_client(app)
     response = await client.post("/v1/completions", json={"model": CHAT, "prompt": "x"},
                                  headers={"X-Request-Id": "bug-1"})

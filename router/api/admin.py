@@ -1,12 +1,15 @@
-"""The router's own endpoints: liveness, version, Prometheus metrics."""
+"""The router's own endpoints: liveness, version, the fleet's state, Prometheus metrics."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router.keys import METRICS, POOL, STATS
+from router.keys import CONFIG, ENGINE_STATS, HEALTH, METRICS, POOL, STATS
 
 __all__ = ["add_routes"]
 
@@ -27,6 +30,45 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__})
 
 
+async def engines(request: web.Request) -> web.Response:
+    """Every backend with its health, the router's in-flight count and the engine's last
+    scraped figures (`age_s`: seconds since that scrape)."""
+    app = request.app
+    now = time.monotonic()
+    listing: list[dict[str, Any]] = []
+    for backend in app[POOL].backends:
+        health = app[HEALTH].state(backend.id)
+        snapshot = app[ENGINE_STATS].get(backend.id)
+        engine: dict[str, Any] | None = None
+        if snapshot is not None:
+            engine = {
+                "age_s": round(snapshot.age(now), 3),
+                "num_requests_running": snapshot.running,
+                "num_requests_waiting": snapshot.waiting,
+                "kv_cache_usage_perc": snapshot.kv_cache_usage,
+                "prefix_cache_hits": snapshot.prefix_cache_hits,
+                "prefix_cache_queries": snapshot.prefix_cache_queries,
+            }
+        listing.append({
+            "id": backend.id,
+            "url": backend.url,
+            "models": list(backend.models),
+            "labels": list(backend.labels),
+            "healthy": health.available,
+            "breaker": health.breaker,
+            "consecutive_failures": health.consecutive_failures,
+            "probe_ok": health.probe_ok,
+            "last_probe_error": health.last_probe_error,
+            "in_flight": app[STATS].for_backend(backend.id).in_flight,
+            "engine": engine,
+            "last_scrape_error": app[ENGINE_STATS].last_error(backend.id),
+        })
+    return web.json_response({
+        "routing_logic": app[CONFIG].routing_logic,
+        "engines": listing,
+    })
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -36,3 +78,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/engines", engines)

@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from router.api import request_id
-from router.errors import NoBackendAvailable, RouterError
+from router.errors import RouterError
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
-from router.keys import CLIENT_SESSION, CONFIG, EVENTS, POLICY, POOL
+from router.keys import CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, POOL
 from router.multipart import read_multipart_request
-from router.proxy import Lifecycle, exchange
+from router.proxy import Failover, Lifecycle, forward
 
 __all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
 
@@ -62,12 +62,26 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
         raise
     try:
         flow.model, flow.stream = inbound.model, inbound.stream
-        candidates = app[POOL].candidates(inbound.model)
-        if not candidates:
-            return lifecycle.reject(NoBackendAvailable(f"no backend serves {inbound.model}"))
-        flow.backend = app[POLICY].choose(inbound, candidates)
+        chooser = app[CHOOSER]
+        pinned = request.query.get("id")
+        try:
+            flow.backend = chooser.choose(inbound, pinned)
+            flow.prefill_backend = chooser.choose_prefill(inbound, endpoint)
+        except RouterError as error:
+            return lifecycle.reject(error)
+        if pinned is None:
+            path = request.path_qs
+            config = app[CONFIG]
+            failover: Failover | None = Failover(
+                lambda tried: chooser.choose_next(inbound, tried),
+                config.max_retries,
+                config.retry_backoff,
+            )
+        else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
+            path = str(request.rel_url.without_query_params("id"))
+            failover = None
         async with lifecycle:
-            await exchange(request, flow, inbound, app[CLIENT_SESSION], lifecycle)
+            await forward(request, flow, inbound, app[CLIENT_SESSION], lifecycle, path, failover)
         return lifecycle.result()
     finally:
         await inbound.aclose()

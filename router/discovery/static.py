@@ -9,4 +9,7 @@ __all__ = ["static_backends"]
 
 
 def static_backends(config: Config) -> list[Backend]:
-    return [Backend(url=item.url, models=item.models) for item in config.static_backends]
+    return [
+        Backend(url=item.url, models=item.models, labels=item.labels)
+        for item in config.static_backends
+    ]

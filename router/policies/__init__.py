@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from router.config import Config
+from router.policies.disaggregated import DisaggregatedPrefill
 from router.policies.roundrobin import RoundRobin
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from router.backends import Backend
     from router.inbound import InboundRequest
 
-__all__ = ["RoutingPolicy", "PolicyContext", "POLICIES", "make_policy"]
+__all__ = ["RoutingPolicy", "TwoStagePolicy", "PolicyContext", "POLICIES", "make_policy"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,16 @@ class RoutingPolicy(Protocol):
         ...
 
 
+class TwoStagePolicy(RoutingPolicy, Protocol):
+    """A policy that also picks a prefill backend for generation requests."""
+
+    def choose_prefill(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:
+        ...
+
+
 POLICIES: dict[str, Callable[[PolicyContext], RoutingPolicy]] = {
     "roundrobin": RoundRobin,
+    "disaggregated_prefill": DisaggregatedPrefill,
 }
 
 

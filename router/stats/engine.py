@@ -1,13 +1,24 @@
 """What the engines report about themselves: the last figures scraped from each `/metrics`.
 
-`EngineStats` is the store policies read (`get(backend_id)`); the scraper fills it.
+`EngineStats` is the store policies read (`get(backend_id)`); `EngineScraper` fills it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, replace
 
-__all__ = ["EngineSnapshot", "EngineStats"]
+import aiohttp
+
+from router.backends import Backend, BackendPool
+
+__all__ = ["EngineSnapshot", "EngineStats", "EngineScraper", "parse_engine_metrics"]
+
+log = logging.getLogger("router.stats.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,22 +35,173 @@ class EngineSnapshot:
     """`vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`), 0..1."""
     prefix_cache_hits: float | None = None
     prefix_cache_queries: float | None = None
+    scrape_duration: float | None = None
+    """Seconds the request and the parse took; vLLM answers `/metrics` on the same event loop
+    as the API, so a slow scrape is an early sign of a saturated API server."""
+
+    def age(self, now: float) -> float:
+        """Seconds since the scrape, for `now` from `time.monotonic()`."""
+        return now - self.scraped_at
+
+
+# Series name -> (snapshot field, rank). Per field the lowest rank present wins: a newer vLLM
+# name over an older one, and a counter's `_total` sample over a bare name, so an exposition
+# that carries both is not counted twice.
+_SERIES: dict[str, tuple[str, int]] = {
+    "vllm:num_requests_running": ("running", 0),
+    "vllm:num_requests_waiting": ("waiting", 0),
+    "vllm:kv_cache_usage_perc": ("kv_cache_usage", 0),
+    "vllm:gpu_cache_usage_perc": ("kv_cache_usage", 1),
+    "vllm:prefix_cache_hits_total": ("prefix_cache_hits", 0),
+    "vllm:prefix_cache_hits": ("prefix_cache_hits", 1),
+    "vllm:gpu_prefix_cache_hits_total": ("prefix_cache_hits", 2),
+    "vllm:gpu_prefix_cache_hits": ("prefix_cache_hits", 3),
+    "vllm:prefix_cache_queries_total": ("prefix_cache_queries", 0),
+    "vllm:prefix_cache_queries": ("prefix_cache_queries", 1),
+    "vllm:gpu_prefix_cache_queries_total": ("prefix_cache_queries", 2),
+    "vllm:gpu_prefix_cache_queries": ("prefix_cache_queries", 3),
+}
+_AVERAGED = frozenset({"kv_cache_usage"})
+"""Fields that are a share of one engine's cache: several label sets (data-parallel engines,
+each with its own cache) are averaged, where request counts add up."""
+
+# One sample line of a wanted series: the name at a line start, optional labels (up to the
+# line's last `}`, so a `}` inside a quoted label value does no harm), then the value. The
+# leading newline is a literal the regex engine searches for in C, so the ~200 other lines of a
+# vLLM page are skipped at memchr speed (anchoring with `^` and MULTILINE is 6x slower).
+_SAMPLE = re.compile(
+    r"\n(" + "|".join(re.escape(name) for name in sorted(_SERIES, key=len, reverse=True)) + r")"
+    r"(?:\{[^\n]*\})?[ \t]+([^ \t\r\n]+)"
+)
+
+
+def parse_engine_metrics(text: str, scraped_at: float) -> EngineSnapshot:
+    """The figures a vLLM `/metrics` page (Prometheus text format) holds; never raises.
+
+    Lines of other series, comments and broken lines are skipped; a value that is not a
+    finite number counts as absent."""
+    totals: dict[tuple[str, int], list[float]] = {}
+    for match in _SAMPLE.finditer("\n" + text):
+        try:
+            value = float(match[2])
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            continue
+        key = _SERIES[match[1]]
+        acc = totals.get(key)
+        if acc is None:
+            totals[key] = [value, 1.0]
+        else:
+            acc[0] += value
+            acc[1] += 1.0
+    figures: dict[str, float] = {}
+    for (field, _rank), (total, count) in sorted(totals.items(), key=lambda item: item[0][1]):
+        if field not in figures:
+            figures[field] = total / count if field in _AVERAGED else total
+    return EngineSnapshot(scraped_at=scraped_at, **figures)
 
 
 class EngineStats:
-    """The latest snapshot per backend id."""
+    """The latest snapshot per backend id, and why the last scrape failed when it did."""
 
     def __init__(self) -> None:
         self._latest: dict[str, EngineSnapshot] = {}
+        self._errors: dict[str, str] = {}
 
     def get(self, backend_id: str) -> EngineSnapshot | None:
         return self._latest.get(backend_id)
 
     def update(self, backend_id: str, snapshot: EngineSnapshot) -> None:
         self._latest[backend_id] = snapshot
+        self._errors.pop(backend_id, None)
+
+    def record_error(self, backend_id: str, error: str) -> None:
+        """The last scrape failed; the previous snapshot (if any) stays."""
+        self._errors[backend_id] = error
+
+    def last_error(self, backend_id: str) -> str | None:
+        """Why the last scrape failed; None when it succeeded or none was tried."""
+        return self._errors.get(backend_id)
+
+    def backend_ids(self) -> set[str]:
+        """Every backend the store holds a snapshot or an error for."""
+        return self._latest.keys() | self._errors.keys()
 
     def forget(self, backend_id: str) -> None:
         self._latest.pop(backend_id, None)
+        self._errors.pop(backend_id, None)
 
     def __repr__(self) -> str:
-        return f"<EngineStats backends={len(self._latest)}>"
+        return f"<EngineStats backends={len(self._latest)} failing={len(self._errors)}>"
+
+
+class EngineScraper:
+    """Scrapes every backend's `/metrics` into an `EngineStats`, every `interval` seconds.
+
+    The owner runs `run()` as a task and cancels it before closing `session`."""
+
+    def __init__(
+        self, store: EngineStats, pool: BackendPool, session: aiohttp.ClientSession,
+        interval: float, timeout: float,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.session = session
+        self.interval = interval
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def run(self) -> None:
+        """Scrape, sleep, repeat until cancelled."""
+        while True:
+            await self.scrape_once()
+            await asyncio.sleep(self.interval)
+
+    async def scrape_once(self) -> None:
+        """Scrape all backends concurrently; failures are recorded in the store, not raised."""
+        await asyncio.gather(*(self._scrape(backend) for backend in self.pool.backends))
+        # Read the pool again: a backend removed while we were scraping it goes too.
+        current = {backend.id for backend in self.pool.backends}
+        for backend_id in self.store.backend_ids() - current:
+            self.store.forget(backend_id)
+
+    async def _scrape(self, backend: Backend) -> None:
+        started = time.monotonic()
+        try:
+            # Plain text: decompressing costs CPU, and a session that relays bytes as they
+            # come (like the proxy's) would hand us gzip.
+            async with self.session.get(
+                backend.url + "/metrics", timeout=self.timeout,
+                headers={"Accept-Encoding": "identity"},
+            ) as response:
+                if response.status != 200:
+                    raise _ScrapeError(f"HTTP {response.status}")
+                encoding = response.headers.get("Content-Encoding", "identity")
+                if encoding != "identity" and not self.session.auto_decompress:
+                    raise _ScrapeError(f"unexpected Content-Encoding {encoding}")
+                body = await response.read()
+        except Exception as exc:  # a scrape must never end the loop, whatever went wrong
+            error = _describe(exc, self.timeout.total)
+            log.debug("engine stats: scraping backend %s (%s) failed: %s",
+                      backend.id, backend.url, error)
+            self.store.record_error(backend.id, error)
+            return
+        snapshot = parse_engine_metrics(body.decode("utf-8", errors="replace"), started)
+        self.store.update(backend.id, replace(
+            snapshot, scrape_duration=time.monotonic() - started))
+
+    def __repr__(self) -> str:
+        return (f"<EngineScraper backends={len(self.pool.backends)} "
+                f"interval={self.interval}s timeout={self.timeout.total}s>")
+
+
+class _ScrapeError(Exception):
+    """The engine answered, but not with a metrics page."""
+
+
+def _describe(exc: Exception, timeout: float | None) -> str:
+    if isinstance(exc, _ScrapeError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout}s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -82,6 +82,8 @@ class EngineState:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     uploads: list[Upload] = field(default_factory=list)
     last_headers: CIMultiDictProxy[str] | None = None
+    last_path: str | None = None
+    """Path and query string of the last proxied request."""
     last_json: JsonDict | None = None
 
 
@@ -314,6 +316,7 @@ def _proxied(handler: Handler) -> Handler:
         state.started += 1
         state.open += 1
         state.last_headers = request.headers
+        state.last_path = request.path_qs
         try:
             fail_status = request.app[ENGINE_BEHAVIOUR].fail_status
             if fail_status is not None:
@@ -377,7 +380,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "stop_reason": None,
         }],
         "usage": _usage(prompt_tokens, n),
+        "kv_transfer_params": _kv_transfer(request, body),
     })
+
+
+def _kv_transfer(request: web.Request, body: JsonDict) -> JsonDict | None:
+    """Like vLLM with a KV connector: a prefill request (`do_remote_decode`) gets back the
+    parameters its decode request needs to fetch the KV cache from this engine."""
+    params = body.get("kv_transfer_params")
+    if not isinstance(params, dict) or params.get("do_remote_decode") is not True:
+        return None
+    return {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": request.app[_CONFIG].name,
+        "remote_block_ids": [0, 1, 2],
+        "remote_host": request.url.host,
+        "remote_port": request.url.port,
+    }
 
 
 def _include_usage(body: JsonDict) -> bool:
@@ -457,6 +477,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "stop_reason": None,
         }],
         "usage": _usage(prompt_tokens, n),
+        "kv_transfer_params": _kv_transfer(request, body),
     })
 
 

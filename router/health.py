@@ -1,0 +1,465 @@
+"""Backend health: a circuit breaker per backend fed by the request events, and active probes.
+
+Two signals decide whether a backend may take a request (`HealthTracker.available`):
+
+- The breaker sees real traffic. Consecutive failures the backend caused (5xx, connection
+  errors, timeouts) open it; after a cooldown it lets one trial request through, whose result
+  closes it again or restarts the cooldown. What the client or the router caused (a client
+  that left, a 400 for a too-long prompt, a 429) never counts: a breaker that trips on those
+  turns one bad client into an outage (USER-ASKS 16, 29).
+- The prober GETs every backend's `/health`. A failing probe removes the backend at once; a
+  passing one only lifts the probe's own veto (see `HealthTracker.record_probe`).
+
+Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from router.backends import Backend, BackendPool
+from router.flow import Outcome, RequestFlow
+
+__all__ = [
+    "BreakerState",
+    "CircuitBreaker",
+    "Verdict",
+    "classify",
+    "BackendHealth",
+    "HealthTracker",
+    "HealthProber",
+]
+
+log = logging.getLogger("router.health")
+
+Clock = Callable[[], float]
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    """Requests flow; consecutive failures are counted."""
+    OPEN = "open"
+    """No request goes through until the cooldown has passed."""
+    HALF_OPEN = "half_open"
+    """One trial request at a time goes through; its result decides."""
+
+
+def check_settings(failure_threshold: int, cooldown: float) -> None:
+    if failure_threshold < 1:
+        raise ValueError(f"failure_threshold must be at least 1, not {failure_threshold}")
+    if cooldown < 0:
+        raise ValueError(f"cooldown must not be negative, not {cooldown}")
+
+
+class CircuitBreaker:
+    """The breaker of one backend.
+
+    Results carry a token (the request's flow) so that a trial is recognised when it ends:
+    while open or half-open, only the trial's result moves the breaker. The others are
+    stragglers, admitted before the breaker opened, and say nothing about the backend now.
+    """
+
+    __slots__ = (
+        "name", "failure_threshold", "cooldown", "consecutive_failures", "opened_at",
+        "_state", "_trial", "_clock",
+    )
+
+    def __init__(
+        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic,
+        name: str = "",
+    ) -> None:
+        check_settings(failure_threshold, cooldown)
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self.consecutive_failures = 0
+        self.opened_at: float | None = None
+        """Clock time the breaker last opened; None while closed."""
+        self._state = BreakerState.CLOSED
+        self._trial: object | None = None
+        self._clock = clock
+
+    @property
+    def state(self) -> BreakerState:
+        """The state now: an open breaker whose cooldown has passed reads as half-open."""
+        if self._state is BreakerState.OPEN:
+            self._refresh()
+        return self._state
+
+    @property
+    def trial_in_flight(self) -> bool:
+        return self._trial is not None
+
+    def allows(self) -> bool:
+        """True when a request may go through now: closed, or half-open with no trial."""
+        if self._state is BreakerState.CLOSED:
+            return True
+        return self.state is BreakerState.HALF_OPEN and self._trial is None
+
+    def start_trial(self, token: object) -> bool:
+        """Make the request `token` the trial if the breaker is half-open without one."""
+        if self.state is not BreakerState.HALF_OPEN or self._trial is not None:
+            return False
+        self._trial = token
+        return True
+
+    def is_trial(self, token: object) -> bool:
+        return self._trial is not None and self._trial is token
+
+    def success(self, token: object = None) -> None:
+        state = self.state
+        if state is BreakerState.CLOSED:
+            self.consecutive_failures = 0
+        elif self.is_trial(token):
+            self._trial = None
+            self._state = BreakerState.CLOSED
+            self.consecutive_failures = 0
+            self.opened_at = None
+            log.info("circuit breaker %s closed: the trial request succeeded", self.name)
+
+    def failure(self, token: object = None) -> None:
+        state = self.state
+        if state is BreakerState.CLOSED:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.failure_threshold:
+                self._open()
+                log.warning("circuit breaker %s opened after %d consecutive failures",
+                            self.name, self.consecutive_failures)
+        elif self.is_trial(token):
+            self._trial = None
+            self.consecutive_failures += 1
+            self._open()
+            log.warning("circuit breaker %s reopened: the trial request failed", self.name)
+
+    def release(self, token: object) -> None:
+        """The request `token` ended with no verdict: if it was the trial, the next one is."""
+        if self.is_trial(token):
+            self._trial = None
+
+    def _open(self) -> None:
+        self._state = BreakerState.OPEN
+        self.opened_at = self._clock()
+
+    def _refresh(self) -> None:
+        assert self.opened_at is not None
+        if self._clock() - self.opened_at >= self.cooldown:
+            self._state = BreakerState.HALF_OPEN
+
+    def __repr__(self) -> str:
+        state = self.state
+        detail = f"failures={self.consecutive_failures}/{self.failure_threshold}"
+        if state is BreakerState.OPEN:
+            assert self.opened_at is not None
+            left = self.cooldown - (self._clock() - self.opened_at)
+            detail += f" half_open_in={left:.1f}s"
+        elif state is BreakerState.HALF_OPEN:
+            detail += " trial=" + ("in_flight" if self._trial is not None else "none")
+        name = f" {self.name}" if self.name else ""
+        return f"<CircuitBreaker{name} {state.name} {detail}>"
+
+
+class Verdict(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    NEUTRAL = "neutral"
+    """Says nothing about the backend: neither counts, but a trial ends."""
+
+
+BACKEND_FAULTS = frozenset({Outcome.BACKEND_ERROR, Outcome.TIMEOUT})
+ROUTER_SIDE = frozenset({Outcome.REJECTED, Outcome.ROUTER_ERROR})
+
+
+def classify(flow: RequestFlow) -> Verdict:
+    """What a completed request says about the health of `flow.backend`."""
+    outcome, status = flow.outcome, flow.status
+    if outcome in BACKEND_FAULTS:
+        return Verdict.FAILURE
+    if outcome in ROUTER_SIDE:
+        # The router's own refusal or bug; its 500 is not the backend's.
+        return Verdict.NEUTRAL
+    if status is not None and status >= 500:
+        # Only the backend sets a 5xx on the other outcomes (a client that left gets 499),
+        # and its 503 stays true when the client leaves while reading it.
+        return Verdict.FAILURE
+    if outcome is Outcome.OK and status is not None and status < 400:
+        return Verdict.SUCCESS
+    # 4xx (a too-long prompt, a 429 under load) is the client's problem or load, not a dead
+    # backend; a client that left or a shutdown tells nothing either.
+    return Verdict.NEUTRAL
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    """One backend's health, for `/engines` and metrics."""
+
+    backend_id: str
+    available: bool
+    """What the request path sees now (`HealthTracker.available`)."""
+    breaker: str
+    """`closed`, `open` or `half_open`."""
+    consecutive_failures: int
+    trial_in_flight: bool
+    opened_at: float | None
+    """Clock time (`time.monotonic()`) the breaker last opened; None while closed."""
+    probe_ok: bool | None
+    """The last probe verdict; None before the first one."""
+    last_probe_error: str | None
+    """Why the last failed probe failed; kept after a recovery, for diagnosis."""
+    probed_at: float | None
+    """Clock time of the last probe verdict."""
+
+
+class _Entry:
+    __slots__ = ("breaker", "probe_ok", "probe_error", "probed_at")
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.probe_ok: bool | None = None
+        self.probe_error: str | None = None
+        self.probed_at: float | None = None
+
+
+class HealthTracker:
+    """Subscriber: breakers and probe verdicts per backend id; the request path asks
+    `available(backend)`.
+
+    A backend it knows nothing about is available: health checks may be off, and a backend
+    is assumed well until a probe or a request says otherwise.
+    """
+
+    def __init__(
+        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic
+    ) -> None:
+        check_settings(failure_threshold, cooldown)
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+
+    def available(self, backend: Backend) -> bool:
+        """True when `backend` may take a request now: its probe does not fail and its
+        breaker admits one. Called per candidate per request, so it stays a lookup."""
+        entry = self._entries.get(backend.id)
+        if entry is None:
+            return True
+        if entry.probe_ok is False:
+            return False
+        breaker = entry.breaker
+        # The closed check inlined: it saves a method call on nearly every call.
+        return breaker._state is BreakerState.CLOSED or breaker.allows()
+
+    # Entries are made only where the backend is known to be in the pool (routed to, probed):
+    # a late `on_complete` after `forget` must not bring a removed backend back for good.
+
+    def _entry(self, backend_id: str) -> _Entry:
+        entry = self._entries.get(backend_id)
+        if entry is None:
+            breaker = CircuitBreaker(self.failure_threshold, self.cooldown, self._clock,
+                                     name=backend_id)
+            entry = self._entries[backend_id] = _Entry(breaker)
+        return entry
+
+    def on_new(self, flow: RequestFlow) -> None:
+        if flow.backend is not None:
+            self._entry(flow.backend.id).breaker.start_trial(flow)
+
+    def on_retry(self, flow: RequestFlow) -> None:
+        attempt = flow.attempts[-1]
+        entry = self._entries.get(attempt.backend.id)
+        if entry is not None:
+            if attempt.outcome in BACKEND_FAULTS:
+                entry.breaker.failure(flow)
+            else:
+                entry.breaker.release(flow)
+        if flow.backend is not None:
+            self._entry(flow.backend.id).breaker.start_trial(flow)
+
+    def on_response(self, flow: RequestFlow) -> None:
+        # A trial that is streaming a good answer has proved the point; waiting for the end
+        # of a long generation would keep the backend to one request for minutes.
+        if flow.backend is None or flow.status is None or flow.status >= 400:
+            return
+        entry = self._entries.get(flow.backend.id)
+        if entry is not None and entry.breaker.is_trial(flow):
+            entry.breaker.success(flow)
+
+    def on_complete(self, flow: RequestFlow) -> None:
+        if flow.backend is None:
+            return
+        entry = self._entries.get(flow.backend.id)
+        if entry is None:
+            return
+        verdict = classify(flow)
+        if verdict is Verdict.FAILURE:
+            entry.breaker.failure(flow)
+        elif verdict is Verdict.SUCCESS:
+            entry.breaker.success(flow)
+        else:
+            entry.breaker.release(flow)
+
+    def record_probe(self, backend_id: str, ok: bool, error: str | None = None) -> None:
+        """The prober's verdict on `backend_id`.
+
+        A failing probe vetoes the backend at once. A passing probe lifts only that veto and
+        leaves an open breaker to its cooldown and trial: `/health` is good at saying a
+        backend is dead (refused, 503) and poor at saying it serves (vLLM's answers 200 while
+        every generation fails with a CUDA error). If a green probe closed the breaker, such a
+        backend would cost `failure_threshold` failed requests every probe interval instead
+        of one trial per cooldown.
+        """
+        entry = self._entry(backend_id)
+        if ok != entry.probe_ok:
+            if not ok:
+                log.warning("backend %s failed its health probe: %s", backend_id, error)
+            elif entry.probe_ok is False:
+                log.info("backend %s passes its health probe again", backend_id)
+        entry.probe_ok = ok
+        entry.probed_at = self._clock()
+        if not ok:
+            entry.probe_error = error or "probe failed"
+
+    def state(self, backend_id: str) -> BackendHealth:
+        entry = self._entries.get(backend_id)
+        if entry is None:
+            return BackendHealth(
+                backend_id=backend_id, available=True, breaker=BreakerState.CLOSED.value,
+                consecutive_failures=0, trial_in_flight=False, opened_at=None, probe_ok=None,
+                last_probe_error=None, probed_at=None,
+            )
+        breaker = entry.breaker
+        return BackendHealth(
+            backend_id=backend_id,
+            available=entry.probe_ok is not False and breaker.allows(),
+            breaker=breaker.state.value,
+            consecutive_failures=breaker.consecutive_failures,
+            trial_in_flight=breaker.trial_in_flight,
+            opened_at=breaker.opened_at,
+            probe_ok=entry.probe_ok,
+            last_probe_error=entry.probe_error,
+            probed_at=entry.probed_at,
+        )
+
+    def forget(self, backend_id: str) -> None:
+        """Drop what is known about a backend that left the pool."""
+        self._entries.pop(backend_id, None)
+
+    def __repr__(self) -> str:
+        down = sum(
+            1 for entry in self._entries.values()
+            if entry.probe_ok is False or not entry.breaker.allows()
+        )
+        return f"<HealthTracker backends={len(self._entries)} unavailable={down}>"
+
+
+SILENT_STRIKES = 2
+"""Consecutive probes without an answer (timeout, dropped connection) that eject a backend.
+
+An answer that says no (a non-200 status, a refused connection) ejects at once: the engine
+itself says it cannot serve, or nothing listens. Silence is different: a busy engine's API
+server can miss one probe's deadline while it streams fine (USER-ASKS 3: liveness probes that
+time out under load restarted healthy routers). One missed deadline is noise; two in a row,
+an interval apart, is an engine that stopped answering."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ProbeResult:
+    ok: bool
+    error: str | None = None
+    silent: bool = False
+    """No answer at all: timed out, or the connection dropped before a status."""
+
+
+def _short(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class HealthProber:
+    """GETs every backend's health path each `interval` seconds and tells the tracker.
+
+    Give it a session of its own: on the requests' session a probe would queue behind busy
+    requests for a pool slot and time out exactly when the backend is busiest.
+    """
+
+    def __init__(
+        self,
+        tracker: HealthTracker,
+        pool: BackendPool,
+        session: aiohttp.ClientSession,
+        interval: float,
+        path: str,
+        timeout: float,
+    ) -> None:
+        self.tracker = tracker
+        self.pool = pool
+        self.session = session
+        self.interval = interval
+        self.path = path if path.startswith("/") else "/" + path
+        self.timeout = timeout
+        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
+        self._silent: dict[str, int] = {}
+        """Consecutive unanswered probes per backend id."""
+
+    async def probe_once(self) -> None:
+        """Probe every backend in the pool concurrently and record the verdicts; never raises."""
+        backends = self.pool.backends
+        results = await asyncio.gather(*(self._probe(backend) for backend in backends))
+        # The pool may have changed while the probes ran: record only backends still in it,
+        # so that a removed (and forgotten) backend does not come back into the tracker.
+        current = {backend.id for backend in self.pool.backends}
+        for backend_id in [bid for bid in self._silent if bid not in current]:
+            del self._silent[backend_id]
+        for backend, result in zip(backends, results):
+            if backend.id in current:
+                self._record(backend.id, result)
+
+    def _record(self, backend_id: str, result: _ProbeResult) -> None:
+        if not result.silent:
+            self._silent.pop(backend_id, None)
+            self.tracker.record_probe(backend_id, result.ok, result.error)
+            return
+        strikes = self._silent[backend_id] = self._silent.get(backend_id, 0) + 1
+        if strikes >= SILENT_STRIKES:
+            self.tracker.record_probe(backend_id, False, result.error)
+        else:
+            log.info("backend %s: health probe unanswered (%s); ejected if the next one is too",
+                     backend_id, result.error)
+
+    async def _probe(self, backend: Backend) -> _ProbeResult:
+        try:
+            async with self.session.get(backend.url + self.path, timeout=self._client_timeout,
+                                        allow_redirects=False) as response:
+                if response.status == 200:
+                    return _ProbeResult(True)
+                return _ProbeResult(False, f"HTTP {response.status} from {self.path}")
+        except TimeoutError:
+            return _ProbeResult(False, f"no answer within {self.timeout:g}s",
+                                silent=True)
+        except aiohttp.ClientConnectorError as error:
+            return _ProbeResult(False, f"cannot connect: {_short(error)}")
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                aiohttp.ClientPayloadError) as error:
+            return _ProbeResult(False, f"connection lost: {_short(error)}", silent=True)
+        except Exception as error:
+            return _ProbeResult(False, f"{type(error).__name__}: {_short(error)}")
+
+    async def run(self) -> None:
+        """Probe, sleep `interval`, forever; cancel the task to stop it."""
+        while True:
+            try:
+                await self.probe_once()
+            except Exception:
+                # A dead prober would leave every verdict frozen; keep going and say why.
+                log.exception("health probe round failed")
+            await asyncio.sleep(self.interval)
+
+    def __repr__(self) -> str:
+        return (f"<HealthProber backends={len(self.pool.backends)} path={self.path} "
+                f"interval={self.interval:g}s timeout={self.timeout:g}s>")

@@ -1,0 +1,79 @@
+"""Backend choice: which backends may serve a request, and the policy's pick among them.
+
+Candidates are the backends serving the model that health says are available, minus those
+already tried by this request. A `?id=<backend id>` query pins the request to one backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
+
+from router.backends import Backend, BackendPool
+from router.errors import BadRequest, NoBackendAvailable
+from router.inbound import InboundRequest
+from router.policies import RoutingPolicy
+from router.policies.disaggregated import PREFILL_ENDPOINTS
+
+__all__ = ["Availability", "BackendChooser"]
+
+
+class Availability(Protocol):
+    def available(self, backend: Backend) -> bool:
+        """True when `backend` may take a request now (probes pass, breaker admits)."""
+        ...
+
+
+class BackendChooser:
+    def __init__(self, pool: BackendPool, policy: RoutingPolicy, health: Availability) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.health = health
+        self._choose_prefill: Callable[[InboundRequest, Sequence[Backend]], Backend] | None = (
+            getattr(policy, "choose_prefill", None)
+        )
+
+    def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Backend]:
+        available = self.health.available
+        return [
+            backend for backend in self.pool.candidates(model)
+            if backend.id not in exclude and available(backend)
+        ]
+
+    def choose(self, request: InboundRequest, pinned: str | None = None) -> Backend:
+        """The backend for a new request; raises the client's error when there is none."""
+        if pinned is not None:
+            return self._pinned(request.model, pinned)
+        candidates = self.candidates(request.model)
+        if not candidates:
+            raise NoBackendAvailable(f"no healthy backend serves {request.model} right now")
+        return self.policy.choose(request, candidates)
+
+    def choose_prefill(self, request: InboundRequest, endpoint: str) -> Backend | None:
+        """The prefill backend when the policy splits prefill from decode, else None."""
+        if (
+            self._choose_prefill is None
+            or endpoint not in PREFILL_ENDPOINTS
+            or request.json is None
+        ):
+            return None
+        candidates = self.candidates(request.model)
+        if not candidates:
+            raise NoBackendAvailable(f"no healthy backend serves {request.model} right now")
+        return self._choose_prefill(request, candidates)
+
+    def choose_next(self, request: InboundRequest, tried: Collection[str]) -> Backend | None:
+        """Another backend for a retry, or None when every candidate was tried."""
+        candidates = self.candidates(request.model, exclude=tried)
+        return self.policy.choose(request, candidates) if candidates else None
+
+    def _pinned(self, model: str, backend_id: str) -> Backend:
+        backend = next((b for b in self.pool.candidates(model) if b.id == backend_id), None)
+        if backend is None:
+            raise BadRequest(f"no backend with id {backend_id!r} serves {model}")
+        if not self.health.available(backend):
+            raise NoBackendAvailable(f"backend {backend_id} is not available right now")
+        return backend
+
+    def __repr__(self) -> str:
+        return f"<BackendChooser {self.policy!r} {self.pool!r}>"

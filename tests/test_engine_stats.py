@@ -1,0 +1,488 @@
+"""Engine stats: parsing vLLM's `/metrics`, and `EngineScraper` against real loopback engines."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.backends import Backend, BackendPool
+from router.stats.engine import EngineScraper, EngineSnapshot, EngineStats, parse_engine_metrics
+from router.testing import RunningEngine
+from router.testing.processes import free_port
+
+from .conftest import MODELS
+
+LLAMA = 'model_name="meta-llama/Llama-3.1-8B-Instruct"'
+QWEN = 'model_name="Qwen/Qwen2.5-0.5B-Instruct"'
+
+# What a vLLM 0.10 OpenAI server's `/metrics` looks like (prometheus_client text format, with
+# prometheus-fastapi-instrumentator's http_* series), here with two model_name label sets and the
+# deprecated `gpu_cache_usage_perc` shown next to its replacement. Histograms are added below.
+VLLM_HEAD = f"""\
+# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{{generation="0"}} 18345.0
+python_gc_objects_collected_total{{generation="1"}} 4012.0
+python_gc_objects_collected_total{{generation="2"}} 1170.0
+# HELP python_gc_objects_uncollectable_total Uncollectable objects found during GC
+# TYPE python_gc_objects_uncollectable_total counter
+python_gc_objects_uncollectable_total{{generation="0"}} 0.0
+python_gc_objects_uncollectable_total{{generation="1"}} 0.0
+python_gc_objects_uncollectable_total{{generation="2"}} 0.0
+# HELP python_gc_collections_total Number of times this generation was collected
+# TYPE python_gc_collections_total counter
+python_gc_collections_total{{generation="0"}} 2208.0
+python_gc_collections_total{{generation="1"}} 200.0
+python_gc_collections_total{{generation="2"}} 13.0
+# HELP python_info Python platform information
+# TYPE python_info gauge
+python_info{{implementation="CPython",major="3",minor="12",patchlevel="11",version="3.12.11"}} 1.0
+# HELP process_virtual_memory_bytes Virtual memory size in bytes.
+# TYPE process_virtual_memory_bytes gauge
+process_virtual_memory_bytes 4.6119583744e+010
+# HELP process_resident_memory_bytes Resident memory size in bytes.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 2.312908800e+09
+# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds 1.75012345678e+09
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 812.46
+# HELP process_open_fds Number of open file descriptors.
+# TYPE process_open_fds gauge
+process_open_fds 97.0
+# HELP process_max_fds Maximum number of open file descriptors.
+# TYPE process_max_fds gauge
+process_max_fds 1.048576e+06
+# HELP http_requests_total Total number of requests by method, status and handler.
+# TYPE http_requests_total counter
+http_requests_total{{handler="/v1/chat/completions",method="POST",status="2xx"}} 5120.0
+http_requests_total{{handler="/metrics",method="GET",status="2xx"}} 861.0
+http_requests_total{{handler="/health",method="GET",status="2xx"}} 861.0
+http_requests_total{{handler="none",method="GET",status="4xx"}} 3.0
+# HELP http_requests_created Total number of requests by method, status and handler.
+# TYPE http_requests_created gauge
+http_requests_created{{handler="/v1/chat/completions",method="POST",status="2xx"}} 1.75012e+09
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{{block_size="16",cache_dtype="auto",calculate_kv_scales="False",\
+enable_prefix_caching="True",gpu_memory_utilization="0.9",num_cpu_blocks="None",\
+num_gpu_blocks="27353",prefix_caching_hash_algo="builtin",swap_space="4"}} 1.0
+# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{{max_lora="0",running_lora_adapters="",waiting_lora_adapters=""}} 1.75e+09
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",{LLAMA}}} 12.0
+vllm:num_requests_running{{engine="0",{QWEN}}} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",{LLAMA}}} 4.0
+vllm:num_requests_waiting{{engine="0",{QWEN}}} 1.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{{engine="0",{LLAMA}}} 0.5
+vllm:kv_cache_usage_perc{{engine="0",{QWEN}}} 0.25
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{{engine="0",{LLAMA}}} 0.99
+vllm:gpu_cache_usage_perc{{engine="0",{QWEN}}} 0.99
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{{engine="0",{LLAMA}}} 800000.0
+vllm:prefix_cache_queries_total{{engine="0",{QWEN}}} 200000.0
+# HELP vllm:prefix_cache_queries_created Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_created gauge
+vllm:prefix_cache_queries_created{{engine="0",{LLAMA}}} 1.7501234e+09
+vllm:prefix_cache_queries_created{{engine="0",{QWEN}}} 1.7501234e+09
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{{engine="0",{LLAMA}}} 600000.0
+vllm:prefix_cache_hits_total{{engine="0",{QWEN}}} 50000.0
+# HELP vllm:prefix_cache_hits_created Prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:prefix_cache_hits_created gauge
+vllm:prefix_cache_hits_created{{engine="0",{LLAMA}}} 1.7501234e+09
+vllm:prefix_cache_hits_created{{engine="0",{QWEN}}} 1.7501234e+09
+# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{{engine="0",{LLAMA}}} 7.0
+vllm:num_preemptions_total{{engine="0",{QWEN}}} 0.0
+# HELP vllm:prompt_tokens_total Number of prefill tokens processed.
+# TYPE vllm:prompt_tokens_total counter
+vllm:prompt_tokens_total{{engine="0",{LLAMA}}} 1.234567e+06
+vllm:prompt_tokens_total{{engine="0",{QWEN}}} 250000.0
+# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{{engine="0",{LLAMA}}} 654321.0
+vllm:generation_tokens_total{{engine="0",{QWEN}}} 120000.0
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{{engine="0",finished_reason="stop",{LLAMA}}} 5000.0
+vllm:request_success_total{{engine="0",finished_reason="length",{LLAMA}}} 97.0
+vllm:request_success_total{{engine="0",finished_reason="abort",{LLAMA}}} 23.0
+vllm:request_success_total{{engine="0",finished_reason="stop",{QWEN}}} 900.0
+"""
+
+TTFT_BUCKETS = ("0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5",
+                "0.75", "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "+Inf")
+LATENCY_BUCKETS = ("0.3", "0.5", "0.8", "1.0", "1.5", "2.0", "2.5", "5.0", "10.0", "15.0",
+                   "20.0", "30.0", "40.0", "50.0", "60.0", "+Inf")
+TOKEN_BUCKETS = ("1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "200.0", "500.0", "1000.0",
+                 "2000.0", "5000.0", "10000.0", "+Inf")
+
+
+def histogram(name: str, help_text: str, buckets: tuple[str, ...]) -> str:
+    """One vLLM histogram family, both model_name label sets, as prometheus_client prints it."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for model, scale in ((LLAMA, 5000), (QWEN, 900)):
+        for n, le in enumerate(buckets, 1):
+            count = scale * n // len(buckets)
+            lines.append(f'{name}_bucket{{engine="0",le="{le}",{model}}} {float(count)}')
+        lines.append(f'{name}_count{{engine="0",{model}}} {float(scale)}')
+        lines.append(f'{name}_sum{{engine="0",{model}}} {scale * 0.37}')
+    return "\n".join(lines) + "\n"
+
+
+VLLM_METRICS = (
+    VLLM_HEAD
+    + histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                TTFT_BUCKETS)
+    + histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                LATENCY_BUCKETS)
+    + histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                TOKEN_BUCKETS)
+)
+
+# vLLM 0.8: only the old names.
+OLD_VLLM_METRICS = f"""\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{engine="0",{LLAMA}}} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{{engine="0",{LLAMA}}} 0.0
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{{engine="0",{LLAMA}}} 0.125
+# HELP vllm:gpu_prefix_cache_queries_total GPU prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:gpu_prefix_cache_queries_total counter
+vllm:gpu_prefix_cache_queries_total{{engine="0",{LLAMA}}} 1000.0
+# HELP vllm:gpu_prefix_cache_hits_total GPU prefix cache hits, in terms of number of cached tokens.
+# TYPE vllm:gpu_prefix_cache_hits_total counter
+vllm:gpu_prefix_cache_hits_total{{engine="0",{LLAMA}}} 250.0
+"""  # noqa: E501
+
+
+async def test_parse_realistic_vllm_exposition() -> None:
+    assert len(VLLM_METRICS.splitlines()) >= 200
+    snapshot = parse_engine_metrics(VLLM_METRICS, scraped_at=123.0)
+    assert snapshot == EngineSnapshot(
+        scraped_at=123.0,
+        running=15.0,  # summed over the model_name label sets
+        waiting=5.0,
+        kv_cache_usage=0.375,  # the new name wins over gpu_cache_usage_perc (0.99)
+        prefix_cache_hits=650_000.0,  # `_created` series are not counted
+        prefix_cache_queries=1_000_000.0,
+    )
+
+
+async def test_parse_agrees_with_prometheus_client() -> None:
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(VLLM_METRICS):
+        for sample in family.samples:
+            sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    snapshot = parse_engine_metrics(VLLM_METRICS, scraped_at=0.0)
+    assert snapshot.running == sums["vllm:num_requests_running"]
+    assert snapshot.waiting == sums["vllm:num_requests_waiting"]
+    assert snapshot.prefix_cache_hits == sums["vllm:prefix_cache_hits_total"]
+    assert snapshot.prefix_cache_queries == sums["vllm:prefix_cache_queries_total"]
+
+
+async def test_parse_old_vllm_names() -> None:
+    snapshot = parse_engine_metrics(OLD_VLLM_METRICS, scraped_at=1.0)
+    assert snapshot == EngineSnapshot(
+        scraped_at=1.0, running=2.0, waiting=0.0, kv_cache_usage=0.125,
+        prefix_cache_hits=250.0, prefix_cache_queries=1000.0,
+    )
+
+
+async def test_parse_counters_without_total_suffix_are_not_counted_twice() -> None:
+    text = (
+        "vllm:prefix_cache_hits 10\n"
+        "vllm:prefix_cache_queries 40\n"
+        "vllm:gpu_prefix_cache_hits_total 999\n"
+    )
+    snapshot = parse_engine_metrics(text, scraped_at=0.0)
+    assert (snapshot.prefix_cache_hits, snapshot.prefix_cache_queries) == (10.0, 40.0)
+    both = parse_engine_metrics(text + "vllm:prefix_cache_hits_total 11\n", scraped_at=0.0)
+    assert both.prefix_cache_hits == 11.0
+
+
+async def test_parse_averages_kv_cache_over_data_parallel_engines() -> None:
+    text = (
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.2\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.6\n'
+        'vllm:num_requests_running{engine="0",model_name="m"} 3\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 4\n'
+    )
+    snapshot = parse_engine_metrics(text, scraped_at=0.0)
+    assert snapshot.kv_cache_usage == pytest.approx(0.4)
+    assert snapshot.running == 7.0
+
+
+async def test_parse_sample_line_forms() -> None:
+    text = (
+        "vllm:num_requests_running 3 1700000000000\n"  # with a timestamp
+        'vllm:num_requests_waiting{model_name="odd } name",engine="0"} 2\r\n'  # `}` and CRLF
+        'vllm:num_requests_waiting{model_name="b"}\t1e1\n'
+        "vllm:num_requests_running_total 100\n"  # another series that starts alike
+        "xvllm:num_requests_running 100\n"
+        "  vllm:num_requests_running 100\n"  # not at the line start: not a sample
+        "# vllm:num_requests_running 100\n"
+    )
+    snapshot = parse_engine_metrics(text, scraped_at=0.0)
+    assert (snapshot.running, snapshot.waiting) == (3.0, 12.0)
+    assert snapshot.kv_cache_usage is None
+    assert snapshot.prefix_cache_hits is None
+
+
+async def test_parse_malformed_input_never_raises() -> None:
+    broken = [
+        "",
+        "\n\n\n",
+        "\x00\xff garbage {{{ }}}",
+        "vllm:num_requests_running",
+        "vllm:num_requests_running ",
+        'vllm:num_requests_running{model_name="a" 3',
+        "vllm:num_requests_running{} abc",
+        "vllm:num_requests_running{ 5",
+        "vllm:num_requests_waiting NaN",
+        "vllm:num_requests_waiting +Inf",
+        "vllm:kv_cache_usage_perc -Inf",
+        "vllm:kv_cache_usage_perc 1e999",
+        "vllm:num_requests_waiting 0x10",
+    ]
+    for text in broken:
+        assert parse_engine_metrics(text, scraped_at=5.0) == EngineSnapshot(scraped_at=5.0)
+    # Broken lines among good ones: only the good ones count.
+    mixed = "\n".join(broken) + "\nvllm:num_requests_waiting 4\nvllm:kv_cache_usage_perc 0.5\n"
+    snapshot = parse_engine_metrics(mixed, scraped_at=5.0)
+    assert (snapshot.waiting, snapshot.kv_cache_usage) == (4.0, 0.5)
+    # Random damage to a real page.
+    rng = random.Random(7)
+    alphabet = ' {}"=\n\t#:.,-+eE0123456789abcvllm_\\\x00'
+    for _ in range(300):
+        chars = list(VLLM_METRICS)
+        for _ in range(rng.randint(1, 50)):
+            chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        parse_engine_metrics("".join(chars), scraped_at=0.0)
+
+
+async def test_parse_cost_per_scrape() -> None:
+    rounds = 2000
+    started = time.process_time()
+    for _ in range(rounds):
+        parse_engine_metrics(VLLM_METRICS, scraped_at=0.0)
+    ours = (time.process_time() - started) / rounds
+    library_rounds = 200
+    started = time.process_time()
+    for _ in range(library_rounds):
+        for family in text_string_to_metric_families(VLLM_METRICS):
+            for _sample in family.samples:
+                pass
+    library = (time.process_time() - started) / library_rounds
+    lines = len(VLLM_METRICS.splitlines())
+    print(f"\nparse of a {lines}-line, {len(VLLM_METRICS)}-byte vLLM page: "
+          f"parse_engine_metrics {ours * 1e6:.1f} us, "
+          f"prometheus_client parser {library * 1e6:.1f} us")
+
+
+async def test_snapshot_age() -> None:
+    assert EngineSnapshot(scraped_at=100.0).age(102.5) == 2.5
+
+
+# --------------------------------------------------------------------------- scraper
+
+StartServer = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    # Like the app's session: bytes are relayed as they come, never decompressed.
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def scraper_for(
+    backends: list[Backend], session: aiohttp.ClientSession, *, interval: float = 10.0,
+    timeout: float = 2.0,
+) -> EngineScraper:
+    return EngineScraper(EngineStats(), BackendPool(backends), session, interval, timeout)
+
+
+def backend_for(engine: RunningEngine) -> Backend:
+    return Backend(engine.url, MODELS)
+
+
+async def test_scrape_once_reads_the_fake_engines(
+    engines: list[RunningEngine], session: aiohttp.ClientSession,
+) -> None:
+    engines[0].behaviour.num_requests_waiting = 7
+    engines[0].behaviour.kv_cache_usage = 0.25
+    first, second = (backend_for(engine) for engine in engines)
+    scraper = scraper_for([first, second], session)
+    before = time.monotonic()
+    await scraper.scrape_once()
+    snapshot = scraper.store.get(first.id)
+    assert snapshot is not None
+    assert (snapshot.running, snapshot.waiting, snapshot.kv_cache_usage) == (0.0, 7.0, 0.25)
+    assert snapshot.prefix_cache_hits is None  # the fake engine has no prefix cache
+    assert before <= snapshot.scraped_at <= time.monotonic()
+    assert snapshot.scrape_duration is not None and snapshot.scrape_duration > 0
+    other = scraper.store.get(second.id)
+    assert other is not None and other.waiting == 0.0 and other.kv_cache_usage == 0.0
+    assert scraper.store.last_error(first.id) is None
+    assert scraper.store.last_error(second.id) is None
+
+
+async def test_unreachable_backend_has_no_snapshot_and_does_not_raise(
+    session: aiohttp.ClientSession,
+) -> None:
+    dead = Backend(f"http://127.0.0.1:{free_port()}", MODELS)
+    scraper = scraper_for([dead], session)
+    await scraper.scrape_once()
+    assert scraper.store.get(dead.id) is None
+    error = scraper.store.last_error(dead.id)
+    assert error is not None and "ClientConnectorError" in error
+
+
+async def test_failed_scrape_keeps_the_old_snapshot(
+    engines: list[RunningEngine], session: aiohttp.ClientSession,
+) -> None:
+    backend = backend_for(engines[0])
+    scraper = scraper_for([backend], session)
+    await scraper.scrape_once()
+    snapshot = scraper.store.get(backend.id)
+    assert snapshot is not None
+    await engines[0].close()
+    await scraper.scrape_once()
+    assert scraper.store.get(backend.id) is snapshot
+    assert scraper.store.last_error(backend.id) is not None
+    assert "failing=1" in repr(scraper.store)
+
+
+async def test_non_200_is_a_failed_scrape(
+    aiohttp_server: StartServer, session: aiohttp.ClientSession,
+) -> None:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="vllm:num_requests_waiting 3\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    server = await aiohttp_server(app)
+    backend = Backend(str(server.make_url("")), MODELS)
+    scraper = scraper_for([backend], session)
+    await scraper.scrape_once()
+    assert scraper.store.get(backend.id) is None
+    assert scraper.store.last_error(backend.id) == "HTTP 503"
+
+
+async def test_hanging_backends_are_cut_by_the_timeout_concurrently(
+    aiohttp_server: StartServer, engine: RunningEngine, session: aiohttp.ClientSession,
+) -> None:
+    async def metrics(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    hanging = [await aiohttp_server(app) for _ in range(3)]
+    backends = [Backend(str(server.make_url("")), MODELS) for server in hanging]
+    healthy = backend_for(engine)
+    scraper = scraper_for([*backends, healthy], session, timeout=0.3)
+    assert repr(scraper) == "<EngineScraper backends=4 interval=10.0s timeout=0.3s>"
+    started = time.monotonic()
+    await scraper.scrape_once()
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 0.8  # all cut at once, not one after the other (0.9 s)
+    for backend in backends:
+        assert scraper.store.get(backend.id) is None
+        assert scraper.store.last_error(backend.id) == "timed out after 0.3s"
+    assert scraper.store.get(healthy.id) is not None
+
+
+async def test_run_scrapes_periodically_and_stops_on_cancel(
+    aiohttp_server: StartServer, session: aiohttp.ClientSession,
+) -> None:
+    hits = 0
+
+    async def metrics(request: web.Request) -> web.Response:
+        nonlocal hits
+        hits += 1
+        return web.Response(text=f"vllm:num_requests_running {hits}\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    server = await aiohttp_server(app)
+    backend = Backend(str(server.make_url("")), MODELS)
+    scraper = scraper_for([backend], session, interval=0.05)
+    task = asyncio.create_task(scraper.run())
+    async with asyncio.timeout(2):
+        while hits < 3:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    stopped_at = hits
+    snapshot = scraper.store.get(backend.id)
+    assert snapshot is not None and snapshot.running == float(stopped_at)
+    await asyncio.sleep(0.2)
+    assert hits == stopped_at
+
+
+async def test_cancel_ends_run_during_a_hanging_scrape(
+    aiohttp_server: StartServer, session: aiohttp.ClientSession,
+) -> None:
+    entered = asyncio.Event()
+
+    async def metrics(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    server = await aiohttp_server(app)
+    scraper = scraper_for([Backend(str(server.make_url("")), MODELS)], session, timeout=60.0)
+    task = asyncio.create_task(scraper.run())
+    async with asyncio.timeout(2):
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_backend_removed_from_the_pool_is_forgotten(
+    engines: list[RunningEngine], session: aiohttp.ClientSession,
+) -> None:
+    kept, removed = (backend_for(engine) for engine in engines)
+    dead = Backend(f"http://127.0.0.1:{free_port()}", MODELS)
+    scraper = scraper_for([kept, removed, dead], session)
+    await scraper.scrape_once()
+    assert scraper.store.backend_ids() == {kept.id, removed.id, dead.id}
+    scraper.pool.replace([kept])
+    await scraper.scrape_once()
+    assert scraper.store.get(removed.id) is None
+    assert scraper.store.last_error(dead.id) is None
+    assert scraper.store.backend_ids() == {kept.id}
+    assert scraper.store.get(kept.id) is not None

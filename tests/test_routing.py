@@ -1,0 +1,225 @@
+"""Backend choice end to end: pinning, failover, health and breakers, disaggregated prefill,
+and the `/engines` listing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from router.config import Config, StaticBackend
+from router.flow import Outcome
+from router.keys import HEALTH, POOL
+from router.testing import RunningEngine, start_engine
+from router.testing.processes import free_port
+
+from .conftest import CHAT, MODELS, WHISPER, RouterUnderTest, StartRouter, config_for
+from .test_multipart import content_type, multipart_body
+
+CHAT_BODY = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def post(router: RouterUnderTest, path: str = "/v1/chat/completions",
+               body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any], str | None]:
+    """Status, JSON answer and serving backend id of one request."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + path, json=body or CHAT_BODY) as response:
+            return (response.status, await response.json(),
+                    response.headers.get("x-router-backend"))
+
+
+def dead_backend() -> StaticBackend:
+    return StaticBackend(f"http://127.0.0.1:{free_port()}", MODELS)
+
+
+def live_backend(engine: RunningEngine, *labels: str) -> StaticBackend:
+    return StaticBackend(engine.url, MODELS, labels)
+
+
+async def test_id_query_pins_the_backend_and_is_not_forwarded(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    pinned = router.app[POOL].backends[1].id
+    for _ in range(3):
+        status, _, served = await post(router, f"/v1/chat/completions?id={pinned}&x=1")
+        assert (status, served) == (200, pinned)
+    assert [engine.state.completed for engine in engines] == [0, 3]
+    assert engines[1].state.last_path == "/v1/chat/completions?x=1"
+    status, reply, _ = await post(router, "/v1/chat/completions?id=nope")
+    assert status == 400 and "nope" in reply["error"]["message"]
+    await router.settled(4)
+
+
+async def test_requests_fail_over_from_a_dead_backend(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    # Probes off, so only the request path learns that the first backend is dead.
+    router = await start_router(Config(
+        static_backends=(dead_backend(), live_backend(engine)), health_check_interval=0,
+        retry_backoff=0.01,
+    ))
+    for _ in range(6):
+        status, reply, _ = await post(router)
+        assert status == 200, reply
+    await router.settled(6)
+    retried = [flow for flow in router.log.flows.values() if flow.attempts]
+    assert retried and all(flow.outcome is Outcome.OK for flow in router.log.flows.values())
+    assert all(attempt.outcome is Outcome.BACKEND_ERROR for f in retried for attempt in f.attempts)
+    assert all(router.log.events[flow.id] == ["new", "retry", "response", "complete"]
+               for flow in retried)
+
+
+async def test_spooled_upload_fails_over_with_the_same_bytes(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(Config(
+        static_backends=(dead_backend(), live_backend(engine)), health_check_interval=0,
+        retry_backoff=0.01,
+    ))
+    audio = bytes(range(256)) * 8000
+    body = multipart_body([("file", audio, "a.wav"), ("model", WHISPER.encode(), None)])
+    for _ in range(2):  # round robin: at least one starts on the dead backend
+        async with aiohttp.ClientSession() as session:
+            async with session.post(router.url + "/v1/audio/transcriptions", data=body,
+                                    headers={"Content-Type": content_type()}) as response:
+                assert response.status == 200, await response.text()
+    assert [u.sha256 for u in engine.state.uploads] == [hashlib.sha256(audio).hexdigest()] * 2
+    await router.settled(2)
+    attempts = [len(flow.attempts) for flow in router.log.flows.values()]
+    assert max(attempts) == 1 and sum(attempts) >= 1
+
+
+async def test_no_retry_with_max_retries_zero(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(Config(
+        static_backends=(dead_backend(), live_backend(engine)), health_check_interval=0,
+        max_retries=0,
+    ))
+    statuses = sorted([(await post(router))[0] for _ in range(2)])
+    assert statuses == [200, 503]
+    await router.settled(2)
+
+
+def backend_id(router: RouterUnderTest, engine: RunningEngine) -> str:
+    return next(b.id for b in router.app[POOL].backends if b.url == engine.url)
+
+
+async def test_killed_backend_opens_breaker_then_recovers(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    victim, survivor = engines
+    port = int(victim.url.rsplit(":", 1)[1])
+    router = await start_router(config_for(
+        engines, health_check_interval=0, cb_failure_threshold=2, cb_cooldown=0.5,
+        retry_backoff=0.01,
+    ))
+    victim_id, survivor_id = backend_id(router, victim), backend_id(router, survivor)
+    health = router.app[HEALTH]
+    victim.behaviour.token_delay = 0.05
+    async with aiohttp.ClientSession() as session:
+        # A stream in flight on the victim when it dies ends cut short, never cleanly.
+        async with session.post(router.url + "/v1/chat/completions", params={"id": victim_id},
+                                json={**CHAT_BODY, "stream": True, "max_tokens": 50}) as stream:
+            await stream.content.readuntil(b"data: ")
+            await victim.close()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await stream.read()
+        # No client sees an error for requests that had not started on it.
+        for _ in range(6):
+            status, reply, served = await post(router)
+            assert (status, served) == (200, survivor_id), reply
+        assert health.state(victim_id).breaker == "open"
+        assert not health.available(router.app[POOL].backends[0])
+        revived = await start_engine(MODELS, port=port, name="revived")
+        try:
+            await asyncio.sleep(0.6)  # the breaker's cooldown
+            served_by = [(await post(router))[2] for _ in range(4)]
+            assert victim_id in served_by and revived.state.completed >= 1
+            assert health.state(victim_id).breaker == "closed"
+        finally:
+            await revived.close()
+    await router.settled(len(router.log.flows))
+    outcomes = [flow.outcome for flow in router.log.flows.values()]
+    assert outcomes.count(Outcome.BACKEND_ERROR) == 1 and outcomes.count(Outcome.OK) == 10
+
+
+async def test_every_backend_down_is_a_503_at_once(start_router: StartRouter) -> None:
+    router = await start_router(Config(
+        static_backends=(dead_backend(), dead_backend()), health_check_timeout=1.0,
+    ))
+    health = router.app[HEALTH]
+    async with asyncio.timeout(3):  # the first probes run at start
+        while any(health.available(b) for b in router.app[POOL].backends):
+            await asyncio.sleep(0.02)
+    status, reply, _ = await post(router)
+    assert status == 503 and "no healthy backend" in reply["error"]["message"]
+    await router.settled(1)
+    flow = router.log.only()
+    assert (flow.outcome, flow.backend) == (Outcome.BACKEND_ERROR, None)
+
+
+async def test_engines_lists_health_load_and_scraped_figures(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    engines[0].behaviour.num_requests_waiting = 7
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(3):  # the first scrape runs at start
+            while True:
+                async with session.get(router.url + "/engines") as response:
+                    listing = (await response.json())["engines"]
+                if all(entry["engine"] for entry in listing):
+                    break
+                await asyncio.sleep(0.02)
+    by_url = {entry["url"]: entry for entry in listing}
+    first = by_url[engines[0].url]
+    assert first["healthy"] is True and first["breaker"] == "closed"
+    assert first["in_flight"] == 0 and sorted(first["models"]) == sorted(MODELS)
+    assert first["engine"]["num_requests_waiting"] == 7
+    assert by_url[engines[1].url]["engine"]["num_requests_waiting"] == 0
+
+
+async def test_disaggregated_prefill_runs_both_hops_in_one_lifecycle(
+    start_router: StartRouter,
+) -> None:
+    engines = [await start_engine(MODELS, name=f"{role}-{n}")
+               for role in ("prefill", "decode") for n in range(2)]
+    try:
+        prefills, decodes = engines[:2], engines[2:]
+        router = await start_router(Config(
+            static_backends=tuple(
+                live_backend(engine, "prefill" if engine in prefills else "decode")
+                for engine in engines
+            ),
+            routing_logic="disaggregated_prefill",
+        ))
+        client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+        for _ in range(4):
+            stream = await client.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                stream=True, stream_options={"include_usage": True},
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert text.split() == ["tok0", "tok1", "tok2"]
+        assert [engine.state.completed for engine in engines] == [2, 2, 2, 2]
+        prefill_body = prefills[0].state.last_json
+        assert prefill_body is not None
+        assert (prefill_body["max_tokens"], prefill_body["stream"]) == (1, False)
+        assert "stream_options" not in prefill_body
+        assert prefill_body["kv_transfer_params"]["do_remote_decode"] is True
+        decode_body = decodes[0].state.last_json
+        assert decode_body is not None and decode_body["stream"] is True
+        assert decode_body["kv_transfer_params"]["remote_engine_id"].startswith("prefill-")
+        await router.settled(4)
+        assert all(flow.prefill_backend is not None and flow.backend is not None
+                   and "decode" in flow.backend.labels for flow in router.log.flows.values())
+        # Endpoints without a prefill go straight to a decode backend.
+        status, _, _ = await post(router, "/v1/embeddings", {"model": CHAT, "input": "x"})
+        assert status == 200 and sum(e.state.completed for e in decodes) == 5
+    finally:
+        for engine in engines:
+            await engine.close()
