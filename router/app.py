@@ -15,11 +15,13 @@ from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.health import HealthProber, HealthTracker
 from router.keys import (
-    CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS, HEALTH, METRICS, POLICY, POOL, STATS,
+    CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS, HEALTH, METRICS, POLICY, POOL,
+    STATS,
 )
 from router.metrics import Metrics
 from router.policies import PolicyContext, make_policy
 from router.routing import BackendChooser
+from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 
@@ -87,6 +89,7 @@ def make_app(config: Config) -> web.Application:
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
     app[CONFIG] = config
+    app[DRAIN] = Drain()
     app[POOL] = pool
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats

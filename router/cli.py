@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest JSON body (default 64MiB)")
     add("--max-upstream-connections", type=int, default=0,
         help="cap on concurrent backend connections; 0 = no cap (default)")
+    add("--drain-timeout", type=non_negative_float, default=30.0,
+        help="seconds running requests get to finish after SIGTERM before they are cut "
+             "(default 30)")
+    add("--shutdown-delay", type=non_negative_float, default=0.0,
+        help="seconds to keep accepting after SIGTERM, with /ready answering 503 (default 0)")
     add("--spool-dir", default=None,
         help="directory for multipart bodies that must be spooled (default: system temp)")
 
@@ -253,6 +258,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_json_body_size=args.max_json_body_size,
         max_upstream_connections=args.max_upstream_connections,
         spool_dir=args.spool_dir,
+        drain_timeout=args.drain_timeout,
+        shutdown_delay=args.shutdown_delay,
         session_key=args.session_key,
         prefix_match_threshold=args.prefix_match_threshold,
         balance_abs_threshold=args.balance_abs_threshold,

@@ -62,6 +62,12 @@ class Config:
     spool_dir: str | None = None
     """Where multipart bodies with the file before `model` are spooled; None: the system temp."""
 
+    drain_timeout: float = 30.0
+    """Seconds running requests get to finish after SIGTERM/SIGINT before they are cut."""
+    shutdown_delay: float = 0.0
+    """Seconds the router keeps accepting after SIGTERM (with `/ready` at 503), so load
+    balancers stop sending before the socket closes."""
+
     # Routing policies (router/policies/).
     session_key: str = "x-session-id"
     """`session` policy: the header (then top-level body field) holding the session key;

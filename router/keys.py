@@ -12,12 +12,13 @@ from router.health import HealthTracker
 from router.metrics import Metrics
 from router.policies import RoutingPolicy
 from router.routing import BackendChooser
+from router.shutdown import Drain
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = [
     "CONFIG", "POOL", "POLICY", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
-    "METRICS", "CLIENT_SESSION",
+    "METRICS", "CLIENT_SESSION", "DRAIN",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -29,5 +30,6 @@ EVENTS = web.AppKey("events", RequestEvents)
 STATS = web.AppKey("stats", RequestStats)
 ENGINE_STATS = web.AppKey("engine_stats", EngineStats)
 METRICS = web.AppKey("metrics", Metrics)
+DRAIN = web.AppKey("drain", Drain)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""

@@ -1,21 +1,25 @@
-"""Run the app: logging, the listening socket, signals."""
+"""Run the app: logging, the listening socket, signals, readiness and the drain."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 
 from aiohttp import web
 
 from router import __version__
 from router.app import make_app
 from router.config import DEMO_MODELS, Config
+from router.keys import DRAIN
+from router.systemd import Notifier
 
-__all__ = ["run"]
+__all__ = ["run", "serve", "configure_logging"]
 
 log = logging.getLogger("router")
 
-SHUTDOWN_TIMEOUT = 30.0
-"""Seconds SIGTERM/SIGINT waits for running requests and streams before cancelling them."""
+CUT_GRACE = 5.0
+"""Seconds cancelled requests get to finish their cleanup once the drain timed out."""
 
 
 def configure_logging(level: str) -> None:
@@ -24,32 +28,68 @@ def configure_logging(level: str) -> None:
     )
 
 
+def announce(config: Config, port: int) -> None:
+    log.info("router %s listening on http://%s:%d", __version__, config.host, port)
+    if config.demo:
+        log.info(
+            "try: curl http://127.0.0.1:%d/v1/chat/completions -H 'Content-Type: "
+            "application/json' -d '{\"model\": \"%s\", \"messages\": "
+            "[{\"role\": \"user\", \"content\": \"hello\"}]}'",
+            port, DEMO_MODELS[0],
+        )
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain: `/ready` turns 503, new
+    connections are still taken for `shutdown_delay` seconds (while load balancers notice),
+    then the socket closes and running requests get up to `drain_timeout` to finish."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    notifier = Notifier()
+    app = make_app(config)
+    # Without handler_cancellation a handler learns of a disconnect only at its next write,
+    # and a backend computing a first token would keep working for a client that is gone.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        announce(config, runner.addresses[0][1] if runner.addresses else config.port)
+        notifier.notify("READY=1")
+        watchdog = asyncio.create_task(notifier.watchdog())
+        await stop.wait()
+        await drain(app, site, config, notifier)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        notifier.close()
+
+
+async def drain(app: web.Application, site: web.TCPSite, config: Config,
+                notifier: Notifier) -> None:
+    requests = app[DRAIN]
+    requests.draining = True
+    notifier.notify("STOPPING=1")
+    log.info("draining: %d requests running, up to %.0f s", requests.live, config.drain_timeout)
+    if config.shutdown_delay > 0:
+        await asyncio.sleep(config.shutdown_delay)
+    await site.stop()
+    if not await requests.wait(config.drain_timeout):
+        log.warning("drain timeout: cutting %d requests still running", requests.cancel_all())
+        await requests.wait(CUT_GRACE)
+    log.info("drained; stopping")
+
+
 def run(config: Config) -> None:
     configure_logging(config.log_level)
-    app = make_app(config)
-
-    def announce(_: str) -> None:
-        log.info("router %s listening on http://%s:%d", __version__, config.host, config.port)
-        if config.demo:
-            log.info(
-                "try: curl http://127.0.0.1:%d/v1/chat/completions -H 'Content-Type: "
-                "application/json' -d '{\"model\": \"%s\", \"messages\": "
-                "[{\"role\": \"user\", \"content\": \"hello\"}]}'",
-                config.port, DEMO_MODELS[0],
-            )
-
     try:
-        web.run_app(
-            app,
-            host=config.host,
-            port=config.port,
-            # Without it a handler learns of a disconnect only at its next write, and a backend
-            # computing a first token would keep working for a client that is gone.
-            handler_cancellation=True,
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
-            access_log=None,
-            print=announce,
-        )
+        asyncio.run(serve(config))
     except OSError as error:  # e.g. the port is taken: one line, not a traceback
         log.critical("router stopped: %s", error)
         raise SystemExit(1) from None

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router.keys import CONFIG, ENGINE_STATS, HEALTH, METRICS, POOL, STATS
+from router.keys import CONFIG, DRAIN, ENGINE_STATS, HEALTH, METRICS, POOL, STATS
 
 __all__ = ["add_routes"]
 
@@ -24,6 +24,18 @@ async def health(request: web.Request) -> web.Response:
             "in_flight": app[STATS].total_in_flight(),
         }
     )
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 503 while draining or while no backend can take a request."""
+    app = request.app
+    if app[DRAIN].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    health = app[HEALTH]
+    available = sum(1 for backend in app[POOL].backends if health.available(backend))
+    if not available:
+        return web.json_response({"status": "no available backend"}, status=503)
+    return web.json_response({"status": "ready", "available_backends": available})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -76,6 +88,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/engines", engines)

@@ -16,7 +16,7 @@ from router.api import request_id
 from router.errors import RouterError
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
-from router.keys import CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, POOL
+from router.keys import CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, POOL
 from router.multipart import read_multipart_request
 from router.proxy import Failover, Lifecycle, forward
 
@@ -89,7 +89,14 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
 
 def proxy_handler(endpoint: str, multipart: bool) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await proxy(request, endpoint, multipart)
+        drain = request.app[DRAIN]
+        task = asyncio.current_task()
+        assert task is not None
+        drain.enter(task)
+        try:
+            return await proxy(request, endpoint, multipart)
+        finally:
+            drain.leave(task)
 
     return handle
 
