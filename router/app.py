@@ -15,8 +15,7 @@ from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.health import HealthProber, HealthTracker
 from router.keys import (
-    CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS, HEALTH, METRICS, POLICY, POOL,
-    STATS,
+    CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS, HEALTH, METRICS, POOL, STATS,
 )
 from router.metrics import Metrics
 from router.policies import PolicyContext, make_policy
@@ -94,7 +93,6 @@ def make_app(config: Config) -> web.Application:
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
-    app[POLICY] = policy
     app[HEALTH] = health
     app[CHOOSER] = BackendChooser(pool, policy, health)
     app[EVENTS] = RequestEvents([stats, health, metrics, policy])

@@ -6,24 +6,27 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from router import __version__
 from router.backends import parse_url
 from router.config import Config, ConfigError, StaticBackend, parse_size
+from router.config_file import file_tokens, read_config_file
 from router.policies import POLICIES
 
-__all__ = ["build_parser", "parse_config"]
+__all__ = ["build_parser", "parse_config", "load_config"]
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Reports a bad flag in one line naming it, then exits with code 2."""
+    """Raises a bad flag as a `ConfigError` naming it (`parse_config` prints it in one line
+    and exits with code 2; a reload logs it and keeps the old configuration)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise ConfigError(message)
 
 
 def positive_float(text: str) -> float:
@@ -92,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--version", action="version", version=f"router {__version__}")
+    add("--config", default=None,
+        help="YAML or JSON file with any of these settings, keys named like the flags; "
+             "flags given on the command line override it")
+    add("--config-watch", action="store_true",
+        help="reload --config when the file changes (SIGHUP always reloads)")
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add("--port", type=port_number, default=8001, help="port to listen on (default 8001)")
     add("--service-discovery", choices=["static"], default="static",
@@ -186,12 +194,26 @@ def split_group(text: str) -> tuple[str, ...]:
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     """Parse flags; on a bad one print a one-line error naming it and exit with code 2."""
+    try:
+        return load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as error:
+        sys.stderr.write(f"router: error: {error}\n")
+        raise SystemExit(2) from None
+
+
+def load_config(argv: Sequence[str]) -> Config:
+    """Flags on top of `--config FILE` when given; raises `ConfigError` naming the flag or
+    the file's key. Reads the file: blocking, so a reload calls it from a thread."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return config_from_args(args)
-    except ConfigError as error:
-        parser.error(str(error))
+    if args.config is not None:
+        tokens = file_tokens(read_config_file(args.config), parser, args.config)
+        try:
+            parser.parse_args(tokens)
+        except ConfigError as error:
+            raise ConfigError(f"config file {args.config}: {error}") from None
+        args = parser.parse_args([*tokens, *argv])
+    return config_from_args(args)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -258,6 +280,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_json_body_size=args.max_json_body_size,
         max_upstream_connections=args.max_upstream_connections,
         spool_dir=args.spool_dir,
+        config_file=args.config,
+        config_watch=args.config_watch,
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         session_key=args.session_key,

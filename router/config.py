@@ -62,6 +62,9 @@ class Config:
     spool_dir: str | None = None
     """Where multipart bodies with the file before `model` are spooled; None: the system temp."""
 
+    config_file: str | None = None
+    config_watch: bool = False
+    """Poll `config_file` and reload when it changes (SIGHUP reloads in any case)."""
     drain_timeout: float = 30.0
     """Seconds running requests get to finish after SIGTERM/SIGINT before they are cut."""
     shutdown_delay: float = 0.0

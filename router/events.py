@@ -61,6 +61,18 @@ class RequestEvents:
             if method is not None:
                 self._handlers[name].append(method)
 
+    def replace(self, old: object, new: object) -> None:
+        """Swap one subscriber for another in place (a reloaded routing policy)."""
+        for name in EVENT_NAMES:
+            old_method = getattr(old, name, None)
+            new_method = getattr(new, name, None)
+            handlers = self._handlers[name]
+            position = handlers.index(old_method) if old_method in handlers else len(handlers)
+            if old_method in handlers:
+                handlers.remove(old_method)
+            if new_method is not None:
+                handlers.insert(position, new_method)
+
     def on_new(self, flow: RequestFlow) -> None:
         self._emit("on_new", flow)
 

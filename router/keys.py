@@ -10,20 +10,18 @@ from router.config import Config
 from router.events import RequestEvents
 from router.health import HealthTracker
 from router.metrics import Metrics
-from router.policies import RoutingPolicy
 from router.routing import BackendChooser
 from router.shutdown import Drain
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = [
-    "CONFIG", "POOL", "POLICY", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
+    "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "DRAIN",
 ]
 
 CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", BackendPool)
-POLICY = web.AppKey("policy", RoutingPolicy)
 HEALTH = web.AppKey("health", HealthTracker)
 CHOOSER = web.AppKey("chooser", BackendChooser)
 EVENTS = web.AppKey("events", RequestEvents)

@@ -27,8 +27,12 @@ class Availability(Protocol):
 class BackendChooser:
     def __init__(self, pool: BackendPool, policy: RoutingPolicy, health: Availability) -> None:
         self.pool = pool
-        self.policy = policy
         self.health = health
+        self.use_policy(policy)
+
+    def use_policy(self, policy: RoutingPolicy) -> None:
+        """Route with `policy` from now on (a config reload)."""
+        self.policy = policy
         self._choose_prefill: Callable[[InboundRequest, Sequence[Backend]], Backend] | None = (
             getattr(policy, "choose_prefill", None)
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -12,6 +13,7 @@ from router import __version__
 from router.app import make_app
 from router.config import DEMO_MODELS, Config
 from router.keys import DRAIN
+from router.reload import Reloader
 from router.systemd import Notifier
 
 __all__ = ["run", "serve", "configure_logging"]
@@ -39,10 +41,15 @@ def announce(config: Config, port: int) -> None:
         )
 
 
-async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    config: Config,
+    stop: asyncio.Event | None = None,
+    load: Callable[[], Config] | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain: `/ready` turns 503, new
     connections are still taken for `shutdown_delay` seconds (while load balancers notice),
-    then the socket closes and running requests get up to `drain_timeout` to finish."""
+    then the socket closes and running requests get up to `drain_timeout` to finish.
+    With `load` (how to read the configuration again), SIGHUP reloads it."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -53,19 +60,26 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     # and a backend computing a first token would keep working for a client that is gone.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    watchdog: asyncio.Task[None] | None = None
+    tasks: set[asyncio.Task[object]] = set()
     try:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         announce(config, runner.addresses[0][1] if runner.addresses else config.port)
         notifier.notify("READY=1")
-        watchdog = asyncio.create_task(notifier.watchdog())
+        tasks.add(asyncio.create_task(notifier.watchdog()))
+        if load is not None:
+            reloader = Reloader(app, load)
+            loop.add_signal_handler(signal.SIGHUP, lambda: tasks.add(
+                asyncio.create_task(reloader.reload("SIGHUP"))
+            ))
+            if config.config_watch and config.config_file:
+                tasks.add(asyncio.create_task(reloader.watch(config.config_file)))
         await stop.wait()
         await drain(app, site, config, notifier)
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for task in tasks:
+            task.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
         notifier.close()
@@ -86,10 +100,10 @@ async def drain(app: web.Application, site: web.TCPSite, config: Config,
     log.info("drained; stopping")
 
 
-def run(config: Config) -> None:
+def run(config: Config, load: Callable[[], Config] | None = None) -> None:
     configure_logging(config.log_level)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, load=load))
     except OSError as error:  # e.g. the port is taken: one line, not a traceback
         log.critical("router stopped: %s", error)
         raise SystemExit(1) from None

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router.keys import CONFIG, DRAIN, ENGINE_STATS, HEALTH, METRICS, POOL, STATS
+from router.keys import CHOOSER, DRAIN, ENGINE_STATS, HEALTH, METRICS, POOL, STATS
 
 __all__ = ["add_routes"]
 
@@ -76,7 +76,7 @@ async def engines(request: web.Request) -> web.Response:
             "last_scrape_error": app[ENGINE_STATS].last_error(backend.id),
         })
     return web.json_response({
-        "routing_logic": app[CONFIG].routing_logic,
+        "routing": repr(app[CHOOSER].policy),
         "engines": listing,
     })
 

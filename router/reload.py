@@ -1,0 +1,103 @@
+"""Config reload (SIGHUP, or a change of `--config` with `--config-watch`), without dropping
+anything in flight.
+
+What a reload changes: the static backends and their models and labels, the aliases, the
+routing policy and its settings, the log level. Requests in flight keep the backend object
+they were routed to, so their streams run on. A new configuration that does not parse or
+validate is refused with a log line, and the running one keeps serving. Settings that only
+take effect at start (listening address, timeouts, limits...) are reported as needing a
+restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+from aiohttp import web
+
+from router.config import Config, ConfigError
+from router.discovery.static import static_backends
+from router.keys import CHOOSER, CONFIG, ENGINE_STATS, EVENTS, HEALTH, POOL, STATS
+from router.policies import PolicyContext, make_policy
+
+__all__ = ["Reloader"]
+
+log = logging.getLogger("router.reload")
+
+RELOADABLE = frozenset({
+    "static_backends", "aliases", "routing_logic", "session_key", "prefix_match_threshold",
+    "balance_abs_threshold", "balance_rel_threshold", "prefix_cache_max_chars",
+    "prefill_model_labels", "decode_model_labels", "log_level",
+})
+ROUTING = RELOADABLE - {"static_backends", "aliases", "log_level"}
+
+
+class Reloader:
+    def __init__(self, app: web.Application, load: Callable[[], Config]) -> None:
+        self._app = app
+        self._load = load
+        self.current = app[CONFIG]
+
+    async def reload(self, reason: str) -> bool:
+        """Load the configuration again and apply what changed; False when refused."""
+        try:
+            new = await asyncio.to_thread(self._load)
+        except ConfigError as error:
+            log.error("config reload (%s) refused, the running configuration stays: %s",
+                      reason, error)
+            return False
+        self.apply(new)
+        log.info("config reloaded (%s)", reason)
+        return True
+
+    def apply(self, new: Config) -> None:
+        app, old = self._app, self.current
+        changed = {f.name for f in dataclasses.fields(Config)
+                   if getattr(old, f.name) != getattr(new, f.name)}
+        if restart := sorted(changed - RELOADABLE):
+            log.warning("changed settings that take effect at restart only: %s",
+                        ", ".join(restart))
+        pool = app[POOL]
+        if "static_backends" in changed and not app[CONFIG].demo:
+            # Ids come from URLs: a kept backend keeps its stats and health.
+            before = {backend.id for backend in pool.backends}
+            pool.replace(static_backends(new))
+            for backend_id in before - {backend.id for backend in pool.backends}:
+                app[HEALTH].forget(backend_id)
+            log.info("backends now: %s", ", ".join(b.url for b in pool.backends) or "none")
+        if "aliases" in changed:
+            pool.aliases = dict(new.aliases)
+        if changed & ROUTING:
+            chooser = app[CHOOSER]
+            policy = make_policy(
+                new.routing_logic, PolicyContext(new, app[STATS], app[ENGINE_STATS])
+            )
+            app[EVENTS].replace(chooser.policy, policy)
+            chooser.use_policy(policy)
+            log.info("routing policy now: %r", policy)
+        if "log_level" in changed:
+            logging.getLogger().setLevel(new.log_level.upper())
+        self.current = dataclasses.replace(
+            old, **{name: getattr(new, name) for name in changed & RELOADABLE}
+        )
+
+    async def watch(self, path: str, interval: float = 1.0) -> None:
+        """Poll the file's modification time; reload when it changes."""
+        last = await asyncio.to_thread(_mtime, path)
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(_mtime, path)
+            if now != last:
+                last = now
+                await self.reload("config file changed")
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
