@@ -43,14 +43,15 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def engines(request: web.Request) -> web.Response:
-    """Every backend with its health, the router's in-flight count and the engine's last
-    scraped figures (`age_s`: seconds since that scrape)."""
+    """Every backend with its health, the router's request figures over the stats window and
+    the engine's last scraped figures (`age_s`: seconds since that scrape)."""
     app = request.app
     now = time.monotonic()
     listing: list[dict[str, Any]] = []
     for backend in app[POOL].backends:
         health = app[HEALTH].state(backend.id)
         snapshot = app[ENGINE_STATS].get(backend.id)
+        window = app[STATS].for_backend(backend.id).snapshot()
         engine: dict[str, Any] | None = None
         if snapshot is not None:
             engine = {
@@ -71,7 +72,10 @@ async def engines(request: web.Request) -> web.Response:
             "consecutive_failures": health.consecutive_failures,
             "probe_ok": health.probe_ok,
             "last_probe_error": health.last_probe_error,
-            "in_flight": app[STATS].for_backend(backend.id).in_flight,
+            "in_flight": window.in_flight,
+            "qps": round(window.qps, 3),
+            "avg_ttft_s": window.avg_ttft,
+            "avg_latency_s": window.avg_latency,
             "engine": engine,
             "last_scrape_error": app[ENGINE_STATS].last_error(backend.id),
         })
