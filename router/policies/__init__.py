@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from router.config import Config
 from router.policies.disaggregated import DisaggregatedPrefill
+from router.policies.leastload import LeastLoad
+from router.policies.prefixaware import PrefixAware
 from router.policies.roundrobin import RoundRobin
+from router.policies.session import Session
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
@@ -50,6 +53,9 @@ class TwoStagePolicy(RoutingPolicy, Protocol):
 
 POLICIES: dict[str, Callable[[PolicyContext], RoutingPolicy]] = {
     "roundrobin": RoundRobin,
+    "session": Session,
+    "leastload": LeastLoad,
+    "prefixaware": PrefixAware,
     "disaggregated_prefill": DisaggregatedPrefill,
 }
 

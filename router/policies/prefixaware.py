@@ -1,0 +1,110 @@
+"""Prefix affinity: send a prompt where its beginning was sent before, so the engine's prefix
+cache serves it (a multi-turn chat resends its whole history every turn), unless that would
+pile work onto an overloaded backend.
+
+For each request: the candidate that received the longest prefix of this prompt wins when that
+prefix is at least `prefix_match_threshold` of the prompt, and the fleet is not imbalanced
+(load gap over `balance_abs_threshold` and busiest over `balance_rel_threshold` × idlest);
+otherwise the least loaded candidate. Either way the prompt is recorded for the chosen backend.
+Ties (several backends hold the same prefix) go to the least loaded of them, then at random.
+
+Only the first `max_prompt_chars` characters count, for the tree and for the share matched: a
+prompt longer than that matches fully once its head matches. Backends that are not candidates
+(gone, unhealthy) are never chosen; their entries age out of the tree by LRU.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from router.policies.features import ESC, prompt_text
+from router.policies.load import load_scores, lowest
+from router.policies.prefix_tree import PrefixTree
+
+if TYPE_CHECKING:
+    from router.backends import Backend
+    from router.inbound import InboundRequest
+    from router.policies import PolicyContext
+
+__all__ = ["PrefixAware"]
+
+SALT = ESC + "s"
+"""Ends a `cache_salt` put before the prompt text (see `_text`)."""
+
+
+class PrefixAware:
+    """Longest cached prefix among the candidates, with a load-imbalance escape."""
+
+    def __init__(self, context: PolicyContext, max_prompt_chars: int = 4 * 4096) -> None:
+        self._context = context
+        config = context.config
+        self._threshold = config.prefix_match_threshold
+        self._abs = config.balance_abs_threshold
+        self._rel = config.balance_rel_threshold
+        self._max_chars = config.prefix_cache_max_chars
+        self._max_prompt_chars = min(max_prompt_chars, self._max_chars)
+        self._trees: dict[str, PrefixTree] = {}
+        """One per model: a prefix sent to one model says nothing about another's cache."""
+        self._rng = random.Random()
+
+    def choose(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:
+        text = self._text(request)
+        scores = load_scores(self._context, candidates)
+        if text is None:
+            return lowest(candidates, scores, self._rng)
+        tree = self._trees.get(request.model)
+        if tree is None:
+            tree = self._trees[request.model] = PrefixTree(self._max_chars,
+                                                           self._max_prompt_chars)
+        _, lengths = tree.match(text)
+        chosen = self._affine(candidates, scores, lengths, len(text))
+        if chosen is None:
+            chosen = lowest(candidates, scores, self._rng)
+        tree.insert(text, chosen.id)
+        return chosen
+
+    def _text(self, request: InboundRequest) -> str | None:
+        text = prompt_text(request, self._max_prompt_chars)
+        if text is None or request.json is None:
+            return text
+        # vLLM shares cached blocks only between requests with the same `cache_salt`: a
+        # prefix sent with another salt (or none) is no hit, so the salt leads the key.
+        salt = request.json.get("cache_salt")
+        if isinstance(salt, str) and salt:
+            text = (salt.replace(ESC, ESC + ESC) + SALT + text)[: self._max_prompt_chars]
+        return text
+
+    def _affine(
+        self, candidates: Sequence[Backend], scores: list[float], lengths: dict[str, int],
+        size: int,
+    ) -> Backend | None:
+        """The candidate holding enough of the prompt, if the fleet is balanced enough."""
+        best_length = 0
+        best: list[int] = []
+        for index, backend in enumerate(candidates):
+            length = lengths.get(backend.id, 0)
+            if length > best_length:
+                best_length, best = length, [index]
+            elif length == best_length and length:
+                best.append(index)
+        if not best or best_length < self._threshold * size:
+            return None
+        high, low = max(scores), min(scores)
+        if high - low > self._abs and high > self._rel * low:
+            return None
+        if len(best) == 1:
+            return candidates[best[0]]
+        return lowest([candidates[i] for i in best], [scores[i] for i in best], self._rng)
+
+    def tree_chars(self) -> int:
+        """Prompt characters held over all models' trees."""
+        return sum(tree.chars for tree in self._trees.values())
+
+    def tree(self, model: str) -> PrefixTree | None:
+        return self._trees.get(model)
+
+    def __repr__(self) -> str:
+        return (f"<PrefixAware models={len(self._trees)} chars={self.tree_chars()} "
+                f"threshold={self._threshold:g} max_chars_per_model={self._max_chars}>")
