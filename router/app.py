@@ -79,6 +79,15 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def forget_backends(app: web.Application, removed: frozenset[str]) -> None:
+    """Backends left the pool: drop what health and the routing policy kept for them."""
+    forget_in_policy = getattr(app[CHOOSER].policy, "forget_backend", None)
+    for backend_id in removed:
+        app[HEALTH].forget(backend_id)
+        if forget_in_policy is not None:
+            forget_in_policy(backend_id)
+
+
 def make_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.max_json_body_size, middlewares=[json_errors])
     pool = BackendPool(aliases=config.aliases)
@@ -96,6 +105,7 @@ def make_app(config: Config) -> web.Application:
     app[HEALTH] = health
     app[CHOOSER] = BackendChooser(pool, policy, health)
     app[EVENTS] = RequestEvents([stats, health, metrics, policy])
+    pool.on_removed(lambda removed: forget_backends(app, removed))
     if config.demo:
         # Imported here so the fake engines are loaded only in demo mode.
         from router.discovery.demo import demo_engines

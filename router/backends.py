@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from yarl import URL
@@ -46,16 +46,27 @@ class BackendPool:
         self.aliases: dict[str, str] = dict(aliases or {})
         self._backends: tuple[Backend, ...] = ()
         self._by_model: dict[str, tuple[Backend, ...]] = {}
+        self._removal_listeners: list[Callable[[frozenset[str]], None]] = []
         self.replace(backends)
+
+    def on_removed(self, listener: Callable[[frozenset[str]], None]) -> None:
+        """Call `listener` with the ids of backends that leave the pool, so state kept per
+        backend (health, prefix trees) goes with them."""
+        self._removal_listeners.append(listener)
 
     def replace(self, backends: Iterable[Backend]) -> None:
         """Swap in a new backend set (discovery calls this); lookups see it at once."""
+        before = {backend.id for backend in self._backends}
         self._backends = tuple(backends)
         by_model: dict[str, list[Backend]] = {}
         for backend in self._backends:
             for model in backend.models:
                 by_model.setdefault(model, []).append(backend)
         self._by_model = {model: tuple(group) for model, group in by_model.items()}
+        removed = frozenset(before - {backend.id for backend in self._backends})
+        if removed:
+            for listener in self._removal_listeners:
+                listener(removed)
 
     @property
     def backends(self) -> tuple[Backend, ...]:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from router.config import Config, ConfigError
 from router.discovery.static import static_backends
-from router.keys import CHOOSER, CONFIG, ENGINE_STATS, EVENTS, HEALTH, POOL, STATS
+from router.keys import CHOOSER, CONFIG, ENGINE_STATS, EVENTS, POOL, STATS
 from router.policies import PolicyContext, make_policy
 
 __all__ = ["Reloader"]
@@ -64,10 +64,7 @@ class Reloader:
         pool = app[POOL]
         if "static_backends" in changed and not app[CONFIG].demo:
             # Ids come from URLs: a kept backend keeps its stats and health.
-            before = {backend.id for backend in pool.backends}
             pool.replace(static_backends(new))
-            for backend_id in before - {backend.id for backend in pool.backends}:
-                app[HEALTH].forget(backend_id)
             log.info("backends now: %s", ", ".join(b.url for b in pool.backends) or "none")
         if "aliases" in changed:
             pool.aliases = dict(new.aliases)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.config import Config, StaticBackend
 from router.flow import Outcome
-from router.keys import HEALTH, POOL
+from router.inbound import InboundRequest
+from router.keys import CHOOSER, HEALTH, POOL
+from router.policies.features import prompt_text
+from router.policies.prefixaware import PrefixAware
 from router.testing import RunningEngine, start_engine
-from router.testing.processes import free_port
+from router.testing.processes import free_port, wait_until_healthy
 
 from .conftest import CHAT, MODELS, WHISPER, RouterUnderTest, StartRouter, config_for
 from .test_multipart import content_type, multipart_body
@@ -221,5 +226,73 @@ async def test_disaggregated_prefill_runs_both_hops_in_one_lifecycle(
         status, _, _ = await post(router, "/v1/embeddings", {"model": CHAT, "input": "x"})
         assert status == 200 and sum(e.state.completed for e in decodes) == 5
     finally:
+        for engine in engines:
+            await engine.close()
+
+
+async def test_backends_leaving_the_pool_take_their_health_and_prefix_state(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    router = await start_router(config_for(engines, routing_logic="prefixaware",
+                                           health_check_interval=0))
+    pool, health = router.app[POOL], router.app[HEALTH]
+    leaving, staying = pool.backends
+    for backend in (leaving, staying):
+        status, _, served = await post(router, f"/v1/chat/completions?id={backend.id}")
+        assert (status, served) == (200, backend.id)
+    health.record_probe(leaving.id, False, "down")
+    policy = router.app[CHOOSER].policy
+    assert isinstance(policy, PrefixAware)
+    request = chat_request(CHAT_BODY)
+    for backend in (leaving, staying):  # each has now received this prompt
+        assert policy.choose(request, [backend]) is backend
+    prompt = prompt_text(request)
+    tree = policy.tree(CHAT)
+    assert prompt is not None and tree is not None
+    assert set(tree.match(prompt)[1]) == {leaving.id, staying.id}
+    pool.replace([staying])
+    assert health.state(leaving.id).probe_ok is None  # forgotten
+    assert set(tree.match(prompt)[1]) == {staying.id}
+    await router.settled(2)
+
+
+def chat_request(body: dict[str, Any]) -> InboundRequest:
+    return InboundRequest(model=CHAT, stream=False, headers=CIMultiDictProxy(CIMultiDict()),
+                          json=body)
+
+
+@pytest.mark.parametrize("policy", ["roundrobin", "session", "leastload", "prefixaware",
+                                    "disaggregated_prefill"])
+async def test_every_policy_through_python_m_router(policy: str) -> None:
+    roles = ["prefill", "prefill", "decode", "decode"] if policy == "disaggregated_prefill" \
+        else ["", ""]
+    engines = [await start_engine(MODELS, name=f"{role or 'engine'}-{n}")
+               for n, role in enumerate(roles)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["--host", "127.0.0.1", "--port", str(port), "--routing-logic", policy,
+            "--static-backends", ",".join(e.url for e in engines),
+            "--static-models", ",".join(";".join(MODELS) for _ in engines),
+            "--log-level", "warning"]
+    if policy == "disaggregated_prefill":
+        args += ["--static-model-labels", ",".join(roles)]
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "router", *args)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_healthy(session, url, process)
+            served = set()
+            for _ in range(6):
+                async with session.post(url + "/v1/chat/completions", json=CHAT_BODY,
+                                        headers={"x-session-id": "user-42"}) as response:
+                    assert response.status == 200, await response.text()
+                    assert (await response.json())["choices"][0]["message"]["content"]
+                    served.add(response.headers["x-router-backend"])
+        if policy in ("session", "prefixaware"):
+            assert len(served) == 1  # the same session / conversation stays put
+        if policy == "roundrobin":
+            assert len(served) == 2
+    finally:
+        process.terminate()
+        await process.wait()
         for engine in engines:
             await engine.close()

@@ -98,6 +98,11 @@ class PrefixAware:
             return candidates[best[0]]
         return lowest([candidates[i] for i in best], [scores[i] for i in best], self._rng)
 
+    def forget_backend(self, backend_id: str) -> None:
+        """A backend left the pool: drop what only it held from every model's tree."""
+        for tree in self._trees.values():
+            tree.remove_backend(backend_id)
+
     def tree_chars(self) -> int:
         """Prompt characters held over all models' trees."""
         return sum(tree.chars for tree in self._trees.values())
