@@ -16,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from router.config import Config, StaticBackend
 from router.flow import Outcome
 from router.inbound import InboundRequest
-from router.keys import CHOOSER, HEALTH, POOL
+from router.keys import CHOOSER, ENGINE_STATS, HEALTH, POOL
 from router.policies.features import prompt_text
 from router.policies.prefixaware import PrefixAware
 from router.testing import RunningEngine, start_engine
@@ -296,3 +296,21 @@ async def test_every_policy_through_python_m_router(policy: str) -> None:
         await process.wait()
         for engine in engines:
             await engine.close()
+
+
+async def test_leastload_avoids_the_engine_reporting_a_long_queue(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    busy, idle = engines
+    busy.behaviour.num_requests_waiting = 40  # what its /metrics will say
+    router = await start_router(config_for(engines, routing_logic="leastload"))
+    busy_id = backend_id(router, busy)
+    async with asyncio.timeout(3):  # the first scrape runs at start
+        while (snapshot := router.app[ENGINE_STATS].get(busy_id)) is None:
+            await asyncio.sleep(0.02)
+    assert snapshot.waiting == 40
+    for _ in range(20):
+        status, _, _ = await post(router)
+        assert status == 200
+    assert (busy.state.completed, idle.state.completed) == (0, 20)
+    await router.settled(20)
