@@ -7,18 +7,23 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from router.api import admin, json_errors, openai
+from router.access import ApiKeys, auth_middleware
+from router.admission import Admission, RateLimiter
+from router.api import admin, dashboard, json_errors, openai
 from router.backends import BackendPool
 from router.config import Config
 from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.health import HealthProber, HealthTracker
 from router.keys import (
-    CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS, HEALTH, METRICS, POOL, STATS,
+    ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS, HEALTH,
+    METRICS, POOL, RATE_LIMITER, STATS, UPSTREAM_AUTH,
 )
 from router.metrics import Metrics
 from router.policies import PolicyContext, make_policy
+from router.proxy import UpstreamAuth
 from router.routing import BackendChooser
 from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
@@ -58,7 +63,11 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
     session of their own, so their calls never share (or show up in) the proxy's pool."""
     config = app[CONFIG]
     pool = app[POOL]
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+    key = config.backend_api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), headers=headers
+    ) as session:
         loops = []
         if config.engine_stats_interval > 0:
             loops.append(EngineScraper(
@@ -89,7 +98,19 @@ def forget_backends(app: web.Application, removed: frozenset[str]) -> None:
 
 
 def make_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.max_json_body_size, middlewares=[json_errors])
+    api_keys = ApiKeys(config.api_keys)
+    middlewares: list[Middleware] = [json_errors]
+    if config.api_keys or config.api_keys_file:  # no cost at all for an open router
+        middlewares.append(auth_middleware(api_keys, config.protect_admin))
+    app = web.Application(client_max_size=config.max_json_body_size, middlewares=middlewares)
+    app[API_KEYS] = api_keys
+    app[ADMISSION] = (
+        Admission(config.max_concurrent_requests, config.queue_size, config.queue_timeout)
+        if config.max_concurrent_requests else None
+    )
+    app[RATE_LIMITER] = (
+        RateLimiter(config.rate_limit, config.rate_limit_burst) if config.rate_limit else None
+    )
     pool = BackendPool(aliases=config.aliases)
     stats = RequestStats(config.request_stats_window)
     metrics = Metrics(stats, pool)
@@ -98,6 +119,7 @@ def make_app(config: Config) -> web.Application:
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
     app[CONFIG] = config
     app[DRAIN] = Drain()
+    app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
     app[POOL] = pool
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
@@ -117,4 +139,5 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(fleet_watchers)
     openai.add_routes(app)
     admin.add_routes(app)
+    dashboard.add_routes(app)
     return app

@@ -64,6 +64,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def rate_limit(text: str) -> tuple[float, float]:
+    rate_text, _, burst_text = text.partition(":")
+    rate = positive_float(rate_text)
+    burst = positive_float(burst_text) if burst_text else max(1.0, rate)
+    if burst < 1:
+        raise ValueError(text)
+    return rate, burst
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -82,6 +91,7 @@ def size(text: str) -> int:
 positive_float.__name__ = "positive number"
 non_negative_float.__name__ = "number >= 0"
 ratio.__name__ = "ratio between 0 and 1"
+rate_limit.__name__ = "RPS[:BURST]"
 positive_int.__name__ = "integer >= 1"
 non_negative_int.__name__ = "integer >= 0"
 port_number.__name__ = "port"
@@ -135,6 +145,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep accepting after SIGTERM, with /ready answering 503 (default 0)")
     add("--spool-dir", default=None,
         help="directory for multipart bodies that must be spooled (default: system temp)")
+
+    access = parser.add_argument_group("access control, admission and limits")
+    add = access.add_argument
+    add("--api-keys", default=None,
+        help="comma-separated keys clients must send as 'Authorization: Bearer <key>' "
+             "(also from $ROUTER_API_KEYS); none: no authentication")
+    add("--api-keys-file", default=None,
+        help="file with one key per line (re-read on reload)")
+    add("--protect-admin", action="store_true",
+        help="also require a key for /metrics, /engines, /dashboard and /version")
+    add("--forward-client-auth", action="store_true",
+        help="pass the client's Authorization header on to backends")
+    add("--backend-api-key", default=None,
+        help="key sent to backends as 'Authorization: Bearer' (also from $VLLM_API_KEY)")
+    add("--max-concurrent-requests", type=non_negative_int, default=0,
+        help="proxied requests running at once; 0 = no cap (default)")
+    add("--queue-size", type=non_negative_int, default=100,
+        help="requests waiting for a slot past the cap; more get 429 (default 100)")
+    add("--queue-timeout", type=positive_float, default=30.0,
+        help="seconds a request may wait for a slot before a 429 (default 30)")
+    add("--rate-limit", type=rate_limit, default=None,
+        help="per-client limit RPS[:BURST] (clients: API key, else address), e.g. 10:20")
+    add("--max-header-size", type=size, default="8190",
+        help="longest request line and header field (default 8190 bytes)")
+    add("--client-header-timeout", type=positive_float, default=30.0,
+        help="seconds a new connection has to send its request headers (default 30)")
+    add("--client-body-timeout", type=positive_float, default=60.0,
+        help="seconds for a JSON body, or between two chunks of an upload (default 60)")
+    add("--keepalive-timeout", type=positive_float, default=75.0,
+        help="seconds an idle client connection stays open (default 75)")
 
     routing = parser.add_argument_group("routing policies")
     add = routing.add_argument
@@ -260,6 +300,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)
     ):
         raise ConfigError(f"argument --spool-dir: {args.spool_dir!r} is not a writable directory")
+    api_keys = [*split_list(args.api_keys or os.environ.get("ROUTER_API_KEYS", ""))]
+    if args.api_keys_file is not None:
+        try:
+            with open(args.api_keys_file) as lines:
+                api_keys += [line.strip() for line in lines if line.strip()]
+        except OSError as error:
+            raise ConfigError(f"argument --api-keys-file: {error}") from None
+    rate, burst = args.rate_limit or (0.0, 0.0)
     if not args.health_check_path.startswith("/"):
         raise ConfigError("argument --health-check-path: must start with '/'")
     if args.max_upstream_connections < 0:
@@ -282,6 +330,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
         spool_dir=args.spool_dir,
         config_file=args.config,
         config_watch=args.config_watch,
+        api_keys=tuple(api_keys),
+        api_keys_file=args.api_keys_file,
+        protect_admin=args.protect_admin,
+        forward_client_auth=args.forward_client_auth,
+        backend_api_key=args.backend_api_key or os.environ.get("VLLM_API_KEY") or None,
+        max_concurrent_requests=args.max_concurrent_requests,
+        queue_size=args.queue_size,
+        queue_timeout=args.queue_timeout,
+        rate_limit=rate,
+        rate_limit_burst=burst,
+        max_header_size=args.max_header_size,
+        client_header_timeout=args.client_header_timeout,
+        client_body_timeout=args.client_body_timeout,
+        keepalive_timeout=args.keepalive_timeout,
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         session_key=args.session_key,

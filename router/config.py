@@ -65,6 +65,34 @@ class Config:
     config_file: str | None = None
     config_watch: bool = False
     """Poll `config_file` and reload when it changes (SIGHUP reloads in any case)."""
+    # Access control (router/access.py).
+    api_keys: tuple[str, ...] = ()
+    """Keys clients must present as `Authorization: Bearer <key>`; none: the router is open."""
+    api_keys_file: str | None = None
+    protect_admin: bool = False
+    """Also require a key for /metrics, /engines and /dashboard (/health and /ready stay open)."""
+    forward_client_auth: bool = False
+    backend_api_key: str | None = None
+    """Sent to backends as `Authorization: Bearer` on proxied requests, probes and scrapes."""
+
+    # Admission control and limits (router/admission.py, router/server.py).
+    max_concurrent_requests: int = 0
+    """Proxied requests running at once; 0 means no cap."""
+    queue_size: int = 100
+    """Requests that may wait for a slot when the cap is reached; more get a 429."""
+    queue_timeout: float = 30.0
+    rate_limit: float = 0.0
+    """Requests per second per client (API key, else address); 0 means none."""
+    rate_limit_burst: float = 0.0
+    max_header_size: int = 8190
+    """Longest request line and header field, in bytes."""
+    client_header_timeout: float = 30.0
+    """Seconds a new connection has to deliver its first request's headers."""
+    client_body_timeout: float = 60.0
+    """Seconds a client has to send a JSON body, or between two chunks of an upload."""
+    keepalive_timeout: float = 75.0
+    """Seconds an idle client connection is kept open."""
+
     drain_timeout: float = 30.0
     """Seconds running requests get to finish after SIGTERM/SIGINT before they are cut."""
     shutdown_delay: float = 0.0

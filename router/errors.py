@@ -19,6 +19,9 @@ __all__ = [
     "BadRequest",
     "ModelNotFound",
     "PayloadTooLarge",
+    "Unauthorized",
+    "RequestTimeout",
+    "TooManyRequests",
     "NoBackendAvailable",
     "UpstreamError",
     "UpstreamTimeout",
@@ -35,6 +38,8 @@ class RouterError(Exception):
     code: str | None = "internal_error"
     outcome = Outcome.REJECTED
     """How a request that fails with this error is counted."""
+    headers: dict[str, str] = {}
+    """Extra response headers (`Retry-After`, `WWW-Authenticate`)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -57,6 +62,34 @@ class ModelNotFound(RouterError):
     status = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class Unauthorized(RouterError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class RequestTimeout(RouterError):
+    """The client sent its body too slowly."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    outcome = Outcome.CLIENT_DISCONNECTED
+
+
+class TooManyRequests(RouterError):
+    """Admission control or a rate limit refused the request; retry after `retry_after`."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, round(retry_after)))}
 
 
 class PayloadTooLarge(RouterError):
@@ -106,6 +139,7 @@ def error_response(
         content_type="application/json",
     )
     response.headers["x-request-id"] = request_id
+    response.headers.update(error.headers)
     if headers:
         response.headers.update(headers)
     return response

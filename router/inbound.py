@@ -6,6 +6,7 @@ Multipart bodies are forwarded as a stream (see `router.multipart`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from router.backends import BackendPool
-from router.errors import BadRequest, ModelNotFound, PayloadTooLarge
+from router.errors import BadRequest, ModelNotFound, PayloadTooLarge, RequestTimeout
 
 __all__ = ["InboundRequest", "UploadBody", "read_json_request", "resolve_model"]
 
@@ -79,14 +80,17 @@ def resolve_model(pool: BackendPool, model: object) -> str:
 
 
 async def read_json_request(
-    request: web.Request, pool: BackendPool, limit: int
+    request: web.Request, pool: BackendPool, limit: int, timeout: float
 ) -> InboundRequest:
     """Read and check a JSON body; `limit` is the app's `client_max_size`, which aiohttp
-    enforces while reading."""
+    enforces while reading; the client has `timeout` seconds to send it all."""
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):

@@ -5,19 +5,23 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from router.access import ApiKeys
+from router.admission import Admission, RateLimiter
 from router.backends import BackendPool
 from router.config import Config
 from router.events import RequestEvents
 from router.health import HealthTracker
 from router.metrics import Metrics
 from router.routing import BackendChooser
+from router.proxy import UpstreamAuth
 from router.shutdown import Drain
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
-    "METRICS", "CLIENT_SESSION", "DRAIN",
+    "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
+    "RATE_LIMITER",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -29,5 +33,11 @@ STATS = web.AppKey("stats", RequestStats)
 ENGINE_STATS = web.AppKey("engine_stats", EngineStats)
 METRICS = web.AppKey("metrics", Metrics)
 DRAIN = web.AppKey("drain", Drain)
+UPSTREAM_AUTH = web.AppKey("upstream_auth", UpstreamAuth)
+API_KEYS = web.AppKey("api_keys", ApiKeys)
+ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
+"""None without --max-concurrent-requests."""
+RATE_LIMITER: web.AppKey[RateLimiter | None] = web.AppKey("rate_limiter")
+"""None without --rate-limit."""
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""

@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 
 from router.backends import BackendPool
-from router.errors import BadRequest, PayloadTooLarge
+from router.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from router.inbound import InboundRequest, resolve_model
 
 __all__ = ["MultipartScanner", "Part", "read_multipart_request"]
@@ -193,8 +193,10 @@ class MultipartUpload:
         spool: _Spool | None,
         limit: int,
         content_length: int | None,
+        timeout: float,
     ) -> None:
         self._request = request
+        self._timeout = timeout
         self._head = head
         self._spool = spool
         self._limit = limit
@@ -235,7 +237,7 @@ class MultipartUpload:
             yield chunk
         content = self._request.content
         try:
-            while chunk := await content.readany():
+            while chunk := await read_chunk(content, self._timeout):
                 self._read += len(chunk)
                 if self._read > self._limit:
                     raise PayloadTooLarge(f"the body is over the limit of {self._limit} bytes")
@@ -278,8 +280,18 @@ def multipart_boundary(request: web.Request) -> str:
     return boundary
 
 
+async def read_chunk(content: StreamReader, timeout: float) -> bytes:
+    """The next chunk of a client's body; a client silent for `timeout` seconds is cut off."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await content.readany()
+    except TimeoutError:
+        raise RequestTimeout(f"the client sent nothing for {timeout:g} s") from None
+
+
 async def read_multipart_request(
-    request: web.Request, pool: BackendPool, limit: int, spool_dir: str | None
+    request: web.Request, pool: BackendPool, limit: int, spool_dir: str | None,
+    timeout: float,
 ) -> InboundRequest:
     """Read the head of a multipart body until `model` and the start of `file` are known."""
     boundary = multipart_boundary(request)
@@ -291,7 +303,7 @@ async def read_multipart_request(
     spool: _Spool | None = None
     at_eof = False
     try:
-        while chunk := await request.content.readany():
+        while chunk := await read_chunk(request.content, timeout):
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
@@ -321,7 +333,7 @@ async def read_multipart_request(
             length: int | None = spool.size
         else:
             length = size if at_eof else request.content_length
-        upload = MultipartUpload(request, head, spool, limit, length)
+        upload = MultipartUpload(request, head, spool, limit, length, timeout)
     except BaseException:
         if spool is not None:
             await spool.aclose()

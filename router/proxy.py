@@ -34,7 +34,10 @@ from router.events import RequestEvents
 from router.flow import Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest
 
-__all__ = ["Lifecycle", "Failover", "forward", "exchange", "ClientGone"]
+__all__ = [
+    "Lifecycle", "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange",
+    "ClientGone",
+]
 
 log = logging.getLogger("router.proxy")
 
@@ -51,6 +54,7 @@ HOP_BY_HOP = frozenset(
 # was already answered by our own server.
 NOT_FORWARDED_UP = HOP_BY_HOP | {hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID}
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {REQUEST_ID}
+AUTHORIZATION = hdrs.AUTHORIZATION
 CLIENT_CLOSED_REQUEST = 499
 """nginx's status for a client that went away before the answer (never sent, only counted)."""
 
@@ -70,6 +74,26 @@ def forward_headers(
     for name in drop:
         headers.popall(name, None)
     headers[REQUEST_ID] = request_id
+    return headers
+
+
+@dataclass(frozen=True)
+class UpstreamAuth:
+    """Which credentials go to backends: by default never the client's (they are the
+    router's keys), and the router's own backend key when one is set."""
+
+    forward_client_auth: bool = False
+    backend_api_key: str | None = None
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], request_id: str, auth: UpstreamAuth
+) -> CIMultiDict[str]:
+    """The headers every attempt of one request sends to its backend."""
+    drop = NOT_FORWARDED_UP if auth.forward_client_auth else NOT_FORWARDED_UP | {AUTHORIZATION}
+    headers = forward_headers(incoming, drop, request_id)
+    if auth.backend_api_key and AUTHORIZATION not in headers:
+        headers[AUTHORIZATION] = f"Bearer {auth.backend_api_key}"
     return headers
 
 
@@ -201,15 +225,16 @@ async def forward(
     session: aiohttp.ClientSession,
     lifecycle: Lifecycle,
     path: str,
+    headers: CIMultiDict[str],
     failover: Failover | None,
 ) -> None:
     """`exchange` with failover: a backend failure before any byte reached the client is
     retried on another backend while the body can be sent again."""
     if flow.prefill_backend is not None:
-        await prefill(request, flow, inbound, session, path)
+        await prefill(flow, inbound, session, path, headers)
     while True:
         try:
-            await exchange(request, flow, inbound, session, lifecycle, path)
+            await exchange(request, flow, inbound, session, lifecycle, path, headers)
             return
         except RouterError as error:
             if (
@@ -234,11 +259,11 @@ async def forward(
 
 
 async def prefill(
-    request: web.Request,
     flow: RequestFlow,
     inbound: InboundRequest,
     session: aiohttp.ClientSession,
     path: str,
+    headers: CIMultiDict[str],
 ) -> None:
     """Disaggregated prefill, first hop: `flow.prefill_backend` computes the prompt's KV cache
     (one token, no stream); the decode request then carries the `kv_transfer_params` it
@@ -252,7 +277,6 @@ async def prefill(
     })
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
-    headers = forward_headers(request.headers, NOT_FORWARDED_UP, flow.id)
     try:
         async with session.post(backend.url + path, json=body, headers=headers) as response:
             answer = await response.read()
@@ -292,14 +316,15 @@ async def exchange(
     session: aiohttp.ClientSession,
     lifecycle: Lifecycle,
     path: str,
+    headers: CIMultiDict[str],
 ) -> None:
     """Forward the request to `flow.backend` and stream the answer back to the client."""
     assert flow.backend is not None
-    headers = forward_headers(request.headers, NOT_FORWARDED_UP, flow.id)
     data: object = inbound.body
     if inbound.upload is not None:
         data = inbound.upload.chunks()
         if inbound.upload.content_length is not None:
+            headers = CIMultiDict(headers)
             headers[hdrs.CONTENT_LENGTH] = str(inbound.upload.content_length)
     try:
         upstream = await session.request(

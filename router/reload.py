@@ -2,7 +2,8 @@
 anything in flight.
 
 What a reload changes: the static backends and their models and labels, the aliases, the
-routing policy and its settings, the log level. Requests in flight keep the backend object
+routing policy and its settings, the API keys (`--api-keys-file` is read again), the log
+level. Requests in flight keep the backend object
 they were routed to, so their streams run on. A new configuration that does not parse or
 validate is refused with a log line, and the running one keeps serving. Settings that only
 take effect at start (listening address, timeouts, limits...) are reported as needing a
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from router.config import Config, ConfigError
 from router.discovery.static import static_backends
-from router.keys import CHOOSER, CONFIG, ENGINE_STATS, EVENTS, POOL, STATS
+from router.keys import API_KEYS, CHOOSER, CONFIG, ENGINE_STATS, EVENTS, POOL, STATS
 from router.policies import PolicyContext, make_policy
 
 __all__ = ["Reloader"]
@@ -31,9 +32,9 @@ log = logging.getLogger("router.reload")
 RELOADABLE = frozenset({
     "static_backends", "aliases", "routing_logic", "session_key", "prefix_match_threshold",
     "balance_abs_threshold", "balance_rel_threshold", "prefix_cache_max_chars",
-    "prefill_model_labels", "decode_model_labels", "log_level",
+    "prefill_model_labels", "decode_model_labels", "log_level", "api_keys",
 })
-ROUTING = RELOADABLE - {"static_backends", "aliases", "log_level"}
+ROUTING = RELOADABLE - {"static_backends", "aliases", "log_level", "api_keys"}
 
 
 class Reloader:
@@ -76,6 +77,9 @@ class Reloader:
             app[EVENTS].replace(chooser.policy, policy)
             chooser.use_policy(policy)
             log.info("routing policy now: %r", policy)
+        if "api_keys" in changed:
+            app[API_KEYS].replace(new.api_keys)
+            log.info("API keys reloaded: %d", len(new.api_keys))
         if "log_level" in changed:
             logging.getLogger().setLevel(new.log_level.upper())
         self.current = dataclasses.replace(

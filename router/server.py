@@ -58,13 +58,19 @@ async def serve(
     app = make_app(config)
     # Without handler_cancellation a handler learns of a disconnect only at its next write,
     # and a backend computing a first token would keep working for a client that is gone.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
+        keepalive_timeout=config.keepalive_timeout,
+        max_line_size=config.max_header_size, max_field_size=config.max_header_size,
+    )
     await runner.setup()
     tasks: set[asyncio.Task[object]] = set()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
-        announce(config, runner.addresses[0][1] if runner.addresses else config.port)
+        listener = await loop.create_server(
+            HeaderDeadline(runner.server, config.client_header_timeout),
+            config.host, config.port, reuse_address=True,
+        )
+        announce(config, listener.sockets[0].getsockname()[1])
         notifier.notify("READY=1")
         tasks.add(asyncio.create_task(notifier.watchdog()))
         if load is not None:
@@ -75,7 +81,7 @@ async def serve(
             if config.config_watch and config.config_file:
                 tasks.add(asyncio.create_task(reloader.watch(config.config_file)))
         await stop.wait()
-        await drain(app, site, config, notifier)
+        await drain(app, listener, config, notifier)
     finally:
         for task in tasks:
             task.cancel()
@@ -85,7 +91,7 @@ async def serve(
         notifier.close()
 
 
-async def drain(app: web.Application, site: web.TCPSite, config: Config,
+async def drain(app: web.Application, listener: asyncio.Server, config: Config,
                 notifier: Notifier) -> None:
     requests = app[DRAIN]
     requests.draining = True
@@ -93,11 +99,35 @@ async def drain(app: web.Application, site: web.TCPSite, config: Config,
     log.info("draining: %d requests running, up to %.0f s", requests.live, config.drain_timeout)
     if config.shutdown_delay > 0:
         await asyncio.sleep(config.shutdown_delay)
-    await site.stop()
+    listener.close()
     if not await requests.wait(config.drain_timeout):
         log.warning("drain timeout: cutting %d requests still running", requests.cancel_all())
         await requests.wait(CUT_GRACE)
     log.info("drained; stopping")
+
+
+class HeaderDeadline:
+    """The listening socket's protocol factory: a new connection must deliver its first
+    request's headers within `timeout` seconds or be closed. aiohttp has no such timer, so
+    a client sending half a request line would hold a connection and a task forever."""
+
+    def __init__(self, server: web.Server | None, timeout: float) -> None:
+        assert server is not None, "the runner is set up first"
+        self._server = server
+        self._timeout = timeout
+
+    def __call__(self) -> asyncio.Protocol:
+        handler = self._server()
+        asyncio.get_running_loop().call_later(self._timeout, close_if_idle, handler)
+        return handler
+
+
+def close_if_idle(handler: asyncio.Protocol) -> None:
+    # aiohttp counts the request heads it parsed on a connection in `_request_count`.
+    if getattr(handler, "_request_count", 1) == 0:
+        transport = getattr(handler, "transport", None)
+        if transport is not None:
+            transport.close()
 
 
 def run(config: Config, load: Callable[[], Config] | None = None) -> None:

@@ -117,8 +117,10 @@ async def test_sighup_reload_moves_traffic_without_dropping_streams(
             async with asyncio.timeout(5):
                 while second.state.completed == 0:
                     await chat(session, url)
-            await asyncio.gather(*streams)  # the streams on the old backend ran to the end
-            assert first.state.completed == 5 and first.state.cancelled == 0
+            # The streams on the old backend ran to the end (requests sent before the reload
+            # landed went there too).
+            await asyncio.gather(*streams)
+            assert first.state.completed >= 5 and first.state.cancelled == 0
             async with session.get(url + "/v1/models") as response:
                 ids = {model["id"] for model in (await response.json())["data"]}
             assert "gpt" in ids

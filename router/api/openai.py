@@ -7,18 +7,21 @@ backend among those serving the model -> the proxy lifecycle forwards it and str
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from router.api import request_id
 from router.errors import RouterError
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
-from router.keys import CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, POOL
+from router.keys import (
+    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, POOL, RATE_LIMITER, UPSTREAM_AUTH,
+)
 from router.multipart import read_multipart_request
-from router.proxy import Failover, Lifecycle, forward
+from router.proxy import Failover, Lifecycle, forward, upstream_headers
 
 __all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
 
@@ -44,15 +47,50 @@ async def read_inbound(request: web.Request, multipart: bool) -> InboundRequest:
     config = app[CONFIG]
     if multipart:
         return await read_multipart_request(
-            request, app[POOL], config.max_body_size, config.spool_dir
+            request, app[POOL], config.max_body_size, config.spool_dir,
+            config.client_body_timeout,
         )
-    return await read_json_request(request, app[POOL], config.max_json_body_size)
+    return await read_json_request(
+        request, app[POOL], config.max_json_body_size, config.client_body_timeout
+    )
 
 
 async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
     app = request.app
     flow = RequestFlow(id=request_id(request), endpoint=endpoint)
     lifecycle = Lifecycle(request, app[EVENTS], flow)
+    admission = app[ADMISSION]
+    try:
+        limiter = app[RATE_LIMITER]
+        if limiter is not None:
+            limiter.take(client_key(request))
+        if admission is not None:
+            await admission.acquire()
+    except RouterError as error:
+        return lifecycle.reject(error)
+    except asyncio.CancelledError:
+        lifecycle.abandon()
+        raise
+    try:
+        return await admitted(request, endpoint, multipart, flow, lifecycle)
+    finally:
+        if admission is not None:
+            admission.release()
+
+
+def client_key(request: web.Request) -> str:
+    """Whose rate limit a request spends: its API key's digest, else its address."""
+    authorization = request.headers.get(hdrs.AUTHORIZATION)
+    if authorization:
+        return hashlib.sha256(authorization.encode()).hexdigest()[:32]
+    return request.remote or "unknown"
+
+
+async def admitted(
+    request: web.Request, endpoint: str, multipart: bool, flow: RequestFlow,
+    lifecycle: Lifecycle,
+) -> web.StreamResponse:
+    app = request.app
     try:
         inbound = await read_inbound(request, multipart)
     except RouterError as error:
@@ -80,8 +118,10 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
         else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
             path = str(request.rel_url.without_query_params("id"))
             failover = None
+        headers = upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH])
         async with lifecycle:
-            await forward(request, flow, inbound, app[CLIENT_SESSION], lifecycle, path, failover)
+            await forward(request, flow, inbound, app[CLIENT_SESSION], lifecycle, path, headers,
+                          failover)
         return lifecycle.result()
     finally:
         await inbound.aclose()

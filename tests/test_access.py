@@ -1,0 +1,190 @@
+"""Nothing gets in, nothing waits forever: API keys, credentials to backends, admission
+control, rate limits, slow clients and oversized headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from router.config import Config, StaticBackend
+from router.flow import Outcome
+from router.server import serve
+from router.testing import RunningEngine
+from router.testing.processes import free_port, wait_until_healthy
+
+from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for
+
+BODY = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def call(
+    router: RouterUnderTest, method: str, path: str, key: str | None = None,
+    body: dict[str, Any] | None = None,
+) -> tuple[int, Any, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, router.url + path, json=body,
+                                   headers=headers) as response:
+            text = await response.text()
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = text
+            return response.status, payload, response.headers
+
+
+async def test_api_keys_guard_the_api_but_not_probes(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    router = await start_router(config_for(engines, api_keys=("key-one", "key-two")))
+    for key in (None, "wrong", "key-one-but-longer"):
+        status, payload, headers = await call(router, "POST", "/v1/chat/completions", key, BODY)
+        assert status == 401 and payload["error"]["type"] == "authentication_error"
+        assert headers["WWW-Authenticate"] == "Bearer" and headers["x-request-id"]
+    for key in ("key-one", "key-two"):
+        status, _, _ = await call(router, "POST", "/v1/chat/completions", key, BODY)
+        assert status == 200
+    assert (await call(router, "GET", "/v1/models"))[0] == 401
+    for path in ("/health", "/ready", "/metrics", "/engines"):
+        assert (await call(router, "GET", path))[0] == 200, path
+    assert sum(engine.state.started for engine in engines) == 2
+    await router.settled(2)
+
+
+async def test_protect_admin_closes_metrics_and_engines(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    router = await start_router(config_for(engines, api_keys=("k",), protect_admin=True))
+    for path in ("/metrics", "/engines", "/dashboard", "/version"):
+        assert (await call(router, "GET", path))[0] == 401, path
+        assert (await call(router, "GET", path, "k"))[0] == 200, path
+    for path in ("/health", "/ready"):
+        assert (await call(router, "GET", path))[0] == 200, path
+
+
+@pytest.mark.parametrize(
+    "settings, seen",
+    [
+        ({}, None),
+        ({"backend_api_key": "backend-secret"}, "Bearer backend-secret"),
+        ({"forward_client_auth": True}, "Bearer client-key"),
+        ({"forward_client_auth": True, "backend_api_key": "b"}, "Bearer client-key"),
+    ],
+)
+async def test_which_credentials_reach_the_backend(
+    start_router: StartRouter, engine: RunningEngine, settings: dict[str, Any], seen: str | None
+) -> None:
+    router = await start_router(config_for([engine], api_keys=("client-key",), **settings))
+    status, _, _ = await call(router, "POST", "/v1/chat/completions", "client-key", BODY)
+    assert status == 200
+    assert engine.state.last_headers is not None
+    assert engine.state.last_headers.get("Authorization") == seen
+
+
+async def test_admission_queues_then_refuses_with_retry_after(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(config_for(
+        [engine], max_concurrent_requests=2, queue_size=1, queue_timeout=0.3,
+    ))
+    engine.behaviour.first_token_delay = 1.0
+    running = [asyncio.create_task(call(router, "POST", "/v1/chat/completions", body=BODY))
+               for _ in range(2)]
+    async with asyncio.timeout(3):
+        while engine.state.open < 2:
+            await asyncio.sleep(0.01)
+    queued = asyncio.create_task(call(router, "POST", "/v1/chat/completions", body=BODY))
+    await asyncio.sleep(0.05)
+    status, payload, headers = await call(router, "POST", "/v1/chat/completions", body=BODY)
+    assert status == 429 and payload["error"]["code"] == "rate_limit_exceeded"
+    assert "queue is full" in payload["error"]["message"] and headers["Retry-After"] == "1"
+    status, payload, _ = await queued  # waited its 0.3 s, then gave up
+    assert status == 429 and "in the queue" in payload["error"]["message"]
+    assert [result[0] for result in await asyncio.gather(*running)] == [200, 200]
+    engine.behaviour.first_token_delay = 0
+    assert (await call(router, "POST", "/v1/chat/completions", body=BODY))[0] == 200
+    await router.settled(5)
+    outcomes = sorted(str(flow.outcome) for flow in router.log.flows.values())
+    assert outcomes.count(str(Outcome.REJECTED)) == 2
+
+
+async def test_a_queued_request_runs_when_a_slot_frees(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(config_for([engine], max_concurrent_requests=1, queue_size=5))
+    engine.behaviour.first_token_delay = 0.2
+    results = await asyncio.gather(*(call(router, "POST", "/v1/chat/completions", body=BODY)
+                                     for _ in range(4)))
+    assert [status for status, _, _ in results] == [200] * 4
+    assert engine.state.completed == 4
+    await router.settled(4)
+
+
+async def test_rate_limit_per_client(start_router: StartRouter, engine: RunningEngine) -> None:
+    router = await start_router(config_for([engine], rate_limit=1.0, rate_limit_burst=2.0))
+    statuses = [(await call(router, "POST", "/v1/chat/completions", body=BODY))[0]
+                for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    await router.settled(3)
+
+
+async def test_slow_json_body_gets_408_without_touching_a_backend(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(config_for([engine], client_body_timeout=0.3))
+    reader, writer = await asyncio.open_connection(router.server.host, router.server.port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+    started = time.monotonic()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    assert head.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2
+    writer.close()
+    assert engine.state.started == 0
+    await router.settled(1)
+
+
+async def test_slowloris_headers_are_cut_off(engines: list[RunningEngine]) -> None:
+    port = free_port()
+    stop = asyncio.Event()
+    config = Config(host="127.0.0.1", port=port, client_header_timeout=0.3,
+                    static_backends=tuple(StaticBackend(e.url, MODELS) for e in engines))
+    server = asyncio.create_task(serve(config, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_healthy(session, f"http://127.0.0.1:{port}")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the router
+        assert time.monotonic() - started < 2
+        writer.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 5)
+
+
+async def test_oversized_header_is_refused(engines: list[RunningEngine]) -> None:
+    port = free_port()
+    stop = asyncio.Event()
+    config = Config(host="127.0.0.1", port=port, max_header_size=1024,
+                    static_backends=tuple(StaticBackend(e.url, MODELS) for e in engines))
+    server = asyncio.create_task(serve(config, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}"
+            await wait_until_healthy(session, url)
+            async with session.post(url + "/v1/chat/completions", json=BODY,
+                                    headers={"X-Big": "x" * 4096}) as response:
+                assert response.status in (400, 431)
+            async with session.post(url + "/v1/chat/completions", json=BODY,
+                                    headers={"X-Small": "x" * 512}) as response:
+                assert response.status == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 5)
+    assert sum(engine.state.started for engine in engines) == 1
