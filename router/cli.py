@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefixaware: ...when the busiest backend also has this many times the load "
              "of the idlest (default 1.5)")
     add("--prefix-cache-max-chars", type=positive_int, default=10_000_000,
-        help="prefixaware: bound on prompt characters kept in the prefix tree (default 1e7)")
+        help="prefixaware: bound on each model's prefix tree, in characters, each node "
+             "counting for its overhead too (about the tree's size in bytes; default 1e7)")
     add("--prefill-model-labels", default="prefill",
         help="disaggregated_prefill: labels of prefill backends (default prefill)")
     add("--decode-model-labels", default="decode",
@@ -271,6 +272,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "(give one entry per backend; separate several models of one backend with ';')"
         )
     label_groups = split_list(args.static_model_labels)
+    if label_groups and not urls:
+        raise ConfigError("argument --static-model-labels: needs --static-backends")
     if label_groups and len(label_groups) != len(urls):
         raise ConfigError(
             f"argument --static-model-labels: {len(label_groups)} entries for {len(urls)} "

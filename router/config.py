@@ -110,7 +110,8 @@ class Config:
     balance_rel_threshold: float = 1.5
     """...when also the busiest backend carries this many times the load of the idlest."""
     prefix_cache_max_chars: int = 10_000_000
-    """`prefixaware`: bound on the prompt characters the prefix tree holds (LRU eviction)."""
+    """`prefixaware`: bound on each model's prefix tree, in characters with each node counted
+    for its overhead as well (roughly the tree's size in bytes); LRU eviction."""
     prefill_model_labels: tuple[str, ...] = ("prefill",)
     decode_model_labels: tuple[str, ...] = ("decode",)
 

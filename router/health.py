@@ -7,8 +7,9 @@ Two signals decide whether a backend may take a request (`HealthTracker.availabl
   closes it again or restarts the cooldown. What the client or the router caused (a client
   that left, a 400 for a too-long prompt, a 429) never counts: a breaker that trips on those
   turns one bad client into an outage (USER-ASKS 16, 29).
-- The prober GETs every backend's `/health`. A failing probe removes the backend at once; a
-  passing one only lifts the probe's own veto (see `HealthTracker.record_probe`).
+- The prober GETs every backend's `/health`. A clear "no" (a status other than 200, a refused
+  connection) removes the backend at once; silence (a timeout) only on the second probe in a
+  row. A passing probe only lifts the probe's own veto (see `HealthTracker.record_probe`).
 
 Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
 """

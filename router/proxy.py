@@ -190,13 +190,12 @@ class Lifecycle:
         return web.Response(status=CLIENT_CLOSED_REQUEST)
 
 
-def upstream_error(error: BaseException, flow: RequestFlow, inbound: InboundRequest) -> Exception:
+def upstream_error(error: BaseException, backend: str, inbound: InboundRequest) -> Exception:
     """Translate a failure before the backend's headers into our own exception."""
     upload = inbound.upload
     if upload is not None and upload.error is not None:
         # The body stream failed on the client's side, not the backend's.
         return upload.error if isinstance(upload.error, RouterError) else ClientGone()
-    backend = flow.backend.id if flow.backend else "?"
     if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
         return NoBackendAvailable(f"backend {backend} is unreachable: {error}")
     if isinstance(error, TimeoutError):
@@ -210,12 +209,29 @@ class Failover:
 
     reroute: Callable[[Collection[str]], Backend | None]
     """Another backend, given the ids already tried; None when there is none."""
+    alternatives: Callable[[Collection[str]], bool]
+    """Whether another backend could take the request (asks no policy: no side effect)."""
     max_retries: int
     backoff: float
     """Seconds before the first retry, doubled for each next one."""
 
 
 RETRIED_OUTCOMES = (Outcome.BACKEND_ERROR, Outcome.TIMEOUT)
+RETRIED_STATUSES = frozenset({502, 503, 504})
+"""Backend answers worth another backend: a gateway in front of it failed, or it is
+overloaded or shutting down (vLLM answers 503 while draining)."""
+
+
+class BackendStatus(RouterError):
+    """The backend answered a retryable 5xx before anything reached the client."""
+
+    error_type = "upstream_error"
+    code = "backend_unavailable"
+    outcome = Outcome.BACKEND_ERROR
+
+    def __init__(self, status: int, backend_id: str) -> None:
+        super().__init__(f"backend {backend_id} answered {status}")
+        self.status = status
 
 
 async def forward(
@@ -233,8 +249,19 @@ async def forward(
     if flow.prefill_backend is not None:
         await prefill(flow, inbound, session, path, headers)
     while True:
+        assert flow.backend is not None
+        tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
+        # A retryable status is only turned into a retry when one can happen: otherwise the
+        # backend's own answer goes to the client untouched.
+        retry_status = (
+            failover is not None
+            and len(flow.attempts) < failover.max_retries
+            and inbound.replayable
+            and failover.alternatives(tried)
+        )
         try:
-            await exchange(request, flow, inbound, session, lifecycle, path, headers)
+            await exchange(request, flow, inbound, session, lifecycle, path, headers,
+                           retry_status)
             return
         except RouterError as error:
             if (
@@ -245,8 +272,6 @@ async def forward(
                 or not inbound.replayable
             ):
                 raise
-            assert flow.backend is not None
-            tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
             backend = failover.reroute(tried)
             if backend is None:
                 raise
@@ -281,7 +306,7 @@ async def prefill(
         async with session.post(backend.url + path, json=body, headers=headers) as response:
             answer = await response.read()
     except (aiohttp.ClientError, TimeoutError) as error:
-        raise upstream_error(error, flow, inbound) from error
+        raise upstream_error(error, backend.id, inbound) from error
     if response.status != 200:
         raise PrefillFailed(response.status, answer, backend.id)
     try:
@@ -317,8 +342,10 @@ async def exchange(
     lifecycle: Lifecycle,
     path: str,
     headers: CIMultiDict[str],
+    retry_status: bool = False,
 ) -> None:
-    """Forward the request to `flow.backend` and stream the answer back to the client."""
+    """Forward the request to `flow.backend` and stream the answer back to the client; with
+    `retry_status`, a 502/503/504 answer raises `BackendStatus` instead (for a retry)."""
     assert flow.backend is not None
     data: object = inbound.body
     if inbound.upload is not None:
@@ -331,7 +358,10 @@ async def exchange(
             request.method, flow.backend.url + path, data=data, headers=headers
         )
     except (aiohttp.ClientError, TimeoutError) as error:
-        raise upstream_error(error, flow, inbound) from error
+        raise upstream_error(error, flow.backend.id, inbound) from error
+    if retry_status and upstream.status in RETRIED_STATUSES:
+        upstream.close()
+        raise BackendStatus(upstream.status, flow.backend.id)
     released = False
     try:
         flow.t_headers = time.monotonic()

@@ -314,3 +314,21 @@ async def test_leastload_avoids_the_engine_reporting_a_long_queue(
         assert status == 200
     assert (busy.state.completed, idle.state.completed) == (0, 20)
     await router.settled(20)
+
+
+async def test_a_backend_503_is_retried_elsewhere_but_passed_on_when_alone(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    draining, healthy = engines
+    draining.behaviour.fail_status = 503
+    router = await start_router(config_for(engines, health_check_interval=0,
+                                           retry_backoff=0.01))
+    for _ in range(4):
+        status, reply, served = await post(router)
+        assert (status, served) == (200, backend_id(router, healthy)), reply
+    assert draining.state.started >= 1
+    await router.settled(4)
+    # With no other backend to try, the client gets the backend's own answer untouched.
+    healthy.behaviour.fail_status = 503
+    status, reply, _ = await post(router)
+    assert status == 503 and "Injected failure from engine" in reply["error"]["message"]

@@ -104,7 +104,8 @@ async def admitted(
         pinned = request.query.get("id")
         try:
             flow.backend = chooser.choose(inbound, pinned)
-            flow.prefill_backend = chooser.choose_prefill(inbound, endpoint)
+            if pinned is None:  # a pinned request goes to that backend only
+                flow.prefill_backend = chooser.choose_prefill(inbound, endpoint)
         except RouterError as error:
             return lifecycle.reject(error)
         if pinned is None:
@@ -112,6 +113,7 @@ async def admitted(
             config = app[CONFIG]
             failover: Failover | None = Failover(
                 lambda tried: chooser.choose_next(inbound, tried),
+                lambda tried: bool(chooser.candidates(inbound.model, tried)),
                 config.max_retries,
                 config.retry_backoff,
             )

@@ -10,7 +10,8 @@ Ties (several backends hold the same prefix) go to the least loaded of them, the
 
 Only the first `max_prompt_chars` characters count, for the tree and for the share matched: a
 prompt longer than that matches fully once its head matches. Backends that are not candidates
-(gone, unhealthy) are never chosen; their entries age out of the tree by LRU.
+are never chosen: an unhealthy one's entries age out of the tree by LRU, a removed one's are
+dropped at once (`forget_backend`).
 """
 
 from __future__ import annotations
