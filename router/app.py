@@ -14,6 +14,7 @@ from router.admission import Admission, RateLimiter
 from router.api import admin, dashboard, json_errors, openai
 from router.backends import BackendPool
 from router.config import Config
+from router.discovery.kubernetes import kubernetes_discovery
 from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.health import HealthProber, HealthTracker
@@ -133,6 +134,9 @@ def make_app(config: Config) -> web.Application:
         from router.discovery.demo import demo_engines
 
         app.cleanup_ctx.append(demo_engines)
+    elif config.service_discovery == "k8s":
+        assert config.k8s is not None
+        app.cleanup_ctx.append(kubernetes_discovery(pool, config.k8s))
     else:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)

@@ -14,6 +14,7 @@ from router import __version__
 from router.backends import parse_url
 from router.config import Config, ConfigError, StaticBackend, parse_size
 from router.config_file import file_tokens, read_config_file
+from router.discovery.kubernetes import K8sSettings, in_cluster_api_server
 from router.policies import POLICIES
 
 __all__ = ["build_parser", "parse_config", "load_config"]
@@ -112,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="reload --config when the file changes (SIGHUP always reloads)")
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add("--port", type=port_number, default=8001, help="port to listen on (default 8001)")
-    add("--service-discovery", choices=["static"], default="static",
-        help="where backends come from (default static)")
+    add("--service-discovery", choices=["static", "k8s"], default="static",
+        help="where backends come from: static (the flags) or k8s (pods; default static)")
     add("--static-backends", default="",
         help="comma-separated backend base URLs, e.g. http://10.0.0.7:8000,http://10.0.0.8:8000")
     add("--static-models", default="",
@@ -175,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds for a JSON body, or between two chunks of an upload (default 60)")
     add("--keepalive-timeout", type=positive_float, default=75.0,
         help="seconds an idle client connection stays open (default 75)")
+
+    k8s = parser.add_argument_group("Kubernetes discovery (--service-discovery k8s)")
+    add = k8s.add_argument
+    add("--k8s-namespace", default=None,
+        help="namespace of the engine pods (default: the router pod's own)")
+    add("--k8s-label-selector", default="",
+        help="label selector of the engine pods, e.g. app=vllm")
+    add("--k8s-port", type=port_number, default=8000,
+        help="engine port on the pods (default 8000; a pod annotation "
+             "router.vllm.ai/port overrides it)")
+    add("--k8s-kubeconfig", default=None,
+        help="kubeconfig to use outside a cluster (default $KUBECONFIG)")
 
     routing = parser.add_argument_group("routing policies")
     add = routing.add_argument
@@ -262,7 +275,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     model_groups = split_list(args.static_models)
     if urls and args.demo:
         raise ConfigError("argument --demo: not allowed with --static-backends")
-    if not urls and not args.demo:
+    k8s = None
+    if args.service_discovery == "k8s":
+        if urls or args.demo:
+            raise ConfigError("argument --service-discovery: k8s finds backends itself; "
+                              "drop --static-backends and --demo")
+        try:
+            k8s = K8sSettings(
+                namespace=args.k8s_namespace, label_selector=args.k8s_label_selector,
+                port=args.k8s_port,
+                kubeconfig=args.k8s_kubeconfig or os.environ.get("KUBECONFIG") or None,
+                api_server=in_cluster_api_server(os.environ),
+                engine_api_key=args.backend_api_key or os.environ.get("VLLM_API_KEY") or None,
+            )
+        except ValueError as error:
+            raise ConfigError(f"argument --k8s-*: {error}") from None
+    elif not urls and not args.demo:
         raise ConfigError("argument --static-backends: required (or use --demo)")
     if model_groups and not urls:
         raise ConfigError("argument --static-models: needs --static-backends")
@@ -331,6 +359,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_json_body_size=args.max_json_body_size,
         max_upstream_connections=args.max_upstream_connections,
         spool_dir=args.spool_dir,
+        k8s=k8s,
         config_file=args.config,
         config_watch=args.config_watch,
         api_keys=tuple(api_keys),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from router.discovery.kubernetes import K8sSettings
+
 __all__ = ["Config", "StaticBackend", "ConfigError", "parse_size", "DEMO_MODELS"]
 
 KIB = 1024
@@ -61,6 +63,8 @@ class Config:
     (uvicorn closes idle connections after 5 s), because a POST is not retried on a stale one."""
     spool_dir: str | None = None
     """Where multipart bodies with the file before `model` are spooled; None: the system temp."""
+    k8s: K8sSettings | None = None
+    """Kubernetes discovery settings, with `service_discovery == "k8s"`."""
 
     config_file: str | None = None
     config_watch: bool = False

@@ -63,7 +63,8 @@ class Reloader:
             log.warning("changed settings that take effect at restart only: %s",
                         ", ".join(restart))
         pool = app[POOL]
-        if "static_backends" in changed and not app[CONFIG].demo:
+        static = app[CONFIG].service_discovery == "static" and not app[CONFIG].demo
+        if "static_backends" in changed and static:
             # Ids come from URLs: a kept backend keeps its stats and health.
             pool.replace(static_backends(new))
             log.info("backends now: %s", ", ".join(b.url for b in pool.backends) or "none")

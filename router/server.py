@@ -12,6 +12,7 @@ from aiohttp import web
 from router import __version__
 from router.app import make_app
 from router.config import DEMO_MODELS, Config
+from router.discovery.kubernetes import K8sConfigError
 from router.keys import DRAIN
 from router.reload import Reloader
 from router.systemd import Notifier
@@ -134,6 +135,6 @@ def run(config: Config, load: Callable[[], Config] | None = None) -> None:
     configure_logging(config.log_level)
     try:
         asyncio.run(serve(config, load=load))
-    except OSError as error:  # e.g. the port is taken: one line, not a traceback
+    except (OSError, K8sConfigError) as error:  # e.g. the port is taken: one line
         log.critical("router stopped: %s", error)
         raise SystemExit(1) from None

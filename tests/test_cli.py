@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -222,3 +223,24 @@ async def test_demo_router_answers_and_exits_0_on_sigint() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_k8s_discovery_without_credentials_stops_with_one_line() -> None:
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith("KUBERNETES_") and key != "KUBECONFIG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "router", "--service-discovery", "k8s", "--port",
+         str(free_port()), "--host", "127.0.0.1"],
+        capture_output=True, text=True, timeout=20, env=environ,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "router stopped" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_k8s_discovery_refuses_static_backends() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--service-discovery", "k8s", "--static-backends", "http://a:1",
+                      "--static-models", "m"])
+    assert exit_info.value.code == 2
