@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest JSON body (default 64MiB)")
     add("--max-upstream-connections", type=int, default=0,
         help="cap on concurrent backend connections; 0 = no cap (default)")
+    add("--workers", type=positive_int, default=1,
+        help="processes serving the same port (SO_REUSEPORT), for more than one core "
+             "(default 1)")
     add("--drain-timeout", type=non_negative_float, default=30.0,
         help="seconds running requests get to finish after SIGTERM before they are cut "
              "(default 30)")
@@ -275,6 +278,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     model_groups = split_list(args.static_models)
     if urls and args.demo:
         raise ConfigError("argument --demo: not allowed with --static-backends")
+    if args.workers > 1 and args.demo:
+        raise ConfigError("argument --workers: not with --demo (each worker would run its "
+                          "own demo engines)")
     k8s = None
     if args.service_discovery == "k8s":
         if urls or args.demo:
@@ -376,6 +382,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         client_header_timeout=args.client_header_timeout,
         client_body_timeout=args.client_body_timeout,
         keepalive_timeout=args.keepalive_timeout,
+        workers=args.workers,
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         session_key=args.session_key,

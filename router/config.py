@@ -97,6 +97,8 @@ class Config:
     keepalive_timeout: float = 75.0
     """Seconds an idle client connection is kept open."""
 
+    workers: int = 1
+    """Processes serving the same port (SO_REUSEPORT); metrics aggregate across them."""
     drain_timeout: float = 30.0
     """Seconds running requests get to finish after SIGTERM/SIGINT before they are cut."""
     shutdown_delay: float = 0.0

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from router import __version__
 from router.app import make_app
+from router.cli import load_config
 from router.config import DEMO_MODELS, Config
 from router.discovery.kubernetes import K8sConfigError
 from router.keys import DRAIN
@@ -46,16 +47,19 @@ async def serve(
     config: Config,
     stop: asyncio.Event | None = None,
     load: Callable[[], Config] | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain: `/ready` turns 503, new
     connections are still taken for `shutdown_delay` seconds (while load balancers notice),
     then the socket closes and running requests get up to `drain_timeout` to finish.
-    With `load` (how to read the configuration again), SIGHUP reloads it."""
+    With `load` (how to read the configuration again), SIGHUP reloads it. With several
+    workers (`config.workers`), each serves the same port (SO_REUSEPORT) and reports to the
+    supervisor through `notifier`."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    notifier = Notifier()
+    notifier = notifier or Notifier()
     app = make_app(config)
     # Without handler_cancellation a handler learns of a disconnect only at its next write,
     # and a backend computing a first token would keep working for a client that is gone.
@@ -69,7 +73,7 @@ async def serve(
     try:
         listener = await loop.create_server(
             HeaderDeadline(runner.server, config.client_header_timeout),
-            config.host, config.port, reuse_address=True,
+            config.host, config.port, reuse_address=True, reuse_port=config.workers > 1,
         )
         announce(config, listener.sockets[0].getsockname()[1])
         notifier.notify("READY=1")
@@ -131,10 +135,15 @@ def close_if_idle(handler: asyncio.Protocol) -> None:
             transport.close()
 
 
-def run(config: Config, load: Callable[[], Config] | None = None) -> None:
+def run(config: Config, argv: Sequence[str]) -> None:
+    """Serve with `config` (parsed from `argv`, which a reload or a worker parses again)."""
     configure_logging(config.log_level)
     try:
-        asyncio.run(serve(config, load=load))
+        if config.workers > 1:
+            from router.workers import supervise
+
+            raise SystemExit(supervise(config, argv))
+        asyncio.run(serve(config, load=lambda: load_config(argv)))
     except (OSError, K8sConfigError) as error:  # e.g. the port is taken: one line
         log.critical("router stopped: %s", error)
         raise SystemExit(1) from None

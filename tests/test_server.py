@@ -141,3 +141,40 @@ async def test_sigterm_under_systemd_with_50_live_streams_loses_none(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_workers_share_the_port_and_stop_together(
+    engines: list[RunningEngine], notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    environ = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
+        "--port", str(port), "--static-backends", engines[0].url,
+        "--static-models", ";".join(MODELS), "--log-level", "warning", env=environ,
+    )
+    try:
+        assert await receive(notify_socket, 20) == "READY=1"  # once, for both workers
+        workers = await asyncio.to_thread(child_pids, process.pid)
+        assert len(workers) == 2
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                async with session.post(url + "/v1/completions",
+                                        json={"model": CHAT, "prompt": "x"}) as response:
+                    assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await receive(notify_socket) == "STOPPING=1"
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    # The spawn start method also runs a small resource tracker process.
+    return [int(child) for child in children
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
