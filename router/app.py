@@ -11,6 +11,7 @@ from aiohttp.typedefs import Middleware
 
 from router.access import ApiKeys, auth_middleware
 from router.admission import Admission, RateLimiter
+from router.access_log import AccessLog
 from router.api import admin, dashboard, json_errors, openai
 from router.backends import BackendPool
 from router.config import Config
@@ -19,10 +20,12 @@ from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.health import HealthProber, HealthTracker
 from router.keys import (
-    ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS, HEALTH,
-    METRICS, POOL, RATE_LIMITER, STATS, UPSTREAM_AUTH,
+    ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
+    FLEET_PUBLISHER, HEALTH, METRICS, POOL, RATE_LIMITER, STATS, UPSTREAM_AUTH,
 )
+from router import multiprocess_metrics
 from router.metrics import Metrics
+from router.multiprocess_metrics import FleetPublisher
 from router.policies import PolicyContext, make_policy
 from router.proxy import UpstreamAuth
 from router.routing import BackendChooser
@@ -36,7 +39,7 @@ __all__ = ["make_app"]
 async def client_session(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the one ClientSession (and connection pool) for all backend calls."""
     config = app[CONFIG]
-    connector = aiohttp.TCPConnector(
+    connector = app[METRICS].connector(
         limit=config.max_upstream_connections,
         keepalive_timeout=config.upstream_keepalive,
     )
@@ -89,6 +92,16 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def publish_fleet_gauges(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx (--workers only): this worker's fleet gauges, published every second."""
+    publisher = app[FLEET_PUBLISHER]
+    assert publisher is not None
+    task = asyncio.create_task(publisher.run())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def forget_backends(app: web.Application, removed: frozenset[str]) -> None:
     """Backends left the pool: drop what health and the routing policy kept for them."""
     forget_in_policy = getattr(app[CHOOSER].policy, "forget_backend", None)
@@ -114,10 +127,10 @@ def make_app(config: Config) -> web.Application:
     )
     pool = BackendPool(aliases=config.aliases)
     stats = RequestStats(config.request_stats_window)
-    metrics = Metrics(stats, pool)
+    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
+    metrics = Metrics(stats, pool, health)
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
-    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
     app[CONFIG] = config
     app[DRAIN] = Drain()
     app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
@@ -125,9 +138,14 @@ def make_app(config: Config) -> web.Application:
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
+    app[FLEET_PUBLISHER] = None
+    if multiprocess_metrics.enabled():
+        app[FLEET_PUBLISHER] = FleetPublisher(metrics)
+        app.cleanup_ctx.append(publish_fleet_gauges)
     app[HEALTH] = health
     app[CHOOSER] = BackendChooser(pool, policy, health)
-    app[EVENTS] = RequestEvents([stats, health, metrics, policy])
+    # AccessLog after Metrics: it reuses the usage Metrics parsed from the flow's tail.
+    app[EVENTS] = RequestEvents([stats, health, metrics, AccessLog(), policy])
     pool.on_removed(lambda removed: forget_backends(app, removed))
     if config.demo:
         # Imported here so the fake engines are loaded only in demo mode.

@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--routing-logic", choices=sorted(POLICIES), default="roundrobin",
         help="routing policy (default roundrobin)")
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
+    add("--log-format", choices=("text", "json"), default="text", type=str.lower,
+        help="text (default) or json: one JSON object per line, access lines included")
+    add("--no-access-log", dest="access_log", action="store_false",
+        help="no access line per request")
     add("--request-stats-window", type=positive_float, default=60.0,
         help="seconds of history for QPS, average TTFT and latency (default 60)")
     add("--demo", action="store_true",
@@ -357,6 +361,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         aliases=aliases,
         routing_logic=args.routing_logic,
         log_level=args.log_level,
+        log_format=args.log_format,
+        access_log=args.access_log,
         request_stats_window=args.request_stats_window,
         demo=args.demo,
         connect_timeout=args.connect_timeout,

@@ -41,6 +41,10 @@ class Config:
     """alias -> served model name."""
     routing_logic: str = "roundrobin"
     log_level: str = "info"
+    log_format: str = "text"
+    """`text` (key=value lines) or `json` (one object per line), for every log line."""
+    access_log: bool = True
+    """One line per request on the `router.access` logger."""
     request_stats_window: float = 60.0
     """Seconds of history behind QPS, average TTFT and average latency."""
     demo: bool = False

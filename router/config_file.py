@@ -55,7 +55,7 @@ def file_tokens(
             raise ConfigError(f"config file {path}: unknown key {key!r}")
         if value is None:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ConfigError(f"config file {path}: key {key!r} must be true or false")
             tokens += [flag] if value else []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from router.backends import Backend
 
-__all__ = ["Outcome", "Attempt", "RequestFlow"]
+__all__ = ["Outcome", "Attempt", "Usage", "RequestFlow"]
 
 
 class Outcome(enum.Enum):
@@ -29,6 +29,14 @@ class Outcome(enum.Enum):
     """The handler was cancelled with its client still connected (e.g. shutdown)."""
     ROUTER_ERROR = "router_error"
     """A bug in the router (logged with its traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one answer; a count the answer did not give is None."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +57,7 @@ class RequestFlow:
     """The request id: the client's valid `x-request-id`, or one we made; sent both ways."""
     endpoint: str
     """The route path, e.g. `/v1/chat/completions` (a bounded label, unlike the raw path)."""
+    method: str = "POST"
     t_start: float = field(default_factory=time.monotonic)
     """`time.monotonic()` when the handler started."""
     model: str | None = None
@@ -71,6 +80,10 @@ class RequestFlow:
     """A short description of what went wrong, when something did."""
     bytes_down: int = 0
     """Response body bytes sent to the client."""
+    tail: bytes = b""
+    """The last few KiB of the response body, where the `usage` object is (for metrics)."""
+    parsed_usage: tuple[Usage | None] | None = None
+    """`router.metrics.usage_of`'s memo, so every subscriber shares one parse of `tail`."""
     prefill_backend: Backend | None = None
     """With disaggregated prefill: the backend that computed the prompt's KV cache."""
     attempts: list[Attempt] = field(default_factory=list)

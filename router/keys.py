@@ -12,6 +12,7 @@ from router.config import Config
 from router.events import RequestEvents
 from router.health import HealthTracker
 from router.metrics import Metrics
+from router.multiprocess_metrics import FleetPublisher
 from router.routing import BackendChooser
 from router.proxy import UpstreamAuth
 from router.shutdown import Drain
@@ -21,7 +22,7 @@ from router.stats.requests import RequestStats
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
-    "RATE_LIMITER",
+    "RATE_LIMITER", "FLEET_PUBLISHER",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -38,6 +39,8 @@ API_KEYS = web.AppKey("api_keys", ApiKeys)
 ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
 """None without --max-concurrent-requests."""
 RATE_LIMITER: web.AppKey[RateLimiter | None] = web.AppKey("rate_limiter")
+FLEET_PUBLISHER: web.AppKey[FleetPublisher | None] = web.AppKey("fleet_publisher")
+"""Only in a worker of `--workers N`: publishes the fleet gauges for the other workers."""
 """None without --rate-limit."""
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""

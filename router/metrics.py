@@ -1,29 +1,255 @@
-"""Prometheus metrics on a per-app registry, fed by the request events and the request stats.
+"""Prometheus metrics on a per-app registry: fed by the request events, completed at scrape time.
 
-Labelled children are resolved once per label set and cached, so a request costs a dict
-lookup and an increment per metric. Per-backend gauges are read from `RequestStats` at scrape
-time and cost nothing per request.
+Names follow production-stack's router where it has one (`vllm:num_requests_running`,
+`vllm:current_qps`, `vllm:request_latency_seconds`, `vllm:input_tokens_total`...), so its
+Grafana dashboards keep working; the router's own are `router_*`. docs/observability.md lists
+them all with their labels.
+
+Cost per request (ARCHITECTURE.md's budget): a label set's children are resolved once and
+cached, so an event costs a dict lookup and an increment or observation per metric. In-flight
+counts and the sliding windows behind the `vllm:` gauges are plain integers and floats per
+(server, model); the gauges themselves, the breaker states and health are computed when
+`/metrics` is scraped. Token counts come from the `usage` object at the end of the response
+body (`flow.tail`, the last bytes only; SSE chunks are never parsed one by one).
+
+Labels are bounded: `server` is a backend URL from the pool (`""` before routing), `model` a
+model some backend serves (`""` otherwise), `endpoint` a route, `status` an HTTP status.
+Series of a backend that left the pool are dropped once it has been gone for `retention`
+seconds with nothing in flight, so a fleet whose pods come and go does not grow the
+exposition for ever.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Generic, TypeVar
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
+import aiohttp
+from aiohttp import ClientRequest
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.tracing import Trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from router.backends import BackendPool
-from router.flow import RequestFlow
+from router.backends import Backend, BackendPool
+from router.flow import Outcome, RequestFlow, Usage
+from router.health import BreakerState, HealthTracker
 from router.stats.requests import RequestStats
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "Usage", "find_usage", "usage_of", "error_kind", "TAIL_BYTES"]
+
+Clock = Callable[[], float]
+
+TAIL_BYTES = 4096
+"""How much of the end of a response body the proxy keeps (`flow.tail`) for `usage`."""
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
 )
+PS_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""production-stack's buckets for `vllm:request_latency_seconds`."""
+TPOT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5,
+)
+CONNECT_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)
+BREAKER_VALUES = {
+    BreakerState.CLOSED.value: 0.0,
+    BreakerState.HALF_OPEN.value: 1.0,
+    BreakerState.OPEN.value: 2.0,
+}
+"""`router_breaker_state`: 0 closed, 1 half-open, 2 open."""
+
+
+# --- usage: token counts from the end of the body ---------------------------------------------
+
+
+_USAGE_KEY = b'"usage"'
+_USAGE_SPAN = 1024
+"""Bytes after the key that the object must fit in (vLLM's, with details, is ~250)."""
+_USAGE_TRIES = 3
+"""`"usage": null` keys skipped (earlier stream events) before giving up."""
+_decoder = json.JSONDecoder()
+
+
+def _count(usage: dict[str, object], *keys: str) -> int | None:
+    for key in keys:
+        value = usage.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def find_usage(tail: bytes) -> Usage | None:
+    """The token counts of the last `"usage": {...}` object in `tail`, or None.
+
+    `tail` is the end of a response body: a JSON answer (usage near its end), or an SSE stream
+    whose last event before `[DONE]` carries usage (`stream_options.include_usage`, or
+    `stream_include_usage` for transcriptions; with continuous usage every chunk has one and
+    the last wins). Chat/completions name the counts `prompt_tokens`/`completion_tokens`, the
+    Responses API `input_tokens`/`output_tokens`. Never raises.
+    """
+    end = len(tail)
+    for _ in range(_USAGE_TRIES):
+        at = tail.rfind(_USAGE_KEY, 0, end)
+        if at < 0:
+            return None
+        end = at
+        text = tail[at + len(_USAGE_KEY): at + len(_USAGE_KEY) + _USAGE_SPAN].decode(
+            "utf-8", "replace")
+        colon = text.find(":")
+        if colon < 0 or text[:colon].strip():
+            continue  # the word inside a string, not a key
+        start = colon + 1
+        while start < len(text) and text[start] in " \t\r\n":
+            start += 1
+        try:
+            value, _ = _decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if not isinstance(value, dict):
+            continue  # `"usage": null` in an earlier event of the stream
+        prompt = _count(value, "prompt_tokens", "input_tokens")
+        completion = _count(value, "completion_tokens", "output_tokens")
+        if prompt is None and completion is None:
+            return None  # e.g. a transcription's {"type": "duration", "seconds": 3}
+        return Usage(prompt, completion)
+    return None
+
+
+def usage_of(flow: RequestFlow) -> Usage | None:
+    """The usage of a completed 2xx answer, from `flow.tail`; None when it has none."""
+    status = flow.status
+    if status is None or not 200 <= status < 300:
+        return None
+    if flow.parsed_usage is None:
+        flow.parsed_usage = (find_usage(flow.tail) if flow.tail else None,)
+    return flow.parsed_usage[0]
+
+
+def error_kind(flow: RequestFlow) -> str | None:
+    """`vllm:request_errors_total`'s `error_type`: the outcome when it is not `ok`, else
+    `http_4xx`/`http_5xx` for an error status the backend sent; None for a success."""
+    outcome = flow.outcome
+    if outcome is Outcome.OK:
+        status = flow.status
+        if status is None or status < 400:
+            return None
+        return "http_5xx" if status >= 500 else "http_4xx"
+    return "unknown" if outcome is None else outcome.value
+
+
+# --- labelled children, resolved once ---------------------------------------------------------
+
+MetricT = TypeVar("MetricT", Counter, Histogram)
+
+
+class Children(Generic[MetricT]):
+    """A metric's labelled children, resolved once per label set."""
+
+    def __init__(self, metric: MetricT, server_index: int | None = 0) -> None:
+        self._metric: MetricT = metric
+        self._cache: dict[tuple[str, ...], MetricT] = {}
+        self.server_index = server_index
+        """Which label is `server`, for `forget`; None when it has none."""
+
+    def get(self, *labels: str) -> MetricT:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
+
+    def servers(self) -> set[str]:
+        index = self.server_index
+        return set() if index is None else {labels[index] for labels in self._cache}
+
+    def forget(self, servers: set[str]) -> None:
+        """Remove every series of these servers from the exposition."""
+        index = self.server_index
+        if index is None:
+            return
+        for labels in [labels for labels in self._cache if labels[index] in servers]:
+            del self._cache[labels]
+            self._metric.remove(*labels)
+
+
+# --- per (server, model) state ----------------------------------------------------------------
+
+
+class _Bucket:
+    __slots__ = ("second", "started", "completed", "latency_sum", "itl_sum", "itl_count")
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        self.started = 0
+        self.completed = 0
+        self.latency_sum = 0.0
+        self.itl_sum = 0.0
+        self.itl_count = 0
+
+
+class _Slot:
+    """One (server, model): requests in flight, a window of one-second buckets for the
+    `vllm:` averages, and the children that depend on nothing else."""
+
+    __slots__ = (
+        "server", "model", "prefill", "decoding", "buckets", "incoming", "input_tokens",
+        "output_tokens",
+    )
+
+    def __init__(self, server: str, model: str, incoming: Counter, input_tokens: Counter,
+                 output_tokens: Counter) -> None:
+        self.server = server
+        self.model = model
+        self.prefill = 0
+        """In flight, no body byte from the backend yet."""
+        self.decoding = 0
+        """In flight, the answer is coming."""
+        self.buckets: deque[_Bucket] = deque()
+        self.incoming = incoming
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+    def bucket(self, now: float, window: int) -> _Bucket:
+        second = int(now)
+        buckets = self.buckets
+        if not buckets or buckets[-1].second != second:
+            buckets.append(_Bucket(second))
+            self.expire(second, window)
+        return buckets[-1]
+
+    def expire(self, now: int, window: int) -> None:
+        oldest = now - window
+        buckets = self.buckets
+        while buckets and buckets[0].second <= oldest:
+            buckets.popleft()
+
+    def averages(self, now: float, window: int) -> tuple[float, float | None, float | None]:
+        """QPS, mean latency and mean inter-token latency over the window."""
+        self.expire(int(now), window)
+        started = completed = itl_count = 0
+        latency_sum = itl_sum = 0.0
+        for bucket in self.buckets:
+            started += bucket.started
+            completed += bucket.completed
+            latency_sum += bucket.latency_sum
+            itl_sum += bucket.itl_sum
+            itl_count += bucket.itl_count
+        return (
+            started / window,
+            latency_sum / completed if completed else None,
+            itl_sum / itl_count if itl_count else None,
+        )
+
+
+# --- scrape-time collectors -------------------------------------------------------------------
 
 
 class BackendCollector(Collector):
@@ -65,61 +291,373 @@ class BackendCollector(Collector):
         yield from (in_flight, qps, ttft, latency)
 
 
-MetricT = TypeVar("MetricT", Counter, Histogram)
+class _FleetCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.collect_fleet()
 
 
-class Children(Generic[MetricT]):
-    """A metric's labelled children, resolved once per label set."""
+class _TimedConnector(aiohttp.TCPConnector):
+    """Times `_create_connection` (aiohttp's hook for opening a new connection; stable through
+    3.x). Should aiohttp rename it, the metric goes missing (tests/test_metrics.py notices);
+    requests are unaffected."""
 
-    def __init__(self, metric: MetricT) -> None:
-        self._metric: MetricT = metric
-        self._cache: dict[tuple[str, ...], MetricT] = {}
+    def __init__(self, observe: Callable[[str, float], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._observe = observe
 
-    def get(self, *labels: str) -> MetricT:
-        child = self._cache.get(labels)
-        if child is None:
-            child = self._cache[labels] = self._metric.labels(*labels)
-        return child
+    async def _create_connection(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        started = time.perf_counter()
+        protocol = await super()._create_connection(req, traces, timeout)
+        self._observe(str(req.url), time.perf_counter() - started)
+        return protocol
+
+
+# --- the subscriber ---------------------------------------------------------------------------
 
 
 class Metrics:
-    """Subscriber: request counters and latency histograms; owns the app's registry."""
+    """Subscriber: the router's Prometheus metrics; owns the app's registry.
 
-    def __init__(self, stats: RequestStats, pool: BackendPool) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    `health` gives the breaker states and `vllm:healthy_pods_total` (without it every backend
+    counts as healthy and all breakers read closed). The proxy's session opens its connections
+    through `connector()`, for `router_upstream_connect_seconds`.
+    """
+
+    def __init__(
+        self,
+        stats: RequestStats,
+        pool: BackendPool,
+        health: HealthTracker | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        retention: float = 300.0,
+    ) -> None:
+        self.pool = pool
+        self.health = health
+        self.window = max(1, math.ceil(stats.window))
+        """Seconds of history behind `vllm:current_qps`, `avg_latency` and `avg_itl`."""
+        self.retention = retention
+        self._clock = clock
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._absent: dict[str, float] = {}
+        """Server -> when it was first seen missing from the pool."""
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+        sm = ["server", "model"]
+        route = ["server", "model", "endpoint", "streaming"]
+
+        # production-stack's names (vllm_router/services/metrics_service).
+        self._incoming = Children(Counter(
+            "vllm:num_incoming_requests",
+            "Requests received, refused ones included (server is empty before routing).",
+            sm, registry=registry,
+        ))
+        self._input_tokens = Children(Counter(
+            "vllm:input_tokens_total", "Prompt tokens, from the answers' usage.",
+            sm, registry=registry,
+        ))
+        self._output_tokens = Children(Counter(
+            "vllm:output_tokens_total", "Generated tokens, from the answers' usage.",
+            sm, registry=registry,
+        ))
+        self._errors = Children(Counter(
+            "vllm:request_errors_total",
+            "Requests that did not end well, by error type: the outcome (backend_error, "
+            "timeout, client_disconnected, rejected, cancelled, router_error) or http_4xx/"
+            "http_5xx for an error status from the backend.",
+            ["server", "model", "error_type"], registry=registry,
+        ))
+        self._latency = Children(Histogram(
+            "vllm:request_latency_seconds",
+            "End-to-end request latency observed at the router.",
+            ["server", "model", "status"], buckets=PS_LATENCY_BUCKETS, registry=registry,
+        ))
+
+        # The router's own.
         self._requests = Children(Counter(
             "router_requests",
             "Requests by endpoint, status and outcome.",
             ["endpoint", "status", "outcome"],
-            registry=self.registry,
-        ))
+            registry=registry,
+        ), server_index=None)
         self._duration = Children(Histogram(
             "router_request_duration_seconds",
             "Time from arrival to the end of the answer.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            route, buckets=LATENCY_BUCKETS, registry=registry,
         ))
         self._ttft = Children(Histogram(
             "router_time_to_first_token_seconds",
             "Time from arrival to the backend's first body byte.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            route, buckets=LATENCY_BUCKETS, registry=registry,
         ))
-        self.registry.register(BackendCollector(stats, pool))
+        self._ttfb = Children(Histogram(
+            "router_time_to_first_byte_seconds",
+            "Time from arrival to the backend's status and headers.",
+            route, buckets=LATENCY_BUCKETS, registry=registry,
+        ))
+        self._tpot = Children(Histogram(
+            "router_time_per_output_token_seconds",
+            "Streamed answers with usage: (duration - TTFT) / (completion tokens - 1).",
+            sm, buckets=TPOT_BUCKETS, registry=registry,
+        ))
+        self._connect = Children(Histogram(
+            "router_upstream_connect_seconds",
+            "Time to open a new connection to a backend (DNS, TCP, TLS); reused pooled "
+            "connections are not counted.",
+            ["server"], buckets=CONNECT_BUCKETS, registry=registry,
+        ))
+        self._retries = Children(Counter(
+            "router_retries",
+            "Attempts that failed before the answer started and were retried on another "
+            "backend; server is the backend that failed, reason the attempt's outcome.",
+            ["server", "model", "reason"], registry=registry,
+        ))
+        self._all = (
+            self._incoming, self._input_tokens, self._output_tokens, self._errors,
+            self._latency, self._duration, self._ttft, self._ttfb, self._tpot, self._connect,
+            self._retries,
+        )
+        registry.register(BackendCollector(stats, pool))
+        registry.register(_FleetCollector(self))
+
+    # -- labels --
+
+    def _model(self, flow: RequestFlow, backend: Backend | None) -> str:
+        """The model label: the flow's model when a backend of the pool serves it, else ""."""
+        model = flow.model
+        if model is None:
+            return ""
+        if backend is not None:
+            return model if model in backend.models else ""
+        return model if self.pool.candidates(model) else ""
+
+    def _slot(self, server: str, model: str) -> _Slot:
+        key = (server, model)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(
+                server, model, self._incoming.get(server, model),
+                self._input_tokens.get(server, model), self._output_tokens.get(server, model),
+            )
+        return slot
+
+    # -- events --
+
+    def on_new(self, flow: RequestFlow) -> None:
+        backend = flow.backend
+        model = self._model(flow, backend)
+        if backend is None:
+            self._incoming.get("", model).inc()
+            return
+        slot = self._slot(backend.url, model)
+        slot.incoming.inc()
+        slot.prefill += 1
+        slot.bucket(self._clock(), self.window).started += 1
+
+    def on_retry(self, flow: RequestFlow) -> None:
+        attempt = flow.attempts[-1]
+        failed = attempt.backend
+        model = self._model(flow, failed)
+        self._retries.get(failed.url, model, attempt.outcome.value).inc()
+        self._slot(failed.url, model).prefill -= 1
+        backend = flow.backend
+        if backend is not None:
+            slot = self._slot(backend.url, self._model(flow, backend))
+            slot.prefill += 1
+            slot.bucket(self._clock(), self.window).started += 1
 
     def on_response(self, flow: RequestFlow) -> None:
-        ttft = flow.ttft
-        if ttft is not None:
-            self._ttft.get(flow.endpoint).observe(ttft)
+        backend = flow.backend
+        if backend is None:
+            return
+        server, model = backend.url, self._model(flow, backend)
+        slot = self._slot(server, model)
+        slot.prefill -= 1
+        slot.decoding += 1
+        streaming = "true" if flow.stream else "false"
+        endpoint = flow.endpoint
+        t_start = flow.t_start
+        if flow.t_first_byte is not None:
+            self._ttft.get(server, model, endpoint, streaming).observe(
+                flow.t_first_byte - t_start)
+        if flow.t_headers is not None:
+            self._ttfb.get(server, model, endpoint, streaming).observe(flow.t_headers - t_start)
 
     def on_complete(self, flow: RequestFlow) -> None:
-        outcome = flow.outcome.value if flow.outcome else "unknown"
+        backend = flow.backend
+        model = self._model(flow, backend)
+        server = "" if backend is None else backend.url
         status = "none" if flow.status is None else str(flow.status)
-        self._requests.get(flow.endpoint, status, outcome).inc()
-        if flow.duration is not None:
-            self._duration.get(flow.endpoint).observe(flow.duration)
+        outcome = flow.outcome
+        self._requests.get(flow.endpoint, status, "unknown" if outcome is None
+                           else outcome.value).inc()
+        kind = error_kind(flow)
+        if kind is not None:
+            self._errors.get(server, model, kind).inc()
+        duration = flow.duration
+        streaming = "true" if flow.stream else "false"
+        if duration is not None:
+            self._duration.get(server, model, flow.endpoint, streaming).observe(duration)
+            self._latency.get(server, model, status).observe(duration)
+        if backend is None:
+            return
+        slot = self._slot(server, model)
+        if flow.t_first_byte is None:
+            slot.prefill -= 1
+            if flow.t_headers is not None:  # headers, then no body: TTFB was not seen yet
+                self._ttfb.get(server, model, flow.endpoint, streaming).observe(
+                    flow.t_headers - flow.t_start)
+        else:
+            slot.decoding -= 1
+        bucket = slot.bucket(self._clock(), self.window)
+        bucket.completed += 1
+        bucket.latency_sum += duration or 0.0
+        usage = usage_of(flow)
+        if usage is None:
+            return
+        if usage.prompt_tokens:
+            slot.input_tokens.inc(usage.prompt_tokens)
+        completion = usage.completion_tokens
+        if completion:
+            slot.output_tokens.inc(completion)
+            ttft = flow.ttft
+            # Only a stream shows when its tokens came; a JSON answer's first byte is its end.
+            if flow.stream and completion > 1 and ttft is not None and duration is not None:
+                itl = (duration - ttft) / (completion - 1)
+                bucket.itl_sum += itl
+                bucket.itl_count += 1
+                self._tpot.get(server, model).observe(itl)
+
+    # -- upstream connect time --
+
+    def connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
+        """A `TCPConnector(**kwargs)` for the proxy's session that times every new connection
+        (DNS, TCP, TLS) into `router_upstream_connect_seconds`. Nothing runs per request:
+        a request on a pooled connection costs nothing (an `aiohttp.TraceConfig` would cost
+        ~5-10 µs on every request for the same figure)."""
+        return _TimedConnector(self._observe_connect, **kwargs)
+
+    def _observe_connect(self, url: str, seconds: float) -> None:
+        server = self.server_of(url)
+        if server is not None:
+            self._connect.get(server).observe(seconds)
+
+    def server_of(self, url: str) -> str | None:
+        """The pool backend whose base URL `url` is under (the longest), or None."""
+        found: str | None = None
+        for backend in self.pool.backends:
+            base = backend.url
+            if (url == base or url.startswith(base + "/") or url.startswith(base + "?")) and (
+                    found is None or len(base) > len(found)):
+                found = base
+        return found
+
+    # -- scrape time --
+
+    def collect_fleet(self) -> Iterator[Metric]:
+        """The per-(server, model) gauges, breaker states and health, computed now."""
+        now = self._clock()
+        sm = ["server", "model"]
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests in flight through the router.", labels=sm)
+        prefill = GaugeMetricFamily(
+            "vllm:num_prefill_requests",
+            "Requests in flight without a body byte from the backend yet.", labels=sm)
+        decoding = GaugeMetricFamily(
+            "vllm:num_decoding_requests",
+            "Requests in flight whose answer is coming.", labels=sm)
+        qps = GaugeMetricFamily(
+            "vllm:current_qps",
+            f"Requests sent to the server per second over the last {self.window} s "
+            "(retries included).", labels=sm)
+        latency = GaugeMetricFamily(
+            "vllm:avg_latency",
+            f"Mean end-to-end latency (seconds) over the last {self.window} s.", labels=sm)
+        itl = GaugeMetricFamily(
+            "vllm:avg_itl",
+            f"Mean inter-token latency (seconds) over the last {self.window} s, estimated from "
+            "streamed answers with usage; absent without any.", labels=sm)
+        healthy = GaugeMetricFamily(
+            "vllm:healthy_pods_total",
+            "1 when the backend takes requests (probe and breaker agree), else 0; one series "
+            "per model it serves.", labels=sm)
+        breaker = GaugeMetricFamily(
+            "router_breaker_state",
+            "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
+            labels=["server", "backend"])
+
+        pairs: dict[tuple[str, str], _Slot | None] = {}
+        for backend in self.pool.backends:
+            available, state = self._health_of(backend)
+            breaker.add_metric([backend.url, backend.id], BREAKER_VALUES.get(state, 0.0))
+            for model in backend.models:
+                healthy.add_metric([backend.url, model], 1.0 if available else 0.0)
+                pairs[backend.url, model] = None
+        pairs.update(self._slots)
+        for (server, model), slot in pairs.items():
+            labels = [server, model]
+            if slot is None:
+                for family in (running, prefill, decoding, qps):
+                    family.add_metric(labels, 0.0)
+                continue
+            running.add_metric(labels, slot.prefill + slot.decoding)
+            prefill.add_metric(labels, slot.prefill)
+            decoding.add_metric(labels, slot.decoding)
+            rate, avg_latency, avg_itl = slot.averages(now, self.window)
+            qps.add_metric(labels, rate)
+            if avg_latency is not None:
+                latency.add_metric(labels, avg_latency)
+            if avg_itl is not None:
+                itl.add_metric(labels, avg_itl)
+        yield from (running, prefill, decoding, qps, latency, itl, healthy, breaker)
+
+    def _health_of(self, backend: Backend) -> tuple[bool, str]:
+        if self.health is None:
+            return True, BreakerState.CLOSED.value
+        state = self.health.state(backend.id)
+        return state.available, state.breaker
+
+    def _prune(self, now: float) -> None:
+        """Forget servers gone from the pool for `retention` seconds with nothing in flight."""
+        current = {backend.url for backend in self.pool.backends}
+        known = {server for server, _ in self._slots} | self._connect.servers()
+        known.discard("")
+        for server in list(self._absent):
+            if server in current or server not in known:
+                del self._absent[server]
+        gone: set[str] = set()
+        for server in known - current:
+            since = self._absent.setdefault(server, now)
+            if now - since >= self.retention and not any(
+                slot.prefill or slot.decoding
+                for (slot_server, _), slot in self._slots.items() if slot_server == server
+            ):
+                gone.add(server)
+        if not gone:
+            return
+        for children in self._all:
+            children.forget(gone)
+        for key in [key for key in self._slots if key[0] in gone]:
+            del self._slots[key]
+        for server in gone:
+            del self._absent[server]
+
+    def in_flight(self, server: str | None = None) -> int:
+        """Requests in flight (on `server`, or on all), as the router counts them."""
+        return sum(
+            slot.prefill + slot.decoding for slot in self._slots.values()
+            if server is None or slot.server == server
+        )
+
+    def servers(self) -> Iterable[str]:
+        """Every server with series in the exposition (for tests and `/engines`)."""
+        return {server for server, _ in self._slots} | self._connect.servers()
 
     def render(self) -> bytes:
+        """The exposition; series of servers gone for `retention` are dropped first."""
+        self._prune(self._clock())
         return generate_latest(self.registry)

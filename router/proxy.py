@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,6 +34,7 @@ from router.backends import Backend
 from router.events import RequestEvents
 from router.flow import Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest
+from router.metrics import TAIL_BYTES
 
 __all__ = [
     "Lifecycle", "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange",
@@ -363,6 +365,8 @@ async def exchange(
         upstream.close()
         raise BackendStatus(upstream.status, flow.backend.id)
     released = False
+    # The last chunks, kept by reference (no copy per chunk): `usage` is in the last ones.
+    last_chunks: deque[bytes] = deque(maxlen=3)
     try:
         flow.t_headers = time.monotonic()
         flow.status = upstream.status
@@ -391,6 +395,7 @@ async def exchange(
                 flow.t_first_byte = time.monotonic()
                 events.on_response(flow)
             flow.bytes_down += len(chunk)
+            last_chunks.append(chunk)
             try:
                 await response.write(chunk)
             except ConnectionError as error:
@@ -402,6 +407,7 @@ async def exchange(
         upstream.release()
         released = True
     finally:
+        flow.tail = b"".join(chunk[-TAIL_BYTES:] for chunk in last_chunks)[-TAIL_BYTES:]
         if not released:
             upstream.close()
 

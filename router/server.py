@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from router import __version__
+from router.access_log import configure_logging
 from router.app import make_app
 from router.cli import load_config
 from router.config import DEMO_MODELS, Config
@@ -18,18 +19,12 @@ from router.keys import DRAIN
 from router.reload import Reloader
 from router.systemd import Notifier
 
-__all__ = ["run", "serve", "configure_logging"]
+__all__ = ["run", "serve"]
 
 log = logging.getLogger("router")
 
 CUT_GRACE = 5.0
 """Seconds cancelled requests get to finish their cleanup once the drain timed out."""
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 def announce(config: Config, port: int) -> None:
@@ -137,7 +132,7 @@ def close_if_idle(handler: asyncio.Protocol) -> None:
 
 def run(config: Config, argv: Sequence[str]) -> None:
     """Serve with `config` (parsed from `argv`, which a reload or a worker parses again)."""
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format, access_log=config.access_log)
     try:
         if config.workers > 1:
             from router.workers import supervise

@@ -53,10 +53,11 @@ class PipeNotifier(Notifier):
 
 def worker_main(argv: Sequence[str], connection: Connection) -> None:
     """The body of one worker process (started with the `spawn` method)."""
-    from router.server import configure_logging, serve
+    from router.access_log import configure_logging
+    from router.server import serve
 
     config = load_config(argv)
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format, access_log=config.access_log)
     try:
         asyncio.run(serve(config, load=lambda: load_config(argv),
                           notifier=PipeNotifier(connection)))

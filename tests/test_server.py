@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import Config, StaticBackend
 from router.server import serve
@@ -158,11 +159,22 @@ async def test_workers_share_the_port_and_stop_together(
         assert await receive(notify_socket, 20) == "READY=1"  # once, for both workers
         workers = await asyncio.to_thread(child_pids, process.pid)
         assert len(workers) == 2
-        async with aiohttp.ClientSession() as session:
+        # A connection per request, so both workers take some.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
             for _ in range(20):
                 async with session.post(url + "/v1/completions",
                                         json={"model": CHAT, "prompt": "x"}) as response:
                     assert response.status == 200
+            for _ in range(6):  # whichever worker answers, the figures are everyone's
+                async with session.get(url + "/metrics") as response:
+                    families = {family.name: family for family in
+                                text_string_to_metric_families(await response.text())}
+                completed = sum(sample.value for sample in families["router_requests"].samples
+                                if sample.name == "router_requests_total")
+                assert completed == 20
+                running = families["vllm:num_requests_running"].samples
+                assert running and all(sample.value == 0 for sample in running)
         process.send_signal(signal.SIGTERM)
         assert await receive(notify_socket) == "STOPPING=1"
         assert await asyncio.wait_for(process.wait(), 15) == 0

@@ -9,7 +9,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router.keys import CHOOSER, DRAIN, ENGINE_STATS, HEALTH, METRICS, POOL, STATS
+from router import multiprocess_metrics
+from router.keys import (
+    CHOOSER, DRAIN, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, METRICS, POOL, STATS,
+)
 
 __all__ = ["add_routes"]
 
@@ -86,7 +89,11 @@ async def engines(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+    publisher = request.app[FLEET_PUBLISHER]
+    if publisher is not None:  # --workers: every worker's figures
+        body = await multiprocess_metrics.render(publisher)
+    else:
+        body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -57,7 +57,7 @@ async def read_inbound(request: web.Request, multipart: bool) -> InboundRequest:
 
 async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
     app = request.app
-    flow = RequestFlow(id=request_id(request), endpoint=endpoint)
+    flow = RequestFlow(id=request_id(request), endpoint=endpoint, method=request.method)
     lifecycle = Lifecycle(request, app[EVENTS], flow)
     admission = app[ADMISSION]
     try:

@@ -1,0 +1,86 @@
+"""Metrics across `--workers` processes (prometheus_client's multiprocess mode).
+
+Counters and histograms already aggregate: in multiprocess mode prometheus_client keeps
+their values in files under `PROMETHEUS_MULTIPROC_DIR`, one per process. The fleet gauges
+(in flight, QPS, averages, health, breakers) are computed from a process's own state, so each
+worker publishes its figures into multiprocess gauges every second, and a scrape adds them up
+(in flight, QPS) or takes the worst (health, breakers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from router.metrics import Metrics
+
+__all__ = ["enabled", "FleetPublisher", "render"]
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+Mode = Literal["livesum", "livemax", "livemin"]
+MODES: dict[str, Mode] = {
+    "vllm:num_requests_running": "livesum",
+    "vllm:num_prefill_requests": "livesum",
+    "vllm:num_decoding_requests": "livesum",
+    "vllm:current_qps": "livesum",
+    "vllm:avg_latency": "livemax",
+    "vllm:avg_itl": "livemax",
+    "vllm:healthy_pods_total": "livemin",
+    "router_breaker_state": "livemax",
+}
+"""How each fleet gauge combines across workers (`live*`: dead workers drop out)."""
+PUBLISH_INTERVAL = 1.0
+
+
+def enabled() -> bool:
+    """True in a worker of `--workers N` (prometheus_client reads the same variable)."""
+    return bool(os.environ.get(ENV))
+
+
+class FleetPublisher:
+    """Copies this worker's fleet gauges into multiprocess gauges."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._gauges: dict[str, Gauge] = {}
+        self._published: dict[str, set[tuple[str, ...]]] = {}
+
+    def publish(self) -> None:
+        for family in self._metrics.collect_fleet():
+            gauge = self._gauges.get(family.name)
+            seen: set[tuple[str, ...]] = set()
+            for sample in family.samples:
+                labels = tuple(sample.labels.values())
+                if gauge is None:
+                    gauge = self._gauges[family.name] = Gauge(
+                        family.name, family.documentation, list(sample.labels),
+                        multiprocess_mode=MODES.get(family.name, "livesum"), registry=None,
+                    )
+                gauge.labels(*labels).set(sample.value)
+                seen.add(labels)
+            if gauge is not None:
+                for gone in self._published.get(family.name, set()) - seen:
+                    gauge.remove(*gone)
+            self._published[family.name] = seen
+
+    async def run(self) -> None:
+        while True:
+            self.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+
+async def render(publisher: FleetPublisher) -> bytes:
+    """The exposition summed over every worker, this worker's gauges fresh; the files are
+    read in a thread."""
+    publisher.publish()
+    return await asyncio.to_thread(read_all)
+
+
+def read_all() -> bytes:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
