@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -21,11 +22,13 @@ from router.events import RequestEvents
 from router.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
-    FLEET_PUBLISHER, HEALTH, METRICS, POOL, RATE_LIMITER, STATS, UPSTREAM_AUTH,
+    FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, REWRITER, STATS,
+    UPSTREAM_AUTH,
 )
 from router import multiprocess_metrics
 from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
+from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
 from router.proxy import UpstreamAuth
 from router.routing import BackendChooser
@@ -92,6 +95,14 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def close_plugins(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: plugin calls still running finish before the app goes."""
+    yield
+    plugins = app[PLUGINS]
+    if plugins is not None:
+        await plugins.aclose()
+
+
 async def publish_fleet_gauges(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx (--workers only): this worker's fleet gauges, published every second."""
     publisher = app[FLEET_PUBLISHER]
@@ -138,6 +149,15 @@ def make_app(config: Config) -> web.Application:
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
+    app[PLUGINS] = None
+    if config.callbacks:
+        plugins = PluginHost(load_object(spec, "--callbacks") for spec in config.callbacks)
+        app[PLUGINS] = plugins
+        app.cleanup_ctx.append(close_plugins)
+    app[REWRITER] = (
+        cast(RequestRewriter, load_object(config.request_rewriter, "--request-rewriter"))
+        if config.request_rewriter else None
+    )
     app[FLEET_PUBLISHER] = None
     if multiprocess_metrics.enabled():
         app[FLEET_PUBLISHER] = FleetPublisher(metrics)
@@ -146,6 +166,8 @@ def make_app(config: Config) -> web.Application:
     app[CHOOSER] = BackendChooser(pool, policy, health)
     # AccessLog after Metrics: it reuses the usage Metrics parsed from the flow's tail.
     app[EVENTS] = RequestEvents([stats, health, metrics, AccessLog(), policy])
+    if app[PLUGINS] is not None:
+        app[EVENTS].subscribe(app[PLUGINS])
     pool.on_removed(lambda removed: forget_backends(app, removed))
     if config.demo:
         # Imported here so the fake engines are loaded only in demo mode.

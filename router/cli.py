@@ -4,6 +4,7 @@ same Helm values and unit files work."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -196,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--k8s-kubeconfig", default=None,
         help="kubeconfig to use outside a cluster (default $KUBECONFIG)")
 
+    extensions = parser.add_argument_group("extensions")
+    add = extensions.add_argument
+    add("--callbacks", action="append", default=[],
+        help="plugin class as module:Class (or module.Class); repeat the flag or separate "
+             "several with commas")
+    add("--request-rewriter", default=None,
+        help="class as module:Class whose rewrite(flow, body) changes JSON bodies before "
+             "routing")
+
     routing = parser.add_argument_group("routing policies")
     add = routing.add_argument
     add("--static-model-labels", default="",
@@ -243,6 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--retry-backoff", type=non_negative_float, default=0.05,
         help="seconds before the first retry, doubled for each next one (default 0.05)")
     return parser
+
+
+def importable(spec: str, flag: str) -> None:
+    """Check at start that `module:Class` (or `module.Class`) can be imported."""
+    module_name, sep, name = spec.partition(":")
+    if not sep:
+        module_name, _, name = spec.rpartition(".")
+    try:
+        module = importlib.import_module(module_name) if module_name else None
+    except Exception as error:
+        raise ConfigError(f"argument {flag}: cannot import {module_name!r}: {error!r}") from None
+    if module is None or not name or not hasattr(module, name):
+        raise ConfigError(f"argument {flag}: {spec!r} names no class (use module:Class)")
 
 
 def split_list(text: str) -> list[str]:
@@ -349,6 +372,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         except OSError as error:
             raise ConfigError(f"argument --api-keys-file: {error}") from None
     rate, burst = args.rate_limit or (0.0, 0.0)
+    callbacks = tuple(spec for item in args.callbacks for spec in split_list(item))
+    for spec, flag in [*((s, "--callbacks") for s in callbacks),
+                       *(((args.request_rewriter, "--request-rewriter"),)
+                         if args.request_rewriter else ())]:
+        importable(spec, flag)
     if not args.health_check_path.startswith("/"):
         raise ConfigError("argument --health-check-path: must start with '/'")
     if args.max_upstream_connections < 0:
@@ -389,6 +417,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         client_body_timeout=args.client_body_timeout,
         keepalive_timeout=args.keepalive_timeout,
         workers=args.workers,
+        callbacks=callbacks,
+        request_rewriter=args.request_rewriter,
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         session_key=args.session_key,

@@ -103,6 +103,11 @@ class Config:
 
     workers: int = 1
     """Processes serving the same port (SO_REUSEPORT); metrics aggregate across them."""
+    # Extensions (router/plugins.py).
+    callbacks: tuple[str, ...] = ()
+    """Plugins as `module:Class` (or `module.Class`)."""
+    request_rewriter: str | None = None
+
     drain_timeout: float = 30.0
     """Seconds running requests get to finish after SIGTERM/SIGINT before they are cut."""
     shutdown_delay: float = 0.0

@@ -9,9 +9,11 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from router.backends import Backend
 
 __all__ = ["Outcome", "Attempt", "Usage", "RequestFlow"]
@@ -84,6 +86,16 @@ class RequestFlow:
     """The last few KiB of the response body, where the `usage` object is (for metrics)."""
     parsed_usage: tuple[Usage | None] | None = None
     """`router.metrics.usage_of`'s memo, so every subscriber shares one parse of `tail`."""
+    request: web.Request | None = None
+    """The client's request (for plugins: headers, address, path)."""
+    request_json: dict[str, Any] | None = None
+    """The parsed JSON body as it is sent on (after a rewrite); None for uploads."""
+    request_body: bytes | None = None
+    """The JSON body's bytes as they are sent on; None for uploads."""
+    keep_body: bool = False
+    """Collect the response body for plugins' `post_request` (only when one wants it)."""
+    response_body: bytes | None = None
+    """The whole response body, when `keep_body` and it fit `router.plugins.MAX_BODY`."""
     prefill_backend: Backend | None = None
     """With disaggregated prefill: the backend that computed the prompt's KV cache."""
     attempts: list[Attempt] = field(default_factory=list)

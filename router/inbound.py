@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,11 +79,17 @@ def resolve_model(pool: BackendPool, model: object) -> str:
     return served
 
 
+Rewrite = Callable[[dict[str, Any]], dict[str, Any] | None]
+"""Changes a parsed body before routing; returns the new body, or None when unchanged."""
+
+
 async def read_json_request(
-    request: web.Request, pool: BackendPool, limit: int, timeout: float
+    request: web.Request, pool: BackendPool, limit: int, timeout: float,
+    rewrite: Rewrite | None = None,
 ) -> InboundRequest:
     """Read and check a JSON body; `limit` is the app's `client_max_size`, which aiohttp
-    enforces while reading; the client has `timeout` seconds to send it all."""
+    enforces while reading; the client has `timeout` seconds to send it all. The body is
+    serialised again only when `rewrite` or an alias changed it."""
     try:
         async with asyncio.timeout(timeout):
             raw = await request.read()
@@ -97,10 +103,15 @@ async def read_json_request(
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    changed = False
+    if rewrite is not None and (rewritten := rewrite(body)) is not None:
+        body, changed = rewritten, True
     requested = body.get("model")
     served = resolve_model(pool, requested)
     if served != requested:
         body["model"] = served
+        changed = True
+    if changed:
         raw = json.dumps(body).encode()
     return InboundRequest(
         model=served, stream=body.get("stream") is True, headers=request.headers,

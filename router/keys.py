@@ -13,6 +13,7 @@ from router.events import RequestEvents
 from router.health import HealthTracker
 from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
+from router.plugins import PluginHost, RequestRewriter
 from router.routing import BackendChooser
 from router.proxy import UpstreamAuth
 from router.shutdown import Drain
@@ -22,7 +23,7 @@ from router.stats.requests import RequestStats
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
-    "RATE_LIMITER", "FLEET_PUBLISHER",
+    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -40,6 +41,10 @@ ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
 """None without --max-concurrent-requests."""
 RATE_LIMITER: web.AppKey[RateLimiter | None] = web.AppKey("rate_limiter")
 FLEET_PUBLISHER: web.AppKey[FleetPublisher | None] = web.AppKey("fleet_publisher")
+PLUGINS: web.AppKey[PluginHost | None] = web.AppKey("plugins")
+"""None without --callbacks."""
+REWRITER: web.AppKey[RequestRewriter | None] = web.AppKey("rewriter")
+"""None without --request-rewriter."""
 """Only in a worker of `--workers N`: publishes the fleet gauges for the other workers."""
 """None without --rate-limit."""
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)

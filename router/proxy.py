@@ -35,6 +35,7 @@ from router.events import RequestEvents
 from router.flow import Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest
 from router.metrics import TAIL_BYTES
+from router.plugins import MAX_BODY
 
 __all__ = [
     "Lifecycle", "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange",
@@ -165,6 +166,14 @@ class Lifecycle:
         """Account for a request refused before routing and return its error response."""
         self._end_unrouted(error.outcome, error.status, error.message)
         return error_response(error, self.flow.id)
+
+    def answered(self, response: web.StreamResponse) -> web.StreamResponse:
+        """Account for a request a plugin answered itself, before any backend was chosen."""
+        status = response.status
+        self._end_unrouted(Outcome.OK if status < 400 else Outcome.REJECTED, status,
+                           None if status < 400 else "answered by a plugin")
+        response.headers[REQUEST_ID] = self.flow.id
+        return response
 
     def abandon(self) -> None:
         """Account for a request cancelled before routing (its client left mid-body)."""
@@ -367,6 +376,7 @@ async def exchange(
     released = False
     # The last chunks, kept by reference (no copy per chunk): `usage` is in the last ones.
     last_chunks: deque[bytes] = deque(maxlen=3)
+    kept: list[bytes] | None = [] if flow.keep_body else None
     try:
         flow.t_headers = time.monotonic()
         flow.status = upstream.status
@@ -396,6 +406,10 @@ async def exchange(
                 events.on_response(flow)
             flow.bytes_down += len(chunk)
             last_chunks.append(chunk)
+            if kept is not None:
+                kept.append(chunk)
+                if flow.bytes_down > MAX_BODY:
+                    kept = None
             try:
                 await response.write(chunk)
             except ConnectionError as error:
@@ -406,6 +420,8 @@ async def exchange(
             raise ClientGone() from error
         upstream.release()
         released = True
+        if kept is not None:
+            flow.response_body = b"".join(kept)
     finally:
         flow.tail = b"".join(chunk[-TAIL_BYTES:] for chunk in last_chunks)[-TAIL_BYTES:]
         if not released:

@@ -7,9 +7,12 @@ backend among those serving the model -> the proxy lifecycle forwards it and str
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import hdrs, web
 
@@ -18,9 +21,11 @@ from router.errors import RouterError
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
 from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, POOL, RATE_LIMITER, UPSTREAM_AUTH,
+    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL, RATE_LIMITER,
+    REWRITER, UPSTREAM_AUTH,
 )
 from router.multipart import read_multipart_request
+from router.plugins import RequestRewriter
 from router.proxy import Failover, Lifecycle, forward, upstream_headers
 
 __all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
@@ -41,17 +46,23 @@ MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+log = logging.getLogger("router.api")
 
-async def read_inbound(request: web.Request, multipart: bool) -> InboundRequest:
+
+async def read_inbound(
+    request: web.Request, multipart: bool, flow: RequestFlow
+) -> InboundRequest:
     app = request.app
     config = app[CONFIG]
-    if multipart:
+    if multipart:  # uploads are never rewritten
         return await read_multipart_request(
             request, app[POOL], config.max_body_size, config.spool_dir,
             config.client_body_timeout,
         )
+    rewriter = app[REWRITER]
     return await read_json_request(
-        request, app[POOL], config.max_json_body_size, config.client_body_timeout
+        request, app[POOL], config.max_json_body_size, config.client_body_timeout,
+        None if rewriter is None else (lambda body: rewrite(rewriter, flow, body)),
     )
 
 
@@ -92,13 +103,18 @@ async def admitted(
 ) -> web.StreamResponse:
     app = request.app
     try:
-        inbound = await read_inbound(request, multipart)
+        inbound = await read_inbound(request, multipart, flow)
     except RouterError as error:
         return lifecycle.reject(error)
     except asyncio.CancelledError:
         lifecycle.abandon()
         raise
     try:
+        flow.request, flow.request_json, flow.request_body = request, inbound.json, inbound.body
+        plugins = app[PLUGINS]
+        answer = await extend(app, flow)
+        if answer is not None:
+            return lifecycle.answered(answer)
         flow.model, flow.stream = inbound.model, inbound.stream
         chooser = app[CHOOSER]
         pinned = request.query.get("id")
@@ -124,9 +140,41 @@ async def admitted(
         async with lifecycle:
             await forward(request, flow, inbound, app[CLIENT_SESSION], lifecycle, path, headers,
                           failover)
+        if plugins is not None and flow.response_body is not None:
+            plugins.post_request(flow, flow.response_body)
         return lifecycle.result()
     finally:
         await inbound.aclose()
+
+
+async def extend(app: web.Application, flow: RequestFlow) -> web.StreamResponse | None:
+    """The plugins' `pre_request`, which may answer the request instead of a backend."""
+    plugins = app[PLUGINS]
+    if plugins is None:
+        return None
+    flow.keep_body = plugins.wants_body
+    return await plugins.pre_request(flow)
+
+
+def rewrite(
+    rewriter: RequestRewriter, flow: RequestFlow, body: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Run the rewriter on a copy; the new body, or None when it changed nothing (or failed:
+    a failing rewriter is logged and the request goes on as received)."""
+    original = copy.deepcopy(body)
+    try:
+        result: object = rewriter.rewrite(flow, body)
+    except Exception:
+        log.exception("request rewriter %r failed; the request goes on unchanged", rewriter)
+        body.clear()
+        body.update(original)
+        return None
+    if not isinstance(result, dict):
+        log.error("request rewriter %r returned %s, not a dict; ignored", rewriter, type(result))
+        body.clear()
+        body.update(original)
+        return None
+    return None if result == original else result
 
 
 def proxy_handler(endpoint: str, multipart: bool) -> Handler:

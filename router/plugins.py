@@ -1,0 +1,183 @@
+"""Plugins (`--callbacks module:Class`) and the request rewriter (`--request-rewriter`).
+
+A plugin is a small class with any of:
+
+- `on_new(flow)`, `on_response(flow)`, `on_complete(flow)`: the request events;
+- `pre_request(flow)`: before a backend is chosen; return an aiohttp response to answer the
+  request itself (refuse it, or serve a canned answer), or None to let it through;
+- `post_request(flow, body)`: the whole response body, after it reached the client, only for
+  a plugin whose class sets `wants_body = True` (nothing is kept for the others).
+
+Each method may be sync or async. Async ones run on the event loop; sync ones run in a small
+thread pool, so a slow plugin never stalls the loop (the price: a thread hand-off per call,
+paid only by routers that load plugins). The events never wait for a plugin; `pre_request`
+is awaited, as its answer decides the request. A plugin's exception is logged and the request
+goes on as if the plugin had not been there.
+
+Plugins written for production-stack's `CustomCallbackHandler` (`pre_request(request,
+request_body, request_json)` and `post_request(request, response_content)`) load through
+`ProductionStackAdapter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from router.config import ConfigError
+from router.flow import RequestFlow
+
+__all__ = ["load_object", "PluginHost", "RequestRewriter", "MAX_BODY"]
+
+log = logging.getLogger("router.plugins")
+
+MAX_BODY = 16 * 1024 * 1024
+"""Largest response body kept for `post_request`; a longer one is not passed on."""
+MAX_PENDING = 10_000
+"""Event calls waiting for the plugin threads; past it events are dropped, with a warning."""
+
+
+def load_object(spec: str, flag: str) -> object:
+    """Import `module:Class` (or production-stack's `module.Class`) and instantiate it."""
+    module_name, sep, name = spec.partition(":")
+    if not sep:
+        module_name, _, name = spec.rpartition(".")
+    if not module_name or not name:
+        raise ConfigError(f"argument {flag}: expected module:Class, got {spec!r}")
+    try:
+        factory: Callable[[], object] = getattr(importlib.import_module(module_name), name)
+        return factory()
+    except Exception as error:
+        raise ConfigError(f"argument {flag}: cannot load {spec!r}: {error!r}") from None
+
+
+class ProductionStackAdapter:
+    """Runs a production-stack `CustomCallbackHandler` as a plugin."""
+
+    wants_body = True
+
+    def __init__(self, handler: object) -> None:
+        self.handler = handler
+        self.wants_body = callable(getattr(handler, "post_request", None))
+
+    def __repr__(self) -> str:
+        return f"<ProductionStackAdapter {self.handler!r}>"
+
+    async def pre_request(self, flow: RequestFlow) -> web.StreamResponse | None:
+        method = getattr(self.handler, "pre_request", None)
+        if method is None:
+            return None
+        body = flow.request_body or b""
+        result = method(flow.request, body, flow.request_json)
+        if inspect.isawaitable(result):
+            result = await result
+        return result if isinstance(result, web.StreamResponse) else None
+
+    async def post_request(self, flow: RequestFlow, body: bytes) -> None:
+        result = self.handler.post_request(flow.request, body)  # type: ignore[attr-defined]
+        if inspect.isawaitable(result):
+            await result
+
+
+def is_production_stack_handler(plugin: object) -> bool:
+    pre = getattr(plugin, "pre_request", None)
+    if pre is None:
+        return False
+    try:
+        return len(inspect.signature(pre).parameters) == 3
+    except (TypeError, ValueError):
+        return False
+
+
+class PluginHost:
+    """The loaded plugins; subscribed to the request events like any other subscriber."""
+
+    def __init__(self, plugins: Iterable[object]) -> None:
+        self.plugins = [
+            ProductionStackAdapter(p) if is_production_stack_handler(p) else p for p in plugins
+        ]
+        self.wants_body = any(getattr(p, "wants_body", False) for p in self.plugins)
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="plugin")
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def _methods(self, name: str) -> list[Callable[..., Any]]:
+        return [m for p in self.plugins if callable(m := getattr(p, name, None))]
+
+    def _call(self, method: Callable[..., Any], *args: object) -> asyncio.Future[Any] | None:
+        """Start `method` without waiting for it: a task if async, else in a thread."""
+        if len(self._pending) >= MAX_PENDING:
+            log.warning("plugins are %d calls behind: dropping %r", MAX_PENDING, method)
+            return None
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any]
+        if inspect.iscoroutinefunction(method):
+            future = loop.create_task(method(*args))
+        else:
+            future = loop.run_in_executor(self._threads, method, *args)
+        self._pending.add(future)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and (error := future.exception()) is not None:
+            log.error("plugin failed", exc_info=error)
+
+    def _emit(self, name: str, flow: RequestFlow) -> None:
+        for method in self._methods(name):
+            self._call(method, flow)
+
+    def on_new(self, flow: RequestFlow) -> None:
+        self._emit("on_new", flow)
+
+    def on_response(self, flow: RequestFlow) -> None:
+        self._emit("on_response", flow)
+
+    def on_complete(self, flow: RequestFlow) -> None:
+        self._emit("on_complete", flow)
+
+    async def pre_request(self, flow: RequestFlow) -> web.StreamResponse | None:
+        """The first plugin answer, or None: the request goes on to a backend."""
+        for method in self._methods("pre_request"):
+            try:
+                if inspect.iscoroutinefunction(method):
+                    answer = await method(flow)
+                else:
+                    loop = asyncio.get_running_loop()
+                    answer = await loop.run_in_executor(self._threads, method, flow)
+            except Exception:
+                log.exception("plugin %r failed in pre_request for %r", method, flow)
+                continue
+            if isinstance(answer, web.StreamResponse):
+                return answer
+        return None
+
+    def post_request(self, flow: RequestFlow, body: bytes) -> None:
+        """Hand the body to the plugins that want it, without delaying anything."""
+        for plugin in self.plugins:
+            method = getattr(plugin, "post_request", None)
+            if callable(method) and getattr(plugin, "wants_body", False):
+                self._call(method, flow, body)
+
+    async def aclose(self) -> None:
+        """Let running plugin calls finish, then stop the threads."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=5)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return f"<PluginHost plugins={self.plugins!r} pending={len(self._pending)}>"
+
+
+class RequestRewriter(Protocol):
+    def rewrite(self, flow: RequestFlow, body: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body to route and send instead of `body` (which may be changed in place
+        and returned)."""
+        ...
