@@ -36,7 +36,7 @@ from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 
-__all__ = ["make_app"]
+__all__ = ["make_app", "mounted"]
 
 
 async def client_session(app: web.Application) -> AsyncIterator[None]:
@@ -181,7 +181,22 @@ def make_app(config: Config) -> web.Application:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(fleet_watchers)
+    if config.log_stats:
+        from router.stats.summary import log_stats
+
+        app.cleanup_ctx.append(log_stats)
     openai.add_routes(app)
     admin.add_routes(app)
     dashboard.add_routes(app)
     return app
+
+
+def mounted(app: web.Application) -> web.Application:
+    """The application to serve: `app` itself, or with `--root-path` a root that serves it
+    below that prefix (behind an ingress)."""
+    config = app[CONFIG]
+    if not config.root_path:
+        return app
+    root = web.Application(client_max_size=config.max_json_body_size)
+    root.add_subapp(config.root_path, app)
+    return root

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="reload --config when the file changes (SIGHUP always reloads)")
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add("--port", type=port_number, default=8001, help="port to listen on (default 8001)")
+    add("--root-path", default="",
+        help="serve every route under this path prefix, e.g. /router (behind an ingress)")
     add("--service-discovery", choices=["static", "k8s"], default="static",
         help="where backends come from: static (the flags) or k8s (pods; default static)")
     add("--static-backends", default="",
@@ -126,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--routing-logic", choices=sorted(POLICIES), default="roundrobin",
         help="routing policy (default roundrobin)")
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
+    add("--log-stats", action="store_true",
+        help="log a one-line summary per backend every --log-stats-interval seconds")
+    add("--log-stats-interval", type=positive_float, default=10.0,
+        help="seconds between --log-stats summaries (default 10)")
     add("--log-format", choices=("text", "json"), default="text", type=str.lower,
         help="text (default) or json: one JSON object per line, access lines included")
     add("--no-access-log", dest="access_log", action="store_false",
@@ -377,12 +383,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
                        *(((args.request_rewriter, "--request-rewriter"),)
                          if args.request_rewriter else ())]:
         importable(spec, flag)
+    root_path = args.root_path.rstrip("/")
+    if root_path and not root_path.startswith("/"):
+        raise ConfigError("argument --root-path: must start with '/', e.g. /router")
     if not args.health_check_path.startswith("/"):
         raise ConfigError("argument --health-check-path: must start with '/'")
     if args.max_upstream_connections < 0:
         raise ConfigError("argument --max-upstream-connections: must be 0 or more")
     return Config(
         host=args.host,
+        root_path=root_path,
         port=args.port,
         service_discovery=args.service_discovery,
         static_backends=tuple(backends),
@@ -417,6 +427,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         client_body_timeout=args.client_body_timeout,
         keepalive_timeout=args.keepalive_timeout,
         workers=args.workers,
+        log_stats=args.log_stats,
+        log_stats_interval=args.log_stats_interval,
         callbacks=callbacks,
         request_rewriter=args.request_rewriter,
         drain_timeout=args.drain_timeout,

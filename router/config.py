@@ -34,6 +34,8 @@ class StaticBackend:
 @dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
+    root_path: str = ""
+    """A path prefix every route is served under (behind an ingress), e.g. `/router`."""
     port: int = 8001
     service_discovery: str = "static"
     static_backends: tuple[StaticBackend, ...] = ()
@@ -108,6 +110,9 @@ class Config:
     """Plugins as `module:Class` (or `module.Class`)."""
     request_rewriter: str | None = None
 
+    log_stats: bool = False
+    """Log a one-line summary per backend every `log_stats_interval` seconds."""
+    log_stats_interval: float = 10.0
     drain_timeout: float = 30.0
     """Seconds running requests get to finish after SIGTERM/SIGINT before they are cut."""
     shutdown_delay: float = 0.0

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from router import __version__
 from router.access_log import configure_logging
-from router.app import make_app
+from router.app import make_app, mounted
 from router.cli import load_config
 from router.config import DEMO_MODELS, Config
 from router.discovery.kubernetes import K8sConfigError
@@ -59,7 +59,7 @@ async def serve(
     # Without handler_cancellation a handler learns of a disconnect only at its next write,
     # and a backend computing a first token would keep working for a client that is gone.
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
+        mounted(app), handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
         keepalive_timeout=config.keepalive_timeout,
         max_line_size=config.max_header_size, max_field_size=config.max_header_size,
     )

@@ -13,6 +13,7 @@ import openai
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from router.app import make_app, mounted
 from router.config import Config, StaticBackend
 from router.flow import Outcome
 from router.inbound import InboundRequest
@@ -332,3 +333,30 @@ async def test_a_backend_503_is_retried_elsewhere_but_passed_on_when_alone(
     healthy.behaviour.fail_status = 503
     status, reply, _ = await post(router)
     assert status == 503 and "Injected failure from engine" in reply["error"]["message"]
+
+
+async def test_root_path_serves_every_route_under_the_prefix(
+    aiohttp_client: Any, engines: list[RunningEngine]
+) -> None:
+    client = await aiohttp_client(mounted(make_app(config_for(engines, root_path="/router"))))
+    response = await client.post("/router/v1/chat/completions?x=1", json=CHAT_BODY)
+    assert response.status == 200, await response.text()
+    served = [engine for engine in engines if engine.state.last_path]
+    assert served[0].state.last_path == "/v1/chat/completions?x=1"
+    assert (await client.get("/router/health")).status == 200
+    assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status == 404
+
+
+async def test_log_stats_writes_a_line_per_backend(
+    start_router: StartRouter, engines: list[RunningEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    router = await start_router(config_for(engines, log_stats=True, log_stats_interval=0.1))
+    caplog.set_level("INFO", logger="router.stats")
+    await post(router)
+    async with asyncio.timeout(3):
+        while len([r for r in caplog.records if r.name == "router.stats"]) < 2:
+            await asyncio.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.stats"]
+    assert all("healthy=True" in line and "in_flight=0" in line for line in lines[:2])
+    assert {line.split()[0] for line in lines} == {
+        f"backend={b.id}" for b in router.app[POOL].backends}

@@ -125,7 +125,9 @@ async def admitted(
         except RouterError as error:
             return lifecycle.reject(error)
         if pinned is None:
-            path = request.path_qs
+            # The route's own path (not the client's, which may carry --root-path).
+            query = request.query_string
+            path = f"{endpoint}?{query}" if query else endpoint
             config = app[CONFIG]
             failover: Failover | None = Failover(
                 lambda tried: chooser.choose_next(inbound, tried),
@@ -134,7 +136,7 @@ async def admitted(
                 config.retry_backoff,
             )
         else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
-            path = str(request.rel_url.without_query_params("id"))
+            path = str(request.rel_url.with_path(endpoint).without_query_params("id"))
             failover = None
         headers = upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH])
         async with lifecycle:
