@@ -136,7 +136,8 @@ async def admitted(
                 config.retry_backoff,
             )
         else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
-            path = str(request.rel_url.with_path(endpoint).without_query_params("id"))
+            query = request.rel_url.without_query_params("id").query_string
+            path = f"{endpoint}?{query}" if query else endpoint
             failover = None
         headers = upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH])
         async with lifecycle:
