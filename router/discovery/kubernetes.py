@@ -34,28 +34,34 @@ in a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 import logging
 import math
 import random
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import yaml
 from aiohttp import web
 
 from router import __version__
 from router.backends import Backend, BackendPool
+from router.discovery.k8s_access import (
+    SERVICE_ACCOUNT_DIR,
+    K8sAccess,
+    K8sConfigError,
+    K8sSettings,
+    Token,
+    in_cluster_api_server,
+    load_access,
+    parse_kubeconfig,
+    read_access,
+)
 
 __all__ = [
     "K8sSettings",
@@ -78,7 +84,6 @@ __all__ = [
 
 log = logging.getLogger("router.k8s")
 
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 PORT_ANNOTATION = "router.vllm.ai/port"
 """Pod annotation: the engine port of this pod, overriding `K8sSettings.port`."""
 LABELS_ANNOTATION = "router.vllm.ai/labels"
@@ -96,315 +101,6 @@ QUICK_END = 1.0
 """A watch that ends cleanly within this many seconds with no event counts as a failure (backoff),
 so an API server or proxy that closes every watch at once cannot cause a hot loop."""
 MAX_CONCURRENT_FETCHES = 16
-
-
-class K8sConfigError(ValueError):
-    """Kubernetes discovery cannot start: the message says what is missing or wrong."""
-
-
-@dataclass(frozen=True)
-class K8sSettings:
-    """What to discover and how to reach the API server. Validated on creation (ValueError)."""
-
-    namespace: str | None = None
-    """None: the router pod's own namespace (service account), else the kubeconfig context's,
-    else `default`."""
-    label_selector: str = ""
-    """As in `kubectl get pods -l`, e.g. `app=vllm,tier!=canary`; empty selects every pod."""
-    port: int = 8000
-    """The engine port on each pod (a pod's `router.vllm.ai/port` annotation overrides it)."""
-    scheme: str = "http"
-    kubeconfig: str | None = None
-    """A kubeconfig path; when set it wins over the in-cluster service account."""
-    context: str | None = None
-    """The kubeconfig context; None: its `current-context`."""
-    api_server: str | None = None
-    """In-cluster API server URL (`in_cluster_api_server(os.environ)`); None outside a pod."""
-    service_account_dir: str = SERVICE_ACCOUNT_DIR
-    models_refresh: float = 30.0
-    """Seconds between re-reads of every engine's `/v1/models` (LoRA adapters come and go); also
-    the longest wait between retries for an engine whose models are not known yet."""
-    model_fetch_timeout: float = 5.0
-    engine_api_key: str | None = field(default=None, repr=False)
-    """Bearer token for the engines' `/v1/models` (vLLM `--api-key`)."""
-    watch_timeout: int = 300
-    """`timeoutSeconds` of each watch; the server ends it then and it is resumed."""
-    request_timeout: float = 30.0
-    """Seconds for one LIST page, and to connect for a WATCH."""
-    token_reload: float = 60.0
-    """Seconds between re-reads of a token file (kubelet rotates service-account tokens)."""
-    retry_min: float = 0.5
-    retry_max: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"k8s port must be between 1 and 65535, not {self.port}")
-        if self.scheme not in ("http", "https"):
-            raise ValueError(f"k8s scheme must be http or https, not {self.scheme!r}")
-        if self.namespace is not None and not self.namespace.strip():
-            raise ValueError("k8s namespace must not be empty (leave it unset for the pod's own)")
-        for name in ("models_refresh", "model_fetch_timeout", "request_timeout", "token_reload",
-                     "retry_min", "retry_max"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"k8s {name} must be a positive number of seconds, not {value}")
-        if self.watch_timeout < 1:
-            raise ValueError(f"k8s watch_timeout must be at least 1 second, not "
-                             f"{self.watch_timeout}")
-        if self.retry_max < self.retry_min:
-            raise ValueError("k8s retry_max must not be below retry_min")
-
-
-def in_cluster_api_server(environ: Mapping[str, str]) -> str | None:
-    """The API server URL a pod's environment names; None outside a pod."""
-    host = environ.get("KUBERNETES_SERVICE_HOST", "").strip()
-    if not host:
-        return None
-    port = environ.get("KUBERNETES_SERVICE_PORT", "").strip() or "443"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"https://{host}:{port}"
-
-
-# --------------------------------------------------------------------------- credentials
-
-
-@dataclass(frozen=True)
-class K8sAccess:
-    """How to talk to the API server: loaded once (`load_access`), before the loop runs it."""
-
-    server: str
-    """Base URL without a trailing slash, e.g. `https://10.96.0.1:443`."""
-    namespace: str
-    ssl: ssl.SSLContext | bool = True
-    """For aiohttp's `ssl=`: a context with the cluster CA (and client certificate); False only
-    for `insecure-skip-tls-verify`."""
-    token: str | None = field(default=None, repr=False)
-    token_file: str | None = None
-    """Re-read every `K8sSettings.token_reload` seconds and after a 401."""
-    server_hostname: str | None = None
-    """The name to verify the server certificate against (kubeconfig `tls-server-name`)."""
-    source: str = ""
-    """Where the credentials came from, for log lines."""
-
-
-async def load_access(settings: K8sSettings) -> K8sAccess:
-    """Read the credentials in a thread; raises `K8sConfigError` saying what is wrong."""
-    return await asyncio.to_thread(read_access, settings)
-
-
-def read_access(settings: K8sSettings) -> K8sAccess:
-    """Blocking: read the kubeconfig or the service account files. Call it in a thread."""
-    if settings.kubeconfig:
-        return _from_kubeconfig(settings, settings.kubeconfig)
-    if settings.api_server:
-        return _in_cluster(settings, settings.api_server)
-    raise K8sConfigError(
-        "kubernetes discovery: not running in a pod (KUBERNETES_SERVICE_HOST is not set) and "
-        "no kubeconfig given (--k8s-kubeconfig or KUBECONFIG)"
-    )
-
-
-def _in_cluster(settings: K8sSettings, api_server: str) -> K8sAccess:
-    account = Path(settings.service_account_dir)
-    server = api_server.rstrip("/")
-    token_path = account / "token"
-    token = _read_token(token_path, "the service-account token")
-    namespace = settings.namespace or _read_optional(account / "namespace") or "default"
-    context: ssl.SSLContext | bool = True
-    if server.startswith("https://"):
-        # Plain http is only for a local proxy (`kubectl proxy`) and tests.
-        context = _ssl_context(f"the service-account CA {account / 'ca.crt'}",
-                               cafile=str(account / "ca.crt"))
-    return K8sAccess(server=server, namespace=namespace, ssl=context, token=token,
-                     token_file=str(token_path), source=f"the service account in {account}")
-
-
-def _read_token(path: Path, what: str) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise K8sConfigError(f"cannot read {what} {path}: {error.strerror or error}") from None
-    if not token:
-        raise K8sConfigError(f"{what} {path} is empty")
-    return token
-
-
-def _read_optional(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
-def parse_kubeconfig(text: str, where: str) -> dict[str, Any]:
-    """A kubeconfig's content, YAML or JSON (a subset of YAML)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise K8sConfigError(f"{where}: not valid YAML: {error}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise K8sConfigError(f"{where}: not a kubeconfig (expected a mapping at the top)")
-    return data
-
-
-def _named(config: Mapping[str, Any], section: str, key: str, name: Any,
-           where: str) -> dict[str, Any]:
-    entries = config.get(section)
-    for entry in entries if isinstance(entries, list) else ():
-        if isinstance(entry, dict) and entry.get("name") == name:
-            value = entry.get(key)
-            if not isinstance(value, dict):
-                raise K8sConfigError(f"{where}: {section} entry {name!r} has no {key!r} mapping")
-            return value
-    raise K8sConfigError(f"{where}: no entry named {name!r} in {section!r}")
-
-
-def _from_kubeconfig(settings: K8sSettings, kubeconfig: str) -> K8sAccess:
-    path = Path(kubeconfig).expanduser()
-    where = f"kubeconfig {path}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise K8sConfigError(f"cannot read {where}: {error.strerror or error}") from None
-    config = parse_kubeconfig(text, where)
-    context_name = settings.context or config.get("current-context")
-    if not context_name:
-        raise K8sConfigError(f"{where}: no current-context set, and no context chosen")
-    context = _named(config, "contexts", "context", context_name, where)
-    where = f"{where} context {context_name!r}"
-    cluster = _named(config, "clusters", "cluster", context.get("cluster"), where)
-    user_name = context.get("user")
-    user = _named(config, "users", "user", user_name, where) if user_name else {}
-    server = cluster.get("server")
-    if not isinstance(server, str) or not server.startswith(("https://", "http://")):
-        raise K8sConfigError(f"{where}: the cluster has no http(s) server URL: {server!r}")
-    for plugin in ("exec", "auth-provider"):
-        if user.get(plugin):
-            raise K8sConfigError(
-                f"{where}: user {user_name!r} gets its credentials from an {plugin} plugin, "
-                "which the router does not run; use a service-account token (token or "
-                "tokenFile) or a client certificate"
-            )
-    if user.get("username") or user.get("password"):
-        raise K8sConfigError(f"{where}: basic authentication (username/password) is not "
-                             "supported; use a token or a client certificate")
-    if cluster.get("proxy-url"):
-        raise K8sConfigError(f"{where}: proxy-url is not supported")
-    base = path.parent
-
-    def local(value: Any) -> str | None:
-        """A file a kubeconfig names: relative paths are relative to the kubeconfig."""
-        if not value:
-            return None
-        return str((base / Path(str(value)).expanduser()))
-
-    token = user.get("token") or None
-    token_file = local(user.get("tokenFile"))
-    if token is None and token_file is not None:
-        token = _read_token(Path(token_file), f"{where}: tokenFile")
-    context_ssl: ssl.SSLContext | bool = True
-    if server.startswith("https://"):
-        context_ssl = _ssl_context(
-            f"{where}: the cluster CA",
-            cafile=local(cluster.get("certificate-authority")),
-            cadata=_b64(cluster.get("certificate-authority-data"), where,
-                        "certificate-authority-data"),
-            insecure=bool(cluster.get("insecure-skip-tls-verify")),
-        )
-        cert_file = local(user.get("client-certificate"))
-        cert_data = _b64(user.get("client-certificate-data"), where, "client-certificate-data")
-        key_file = local(user.get("client-key"))
-        key_data = _b64(user.get("client-key-data"), where, "client-key-data")
-        if (cert_file or cert_data) or (key_file or key_data):
-            assert isinstance(context_ssl, ssl.SSLContext)
-            _load_client_cert(context_ssl, where, cert_file, cert_data, key_file, key_data)
-    namespace = settings.namespace or context.get("namespace") or "default"
-    hostname = cluster.get("tls-server-name")
-    return K8sAccess(
-        server=server.rstrip("/"), namespace=str(namespace), ssl=context_ssl,
-        token=str(token) if token else None, token_file=token_file,
-        server_hostname=str(hostname) if hostname else None, source=where,
-    )
-
-
-def _b64(value: Any, where: str, key: str) -> bytes | None:
-    if not value:
-        return None
-    try:
-        return base64.b64decode(str(value), validate=True)
-    except (binascii.Error, ValueError):
-        raise K8sConfigError(f"{where}: {key} is not base64") from None
-
-
-def _ssl_context(what: str, cafile: str | None = None, cadata: bytes | None = None,
-                 insecure: bool = False) -> ssl.SSLContext:
-    """A client context trusting the cluster CA (the system's when none is given)."""
-    try:
-        if insecure:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        elif cadata is not None:
-            context = ssl.create_default_context(cadata=cadata.decode("ascii"))
-        else:
-            context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError, UnicodeDecodeError) as error:
-        raise K8sConfigError(f"cannot load {what}: {error}") from None
-    return context
-
-
-def _load_client_cert(context: ssl.SSLContext, where: str, cert_file: str | None,
-                      cert_data: bytes | None, key_file: str | None,
-                      key_data: bytes | None) -> None:
-    if not (cert_file or cert_data) or not (key_file or key_data):
-        raise K8sConfigError(f"{where}: a client certificate needs both the certificate and "
-                             "the key")
-    try:
-        if cert_file and key_file:
-            context.load_cert_chain(cert_file, key_file)
-            return
-        # ssl loads a certificate only from files: write the embedded ones to a private
-        # directory (0700) for as long as the load takes.
-        with tempfile.TemporaryDirectory(prefix="router-k8s-") as scratch:
-            if cert_file is None:
-                assert cert_data is not None
-                cert_file = str(Path(scratch) / "client.crt")
-                Path(cert_file).write_bytes(cert_data)
-            if key_file is None:
-                assert key_data is not None
-                key_file = str(Path(scratch) / "client.key")
-                Path(key_file).write_bytes(key_data)
-            context.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as error:
-        raise K8sConfigError(f"{where}: cannot load the client certificate: {error}") from None
-
-
-class _Token:
-    """The bearer token, re-read from its file now and then (kubelet rotates it) and after a 401."""
-
-    def __init__(self, access: K8sAccess, reload_after: float) -> None:
-        self._value = access.token
-        self._file = access.token_file
-        self._reload_after = reload_after
-        self._read_at = time.monotonic()
-
-    async def value(self) -> str | None:
-        if self._file is not None and time.monotonic() - self._read_at >= self._reload_after:
-            self._read_at = time.monotonic()
-            try:
-                token = await asyncio.to_thread(_read_token, Path(self._file), "the token")
-            except K8sConfigError as error:
-                log.warning("%s; keeping the token read before", error)
-            else:
-                if token != self._value:
-                    log.info("the token in %s changed; using the new one", self._file)
-                self._value = token
-        return self._value
-
-    def expire(self) -> None:
-        """Read the file again before the next request."""
-        self._read_at = -math.inf
 
 
 # --------------------------------------------------------------------------- pods
@@ -567,7 +263,7 @@ class KubernetesDiscovery:
         self.synced = asyncio.Event()
         """Set once the first LIST has been applied."""
         self._pods_url = f"{access.server}/api/v1/namespaces/{quote(self.namespace, safe='')}/pods"
-        self._token = _Token(access, settings.token_reload)
+        self._token = Token(access, settings.token_reload)
         self._pods: dict[str, PodTarget] = {}
         """Every pod the selector matches, by name, routable or not."""
         self._models: dict[str, tuple[str, ...]] = {}
