@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -17,7 +18,9 @@ from aiohttp.typedefs import Handler, Middleware
 from router.api import request_id
 from router.errors import Unauthorized, error_response
 
-__all__ = ["ApiKeys", "OPEN_PATHS", "ADMIN_PATHS", "auth_middleware"]
+__all__ = ["ApiKeys", "OPEN_PATHS", "ADMIN_PATHS", "auth_middleware", "bearer_token"]
+
+log = logging.getLogger("router.access")
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 """Liveness and readiness: probes carry no keys."""
@@ -38,33 +41,55 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def accepts(self, authorization: str | None) -> bool:
-        """True for `Bearer <one of the keys>`."""
-        if not authorization or not authorization.startswith("Bearer "):
-            return False
-        presented = hashlib.sha256(authorization[7:].strip().encode()).digest()
+    def identify(self, authorization: str | None) -> str | None:
+        """For `Bearer <one of the keys>`, a stable id of that key (a digest prefix, for rate
+        limits and logs: never the key); None for anything else."""
+        token = bearer_token(authorization)
+        if token is None:
+            return None
+        presented = hashlib.sha256(token.encode()).digest()
         matched = False
         for digest in self._digests:  # no early exit: every key is compared
             matched |= hmac.compare_digest(digest, presented)
-        return matched
+        return presented.hex()[:16] if matched else None
+
+    def accepts(self, authorization: str | None) -> bool:
+        return self.identify(authorization) is not None
 
     def __repr__(self) -> str:
         return f"<ApiKeys keys={len(self._digests)}>"
 
 
-def auth_middleware(keys: ApiKeys, protect_admin: bool) -> Middleware:
-    """Refuse requests without a valid key with a 401 OpenAI-style error."""
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def auth_middleware(
+    keys: ApiKeys, protect_admin: bool, root_path: str, refused: Callable[[], None]
+) -> Middleware:
+    """Refuse requests without a valid key with a 401 OpenAI-style error. Installed whenever
+    keys may exist, so a reload can add keys to a running router; `refused` counts refusals
+    (each is also logged), so guessing keys does not go unseen."""
     exempt = OPEN_PATHS if protect_admin else OPEN_PATHS | ADMIN_PATHS
+    exempt = exempt | {root_path + path for path in exempt}
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in exempt or not keys.enabled:
+        if not keys.enabled or request.path in exempt:
             return await handler(request)
         if keys.accepts(request.headers.get(hdrs.AUTHORIZATION)):
             return await handler(request)
+        refused()
+        rid = request_id(request)
+        log.info("refused request_id=%s remote=%s path=%s: no valid API key",
+                 rid, request.remote, request.path)
         return error_response(
-            Unauthorized("a valid API key is required: Authorization: Bearer <key>"),
-            request_id(request),
+            Unauthorized("a valid API key is required: Authorization: Bearer <key>"), rid
         )
 
     return check_api_key

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import aiohttp
@@ -124,9 +124,13 @@ def forget_backends(app: web.Application, removed: frozenset[str]) -> None:
 
 def make_app(config: Config) -> web.Application:
     api_keys = ApiKeys(config.api_keys)
-    middlewares: list[Middleware] = [json_errors]
-    if config.api_keys or config.api_keys_file:  # no cost at all for an open router
-        middlewares.append(auth_middleware(api_keys, config.protect_admin))
+    refusals: list[Callable[[], None]] = []
+    middlewares: list[Middleware] = [
+        json_errors,
+        # Always there, so a reload can add keys; without keys it checks one flag.
+        auth_middleware(api_keys, config.protect_admin, config.root_path,
+                        lambda: refusals[0]() if refusals else None),
+    ]
     app = web.Application(client_max_size=config.max_json_body_size, middlewares=middlewares)
     app[API_KEYS] = api_keys
     app[ADMISSION] = (
@@ -149,6 +153,7 @@ def make_app(config: Config) -> web.Application:
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
+    refusals.append(metrics.count_unauthorized)
     app[PLUGINS] = None
     if config.callbacks:
         plugins = PluginHost(load_object(spec, "--callbacks") for spec in config.callbacks)
@@ -197,6 +202,6 @@ def mounted(app: web.Application) -> web.Application:
     config = app[CONFIG]
     if not config.root_path:
         return app
-    root = web.Application(client_max_size=config.max_json_body_size)
+    root = web.Application(client_max_size=config.max_json_body_size, middlewares=[json_errors])
     root.add_subapp(config.root_path, app)
     return root

@@ -297,7 +297,9 @@ def load_config(argv: Sequence[str]) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is not None:
-        tokens = file_tokens(read_config_file(args.config), parser, args.config)
+        # Flags on the command line override the file's, repeatable ones included.
+        given = {arg.partition("=")[0] for arg in argv if arg.startswith("--")}
+        tokens = file_tokens(read_config_file(args.config), parser, args.config, given)
         try:
             parser.parse_args(tokens)
         except ConfigError as error:

@@ -80,7 +80,8 @@ class Config:
     """Keys clients must present as `Authorization: Bearer <key>`; none: the router is open."""
     api_keys_file: str | None = None
     protect_admin: bool = False
-    """Also require a key for /metrics, /engines and /dashboard (/health and /ready stay open)."""
+    """Also require a key for /metrics, /engines, /dashboard and /version (/health and /ready
+    stay open)."""
     forward_client_auth: bool = False
     backend_api_key: str | None = None
     """Sent to backends as `Authorization: Bearer` on proxied requests, probes and scrapes."""

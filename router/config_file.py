@@ -14,7 +14,7 @@ the command line after it, so flags override the file and every value is checked
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import yaml
@@ -39,9 +39,11 @@ def read_config_file(path: str) -> Mapping[str, object]:
 
 
 def file_tokens(
-    data: Mapping[str, object], parser: argparse.ArgumentParser, path: str
+    data: Mapping[str, object], parser: argparse.ArgumentParser, path: str,
+    overridden: Collection[str] = (),
 ) -> list[str]:
-    """Flag tokens for the file's settings; unknown keys and unusable values name the key."""
+    """Flag tokens for the file's settings, minus the flags in `overridden` (given on the
+    command line); unknown keys and unusable values name the key."""
     options = {
         option: action
         for action in parser._actions  # argparse has no public listing of its options
@@ -53,7 +55,7 @@ def file_tokens(
         action = options.get(flag)
         if action is None or flag in ("--config", "--help", "--version"):
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-        if value is None:
+        if value is None or flag in overridden:
             continue
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):

@@ -40,12 +40,12 @@ API_KEYS = web.AppKey("api_keys", ApiKeys)
 ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
 """None without --max-concurrent-requests."""
 RATE_LIMITER: web.AppKey[RateLimiter | None] = web.AppKey("rate_limiter")
+"""None without --rate-limit."""
 FLEET_PUBLISHER: web.AppKey[FleetPublisher | None] = web.AppKey("fleet_publisher")
+"""Only in a worker of `--workers N`: publishes the fleet gauges for the other workers."""
 PLUGINS: web.AppKey[PluginHost | None] = web.AppKey("plugins")
 """None without --callbacks."""
 REWRITER: web.AppKey[RequestRewriter | None] = web.AppKey("rewriter")
 """None without --request-rewriter."""
-"""Only in a worker of `--workers N`: publishes the fleet gauges for the other workers."""
-"""None without --rate-limit."""
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""

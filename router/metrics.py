@@ -416,6 +416,11 @@ class Metrics:
             "backend; server is the backend that failed, reason the attempt's outcome.",
             ["server", "model", "reason"], registry=registry,
         ))
+        self._unauthorized = Counter(
+            "router_unauthorized_requests",
+            "Requests refused for want of a valid API key (401).",
+            registry=registry,
+        )
         self._all = (
             self._incoming, self._input_tokens, self._output_tokens, self._errors,
             self._latency, self._duration, self._ttft, self._ttfb, self._tpot, self._connect,
@@ -656,6 +661,9 @@ class Metrics:
     def servers(self) -> Iterable[str]:
         """Every server with series in the exposition (for tests and `/engines`)."""
         return {server for server, _ in self._slots} | self._connect.servers()
+
+    def count_unauthorized(self) -> None:
+        self._unauthorized.inc()
 
     def render(self) -> bytes:
         """The exposition; series of servers gone for `retention` are dropped first."""

@@ -2,7 +2,8 @@
 
 A plugin is a small class with any of:
 
-- `on_new(flow)`, `on_response(flow)`, `on_complete(flow)`: the request events;
+- `on_new(flow)`, `on_retry(flow)`, `on_response(flow)`, `on_complete(flow)`: the request
+  events;
 - `pre_request(flow)`: before a backend is chosen; return an aiohttp response to answer the
   request itself (refuse it, or serve a canned answer), or None to let it through;
 - `post_request(flow, body)`: the whole response body, after it reached the client, only for
@@ -136,6 +137,9 @@ class PluginHost:
 
     def on_new(self, flow: RequestFlow) -> None:
         self._emit("on_new", flow)
+
+    def on_retry(self, flow: RequestFlow) -> None:
+        self._emit("on_retry", flow)
 
     def on_response(self, flow: RequestFlow) -> None:
         self._emit("on_response", flow)

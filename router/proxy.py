@@ -314,7 +314,8 @@ async def prefill(
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
     try:
-        async with session.post(backend.url + path, json=body, headers=headers) as response:
+        async with session.post(backend.url + path, json=body, headers=headers,
+                                allow_redirects=False) as response:
             answer = await response.read()
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, backend.id, inbound) from error
@@ -365,8 +366,11 @@ async def exchange(
             headers = CIMultiDict(headers)
             headers[hdrs.CONTENT_LENGTH] = str(inbound.upload.content_length)
     try:
+        # A backend's redirect goes to the client as it is: the router never follows one to
+        # a host discovery did not give it.
         upstream = await session.request(
-            request.method, flow.backend.url + path, data=data, headers=headers
+            request.method, flow.backend.url + path, data=data, headers=headers,
+            allow_redirects=False,
         )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, flow.backend.id, inbound) from error

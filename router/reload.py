@@ -47,6 +47,11 @@ class Reloader:
         """Load the configuration again and apply what changed; False when refused."""
         try:
             new = await asyncio.to_thread(self._load)
+            if self.current.api_keys and not new.api_keys:
+                raise ConfigError(
+                    "it has no API keys left, which would open the router to everyone "
+                    "(restart without keys to run open on purpose)"
+                )
         except ConfigError as error:
             log.error("config reload (%s) refused, the running configuration stays: %s",
                       reason, error)
@@ -83,9 +88,8 @@ class Reloader:
             log.info("API keys reloaded: %d", len(new.api_keys))
         if "log_level" in changed:
             logging.getLogger().setLevel(new.log_level.upper())
-        self.current = dataclasses.replace(
-            old, **{name: getattr(new, name) for name in changed & RELOADABLE}
-        )
+        # Compared against next time: a restart-only change is reported once.
+        self.current = new
 
     async def watch(self, path: str, interval: float = 1.0) -> None:
         """Poll the file's modification time; reload when it changes."""

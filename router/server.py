@@ -96,7 +96,7 @@ async def drain(app: web.Application, listener: asyncio.Server, config: Config,
     requests = app[DRAIN]
     requests.draining = True
     notifier.notify("STOPPING=1")
-    log.info("draining: %d requests running, up to %.0f s", requests.live, config.drain_timeout)
+    log.info("draining: %d requests running, up to %g s", requests.live, config.drain_timeout)
     if config.shutdown_delay > 0:
         await asyncio.sleep(config.shutdown_delay)
     listener.close()

@@ -151,10 +151,17 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(receiver.fileno())
             receiver.close()
             del self.workers[slot]
+            was_ready = slot in self.ready
             self.ready.discard(slot)
             mark_dead(process.pid)
             if self.stopping and process.exitcode:
                 self.exit_code = 1
+            elif not was_ready:
+                # It never listened (a taken port, a bad setting): restarting cannot help.
+                log.critical("worker %d failed to start (code %s); stopping",
+                             slot, process.exitcode)
+                self.exit_code = 1
+                self.stop()
             if not self.stopping:
                 log.error("worker %d (pid %s) died with code %s; restarting it",
                           slot, process.pid, process.exitcode)

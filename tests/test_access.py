@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from router.app import make_app, mounted
+from router.cli import load_config
 from router.config import Config, StaticBackend
 from router.flow import Outcome
 from router.server import serve
@@ -188,3 +193,110 @@ async def test_oversized_header_is_refused(engines: list[RunningEngine]) -> None
         stop.set()
         await asyncio.wait_for(server, 5)
     assert sum(engine.state.started for engine in engines) == 1
+
+
+async def test_keys_work_under_a_root_path_and_refusals_are_counted(
+    aiohttp_client: Any, engines: list[RunningEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app(config_for(engines, api_keys=("k",), root_path="/router"))
+    client = await aiohttp_client(mounted(app))
+    for path in ("/router/health", "/router/ready"):
+        assert (await client.get(path)).status == 200, path
+    caplog.set_level("INFO", logger="router.access")
+    response = await client.post("/router/v1/chat/completions", json=BODY)
+    assert response.status == 401
+    assert "refused" in caplog.text and "no valid API key" in caplog.text
+    response = await client.post("/router/v1/chat/completions", json=BODY,
+                                 headers={"Authorization": "bearer   k"})  # any case, spaces
+    assert response.status == 200
+    metrics = await (await client.get("/router/metrics")).text()
+    assert "router_unauthorized_requests_total 1.0" in metrics
+    assert (await client.get("/elsewhere")).content_type == "application/json"
+
+
+async def test_rate_limits_follow_the_key_not_the_header_spelling(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(config_for([engine], api_keys=("k",), rate_limit=1.0,
+                                           rate_limit_burst=1.0))
+    statuses = []
+    for header in ("Bearer k", "Bearer  k", "bearer k"):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(router.url + "/v1/chat/completions", json=BODY,
+                                    headers={"Authorization": header}) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 429, 429]
+
+
+async def test_without_keys_a_varying_header_does_not_escape_the_rate_limit(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(config_for([engine], rate_limit=1.0, rate_limit_burst=1.0))
+    statuses = []
+    for n in range(3):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(router.url + "/v1/chat/completions", json=BODY,
+                                    headers={"Authorization": f"Bearer junk-{n}"}) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 429, 429]
+
+
+async def test_backend_redirects_are_not_followed(
+    start_router: StartRouter, engine: RunningEngine, aiohttp_server: Any
+) -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(engine.url + "/v1/chat/completions")
+
+    elsewhere = web.Application()
+    elsewhere.router.add_post("/v1/chat/completions", redirect)
+    server = await aiohttp_server(elsewhere)
+    router = await start_router(Config(
+        static_backends=(StaticBackend(str(server.make_url("")).rstrip("/"), MODELS),),
+        health_check_interval=0,
+    ))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + "/v1/chat/completions", json=BODY,
+                                allow_redirects=False) as response:
+            assert response.status == 307
+    assert engine.state.started == 0
+
+
+async def test_a_reload_cannot_drop_every_key(
+    engines: list[RunningEngine], tmp_path: Any
+) -> None:
+    path, port = tmp_path / "router.json", free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def write(keys: list[str]) -> None:
+        path.write_text(json.dumps({
+            "host": "127.0.0.1", "port": port, "api-keys": ",".join(keys),
+            "static-backends": [engines[0].url], "static-models": [list(MODELS)],
+        }))
+
+    write(["first"])
+    argv = ["--config", str(path)]
+    config = await asyncio.to_thread(load_config, argv)
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(config, stop, lambda: load_config(argv)))
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_healthy(session, url)
+
+            async def status(key: str) -> int:
+                async with session.post(url + "/v1/chat/completions", json=BODY,
+                                        headers={"Authorization": f"Bearer {key}"}) as answer:
+                    return answer.status
+
+            write(["second"])
+            os.kill(os.getpid(), signal.SIGHUP)
+            async with asyncio.timeout(5):
+                while await status("second") != 200:
+                    await asyncio.sleep(0.05)
+            assert await status("first") == 401
+            write([])  # refused: the router stays protected
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.3)
+            assert (await status("nothing"), await status("second")) == (401, 200)
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)

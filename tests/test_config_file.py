@@ -160,3 +160,13 @@ async def test_config_watch_reloads_a_changed_file(
     finally:
         stop.set()
         await asyncio.wait_for(server, 10)
+
+
+def test_command_line_flags_replace_repeatable_file_settings(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("demo: true\ncallbacks: [tests.plugin_examples:Gatekeeper]\n")
+    from_file = load_config(["--config", str(path)])
+    assert from_file.callbacks == ("tests.plugin_examples:Gatekeeper",)
+    overridden = load_config(["--config", str(path),
+                              "--callbacks", "tests.plugin_examples:EventCounter"])
+    assert overridden.callbacks == ("tests.plugin_examples:EventCounter",)

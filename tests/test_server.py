@@ -190,3 +190,24 @@ def child_pids(pid: int) -> list[int]:
     # The spawn start method also runs a small resource tracker process.
     return [int(child) for child in children
             if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
+
+
+async def test_workers_that_cannot_listen_stop_the_router(engines: list[RunningEngine]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()  # no SO_REUSEPORT: the workers cannot share it
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
+            "--port", str(port), "--static-backends", engines[0].url,
+            "--static-models", ";".join(MODELS), "--log-level", "warning",
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(process.communicate(), 20)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert process.returncode == 1
+    assert b"failed to start" in err

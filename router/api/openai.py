@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +20,8 @@ from router.errors import RouterError
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
 from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL, RATE_LIMITER,
-    REWRITER, UPSTREAM_AUTH,
+    ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
+    RATE_LIMITER, REWRITER, UPSTREAM_AUTH,
 )
 from router.multipart import read_multipart_request
 from router.plugins import RequestRewriter
@@ -90,11 +89,14 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
 
 
 def client_key(request: web.Request) -> str:
-    """Whose rate limit a request spends: its API key's digest, else its address."""
-    authorization = request.headers.get(hdrs.AUTHORIZATION)
-    if authorization:
-        return hashlib.sha256(authorization.encode()).hexdigest()[:32]
-    return request.remote or "unknown"
+    """Whose rate limit a request spends: its API key when keys are required (the key, not
+    the header's spelling), else its address (a header a client can vary is no identity)."""
+    keys = request.app[API_KEYS]
+    if keys.enabled:
+        key = keys.identify(request.headers.get(hdrs.AUTHORIZATION))
+        if key is not None:
+            return "key:" + key
+    return "addr:" + (request.remote or "unknown")
 
 
 async def admitted(

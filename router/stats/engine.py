@@ -172,7 +172,7 @@ class EngineScraper:
             # come (like the proxy's) would hand us gzip.
             async with self.session.get(
                 backend.url + "/metrics", timeout=self.timeout,
-                headers={"Accept-Encoding": "identity"},
+                headers={"Accept-Encoding": "identity"}, allow_redirects=False,
             ) as response:
                 if response.status != 200:
                     raise _ScrapeError(f"HTTP {response.status}")

@@ -1,7 +1,8 @@
 """Per-backend request stats over a sliding window, fed only by the request events.
 
-In-flight counts change only in `on_new` and `on_complete`, which the lifecycle pairs exactly,
-so they return to zero whatever mix of outcomes the requests had. Windows are kept as
+In-flight counts go up in `on_new`, move between backends in `on_retry` and go down in
+`on_complete`, which the lifecycle pairs exactly, so they return to zero whatever mix of
+outcomes the requests had. Windows are kept as
 one-second buckets: memory depends on the window length, not on the request rate.
 """
 
@@ -118,7 +119,7 @@ class RequestStats:
     def on_retry(self, flow: RequestFlow) -> None:
         assert flow.backend is not None
         self.for_backend(flow.attempts[-1].backend.id).moved_away()
-        self.for_backend(flow.backend.id).in_flight += 1
+        self.for_backend(flow.backend.id).started()  # a retry is a request to that backend
 
     def on_complete(self, flow: RequestFlow) -> None:
         if flow.backend is not None:
