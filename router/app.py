@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -30,13 +31,15 @@ from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
-from router.proxy import UpstreamAuth
+from router.proxy import UpstreamAuth, cut_client
 from router.routing import BackendChooser
 from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = ["make_app", "mounted"]
+
+log = logging.getLogger("router")
 
 
 async def client_session(app: web.Application) -> AsyncIterator[None]:
@@ -93,6 +96,27 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def watch_stalled_clients(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: cut requests whose client stopped reading for `client_write_timeout`
+    seconds (backpressure would otherwise hold them, and their backend request, for ever)."""
+    limit = app[CONFIG].client_write_timeout
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, limit / 4))
+            for task, flow in app[DRAIN].stalled(limit):
+                flow.error = f"the client read nothing for {limit:g} s"
+                log.warning("request %s: %s; cutting it", flow.id, flow.error)
+                if flow.request is not None:
+                    cut_client(flow.request)
+                task.cancel()
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def close_plugins(app: web.Application) -> AsyncIterator[None]:
@@ -186,6 +210,7 @@ def make_app(config: Config) -> web.Application:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(fleet_watchers)
+    app.cleanup_ctx.append(watch_stalled_clients)
     if config.log_stats:
         from router.stats.summary import log_stats
 

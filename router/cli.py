@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a new connection has to send its request headers (default 30)")
     add("--client-body-timeout", type=positive_float, default=60.0,
         help="seconds for a JSON body, or between two chunks of an upload (default 60)")
+    add("--client-write-timeout", type=positive_float, default=120.0,
+        help="seconds a client may leave an answer unread before it is cut off (default 120)")
     add("--keepalive-timeout", type=positive_float, default=75.0,
         help="seconds an idle client connection stays open (default 75)")
 
@@ -427,6 +429,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_header_size=args.max_header_size,
         client_header_timeout=args.client_header_timeout,
         client_body_timeout=args.client_body_timeout,
+        client_write_timeout=args.client_write_timeout,
         keepalive_timeout=args.keepalive_timeout,
         workers=args.workers,
         log_stats=args.log_stats,

@@ -101,6 +101,9 @@ class Config:
     """Seconds a new connection has to deliver its first request's headers."""
     client_body_timeout: float = 60.0
     """Seconds a client has to send a JSON body, or between two chunks of an upload."""
+    client_write_timeout: float = 120.0
+    """Seconds a client may leave an answer unread (a stalled write) before it is cut off,
+    so a client that stops reading cannot hold a backend request for ever."""
     keepalive_timeout: float = 75.0
     """Seconds an idle client connection is kept open."""
 

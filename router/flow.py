@@ -82,6 +82,8 @@ class RequestFlow:
     """A short description of what went wrong, when something did."""
     bytes_down: int = 0
     """Response body bytes sent to the client."""
+    writing_since: float | None = None
+    """While a write to the client waits (the client is not reading), since when."""
     tail: bytes = b""
     """The last few KiB of the response body, where the `usage` object is (for metrics)."""
     parsed_usage: tuple[Usage | None] | None = None

@@ -414,10 +414,12 @@ async def exchange(
                 kept.append(chunk)
                 if flow.bytes_down > MAX_BODY:
                     kept = None
+            flow.writing_since = time.monotonic()
             try:
                 await response.write(chunk)
             except ConnectionError as error:
                 raise ClientGone() from error
+            flow.writing_since = None
         try:
             await response.write_eof()
         except ConnectionError as error:

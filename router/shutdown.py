@@ -1,4 +1,5 @@
-"""Graceful shutdown: know which proxied requests are running, wait for them, cut the rest.
+"""The running proxied requests: graceful shutdown waits for them and cuts the rest, and a
+watch cuts those whose client stopped reading.
 
 aiohttp's own shutdown waits for handlers twice over (`shutdown_timeout` for them to finish,
 then as long again after cancelling only their request bodies), so a stream that never ends
@@ -7,6 +8,10 @@ holds the process for twice the timeout. The router drains instead with its own 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
+
+from router.flow import RequestFlow
 
 __all__ = ["Drain"]
 
@@ -16,16 +21,30 @@ class Drain:
 
     def __init__(self) -> None:
         self.draining = False
-        self._live: set[asyncio.Task[object]] = set()
+        self._live: dict[asyncio.Task[object], RequestFlow | None] = {}
         self._emptied = asyncio.Event()
 
     def enter(self, task: asyncio.Task[object]) -> None:
-        self._live.add(task)
+        self._live[task] = None
+
+    def attach(self, task: asyncio.Task[object], flow: RequestFlow) -> None:
+        """The flow of a running request, once it has one."""
+        if task in self._live:
+            self._live[task] = flow
 
     def leave(self, task: asyncio.Task[object]) -> None:
-        self._live.discard(task)
+        self._live.pop(task, None)
         if not self._live:
             self._emptied.set()
+
+    def stalled(self, limit: float) -> Iterator[tuple[asyncio.Task[object], RequestFlow]]:
+        """Requests whose current write to the client has waited more than `limit` s."""
+        oldest = time.monotonic() - limit
+        for task, flow in list(self._live.items()):
+            if flow is not None and flow.writing_since is not None and (
+                flow.writing_since < oldest
+            ):
+                yield task, flow
 
     @property
     def live(self) -> int:

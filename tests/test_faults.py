@@ -8,9 +8,11 @@ import asyncio
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from router.config import Config, StaticBackend
 from router.flow import Outcome
@@ -237,3 +239,35 @@ async def test_client_leaving_while_sending_its_body_is_counted_once(
     flow = solo_router.log.only()
     assert (flow.outcome, flow.status, flow.backend) == (Outcome.CLIENT_DISCONNECTED, 499, None)
     assert engine.state.started == 0
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_the_backend_freed(
+    start_router: StartRouter, aiohttp_server: Any
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:  # far more than any socket buffer holds
+                await response.write(b"data: " + b"x" * 65536 + b"\n\n")
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    backend = web.Application()
+    backend.router.add_post("/v1/chat/completions", endless)
+    server = await aiohttp_server(backend)
+    router = await start_router(Config(
+        static_backends=(StaticBackend(str(server.make_url("")).rstrip("/"), (CHAT,)),),
+        client_write_timeout=0.5, health_check_interval=0,
+    ))
+    body = json.dumps({**CHAT_BODY, "stream": True}).encode()
+    _, writer = await raw_post(router, "/v1/chat/completions", body)  # and never read
+    await asyncio.wait_for(cancelled.wait(), 10)
+    await router.settled(1)
+    flow = router.log.only()
+    assert flow.outcome is Outcome.CLIENT_DISCONNECTED
+    assert "read nothing" in (flow.error or "")
+    writer.close()

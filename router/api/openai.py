@@ -68,6 +68,9 @@ async def read_inbound(
 async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
     app = request.app
     flow = RequestFlow(id=request_id(request), endpoint=endpoint, method=request.method)
+    task = asyncio.current_task()
+    if task is not None:
+        app[DRAIN].attach(task, flow)
     lifecycle = Lifecycle(request, app[EVENTS], flow)
     admission = app[ADMISSION]
     try:
