@@ -26,6 +26,8 @@ class Backend:
     id: str = ""
     labels: tuple[str, ...] = ()
     """Roles or tags from discovery, e.g. `prefill` / `decode` for disaggregated serving."""
+    model_type: str | None = None
+    """With `--static-backend-health-checks`: probe with a minimal request of this type."""
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")

@@ -16,6 +16,7 @@ from router.backends import parse_url
 from router.config import Config, ConfigError, StaticBackend, parse_size
 from router.config_file import file_tokens, read_config_file
 from router.discovery.kubernetes import K8sSettings, in_cluster_api_server
+from router.health import MODEL_TYPES
 from router.policies import POLICIES
 
 __all__ = ["build_parser", "parse_config", "load_config"]
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--static-model-labels", default="",
         help="comma-separated labels, one entry per backend (';' for several), e.g. "
              "prefill,prefill,decode,decode")
+    add("--static-model-types", default="",
+        help="comma-separated model types, one per backend: chat, completion, embeddings, "
+             "rerank, score, transcription (for --static-backend-health-checks)")
+    add("--static-backend-health-checks", action="store_true",
+        help="probe each backend with a minimal real request of its model type instead of "
+             "GET --health-check-path")
     add("--session-key", default="x-session-id",
         help="session policy: header, then top-level body field, holding the session key "
              "('-' and '_' interchangeable; default x-session-id)")
@@ -350,6 +357,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
             f"argument --static-model-labels: {len(label_groups)} entries for {len(urls)} "
             "backends (give one entry per backend; separate several labels with ';')"
         )
+    types = split_list(args.static_model_types)
+    if types and len(types) != len(urls):
+        raise ConfigError(f"argument --static-model-types: {len(types)} entries for "
+                          f"{len(urls)} backends (give one per backend)")
+    if bad := sorted(set(types) - set(MODEL_TYPES)):
+        raise ConfigError(f"argument --static-model-types: unknown {', '.join(bad)} "
+                          f"(choose from {', '.join(MODEL_TYPES)})")
+    if args.static_backend_health_checks and not types:
+        raise ConfigError("argument --static-backend-health-checks: needs "
+                          "--static-model-types")
     backends = []
     for number, (url, group) in enumerate(zip(urls, model_groups)):
         try:
@@ -360,7 +377,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not models:
             raise ConfigError(f"argument --static-models: no model for backend {url}")
         labels = split_group(label_groups[number]) if label_groups else ()
-        backends.append(StaticBackend(url=normalised, models=models, labels=labels))
+        backends.append(StaticBackend(url=normalised, models=models, labels=labels,
+                                      model_type=types[number] if types else None))
     if len({b.url for b in backends}) != len(backends):
         raise ConfigError("argument --static-backends: a backend URL is listed twice")
     aliases: dict[str, str] = {}
@@ -443,6 +461,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         balance_abs_threshold=args.balance_abs_threshold,
         balance_rel_threshold=args.balance_rel_threshold,
         prefix_cache_max_chars=args.prefix_cache_max_chars,
+        static_backend_health_checks=args.static_backend_health_checks,
         prefill_model_labels=tuple(split_list(args.prefill_model_labels)),
         decode_model_labels=tuple(split_list(args.decode_model_labels)),
         engine_stats_interval=args.engine_stats_interval,

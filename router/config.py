@@ -29,6 +29,7 @@ class StaticBackend:
     url: str
     models: tuple[str, ...]
     labels: tuple[str, ...] = ()
+    model_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class Config:
     prefix_cache_max_chars: int = 10_000_000
     """`prefixaware`: bound on each model's prefix tree, in characters with each node counted
     for its overhead as well (roughly the tree's size in bytes); LRU eviction."""
+    static_backend_health_checks: bool = False
+    """Probe each backend with a minimal real request of its `--static-model-types` type."""
     prefill_model_labels: tuple[str, ...] = ("prefill",)
     decode_model_labels: tuple[str, ...] = ("decode",)
 

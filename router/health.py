@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
+import struct
 import logging
 import time
 from collections.abc import Callable
@@ -382,6 +384,41 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+MODEL_TYPES = ("chat", "completion", "embeddings", "rerank", "score", "transcription")
+
+
+def silent_wav(samples: int = 1600) -> bytes:
+    """A 16 kHz mono 16-bit WAV of silence (0.1 s by default): the smallest transcription
+    request a real engine decodes without complaint."""
+    data = bytes(2 * samples)
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16,
+                         1, 1, 16000, 32000, 2, 16, b"data", len(data))
+    return header + data
+
+
+SILENT_WAV = silent_wav()
+
+
+def model_probe(model_type: str, model: str) -> tuple[str, aiohttp.FormData | bytes]:
+    """The path and body of the smallest real request of a model type (production-stack's
+    `--static-backend-health-checks`)."""
+    if model_type == "transcription":
+        form = aiohttp.FormData()
+        form.add_field("model", model)
+        form.add_field("file", SILENT_WAV, filename="probe.wav", content_type="audio/wav")
+        return "/v1/audio/transcriptions", form
+    requests: dict[str, tuple[str, dict[str, object]]] = {
+        "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                          "max_tokens": 1}),
+        "completion": ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+        "embeddings": ("/v1/embeddings", {"input": "hi"}),
+        "rerank": ("/v1/rerank", {"query": "hi", "documents": ["hi"]}),
+        "score": ("/v1/score", {"text_1": "hi", "text_2": "hi"}),
+    }
+    path, body = requests[model_type]
+    return path, json.dumps({"model": model, **body}).encode()
+
+
 class HealthProber:
     """GETs every backend's health path each `interval` seconds and tells the tracker.
 
@@ -434,12 +471,18 @@ class HealthProber:
                      backend_id, result.error)
 
     async def _probe(self, backend: Backend) -> _ProbeResult:
+        path, data = self.path, None
+        if backend.model_type is not None and backend.models:
+            # --static-backend-health-checks: a minimal real request of the model's type.
+            path, data = model_probe(backend.model_type, backend.models[0])
         try:
-            async with self.session.get(backend.url + self.path, timeout=self._client_timeout,
-                                        allow_redirects=False) as response:
+            async with self.session.request(
+                "GET" if data is None else "POST", backend.url + path, data=data,
+                timeout=self._client_timeout, allow_redirects=False,
+            ) as response:
                 if response.status == 200:
                     return _ProbeResult(True)
-                return _ProbeResult(False, f"HTTP {response.status} from {self.path}")
+                return _ProbeResult(False, f"HTTP {response.status} from {path}")
         except TimeoutError:
             return _ProbeResult(False, f"no answer within {self.timeout:g}s",
                                 silent=True)

@@ -244,3 +244,16 @@ def test_k8s_discovery_refuses_static_backends() -> None:
         parse_config(["--service-discovery", "k8s", "--static-backends", "http://a:1",
                       "--static-models", "m"])
     assert exit_info.value.code == 2
+
+
+def test_static_model_types_pair_with_backends_and_enable_real_probes() -> None:
+    config = parse_config(["--static-backends", "http://a:1,http://b:1", "--static-models",
+                           "m,w", "--static-model-types", "chat,transcription",
+                           "--static-backend-health-checks"])
+    assert [b.model_type for b in config.static_backends] == ["chat", "transcription"]
+    assert config.static_backend_health_checks
+    for bad in (["--static-model-types", "chat"], ["--static-model-types", "chat,video"],
+                ["--static-backend-health-checks"]):
+        with pytest.raises(SystemExit):
+            parse_config(["--static-backends", "http://a:1,http://b:1",
+                          "--static-models", "m,w", *bad])

@@ -705,3 +705,21 @@ def test_available_costs_a_lookup(tracker: HealthTracker, clock: Clock) -> None:
             best = min(best, (time.perf_counter() - t0) / n)
         print(f"available() {name}: {best * 1e9:.0f} ns")
         assert best < 10e-6  # generous: shared CI machines; a scan or allocation is far slower
+
+
+@pytest.mark.parametrize("model_type", ["chat", "completion", "embeddings", "rerank", "score",
+                                        "transcription"])
+async def test_model_type_probes_send_a_real_minimal_request(
+    engine: RunningEngine, model_type: str
+) -> None:
+    pool = BackendPool([Backend(engine.url, ("chat-model",), model_type=model_type)])
+    tracker = HealthTracker(3, 30.0)
+    async with aiohttp.ClientSession() as session:
+        prober = HealthProber(tracker, pool, session, 10, "/health", 5)
+        await prober.probe_once()
+        assert tracker.state(pool.backends[0].id).probe_ok is True
+        assert engine.state.completed == 1  # a real request, not GET /health
+        engine.behaviour.fail_status = 500
+        await prober.probe_once()
+    state = tracker.state(pool.backends[0].id)
+    assert state.probe_ok is False and "HTTP 500" in (state.last_probe_error or "")

@@ -10,6 +10,7 @@ __all__ = ["static_backends"]
 
 def static_backends(config: Config) -> list[Backend]:
     return [
-        Backend(url=item.url, models=item.models, labels=item.labels)
+        Backend(url=item.url, models=item.models, labels=item.labels,
+                model_type=item.model_type if config.static_backend_health_checks else None)
         for item in config.static_backends
     ]
