@@ -17,6 +17,7 @@ from router.access_log import AccessLog
 from router.api import admin, dashboard, json_errors, openai
 from router.backends import BackendPool
 from router.config import Config
+from router.discovery.external import external_backends
 from router.discovery.kubernetes import kubernetes_discovery
 from router.discovery.static import static_backends
 from router.events import RequestEvents
@@ -164,7 +165,9 @@ def make_app(config: Config) -> web.Application:
     app[RATE_LIMITER] = (
         RateLimiter(config.rate_limit, config.rate_limit_burst) if config.rate_limit else None
     )
-    pool = BackendPool(aliases=config.aliases)
+    # External providers stay in the pool whatever discovery finds (external-only: alone).
+    pool = BackendPool(aliases=config.aliases,
+                       fixed=external_backends(config.external_providers))
     stats = RequestStats(config.request_stats_window)
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
     metrics = Metrics(stats, pool, health)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from yarl import URL
 
-__all__ = ["Backend", "BackendPool", "parse_url"]
+__all__ = ["Backend", "BackendKind", "BackendPool", "parse_url"]
+
+BackendKind = Literal["engine", "external"]
 
 
 def backend_id(url: str) -> str:
@@ -26,6 +29,19 @@ class Backend:
     id: str = ""
     labels: tuple[str, ...] = ()
     """Roles or tags from discovery, e.g. `prefill` / `decode` for disaggregated serving."""
+    kind: BackendKind = "engine"
+    """`engine`: a replica of our fleet (probed at the health path, scraped at `/metrics`).
+    `external`: a hosted OpenAI-compatible provider (`router.discovery.external`): probed at
+    `/v1/models` with its own key, never scraped, and never sent the client's credentials."""
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    """Sent on every request to this backend over what the client sent: an external
+    provider's `Authorization` (always set for one) and custom headers. Secrets: kept out of
+    `repr` and `/engines`."""
+    read_timeout: float | None = None
+    """Seconds to the first byte and between chunks for this backend; None: --read-timeout."""
+    max_retries: int = 0
+    """Retries on this same backend of an attempt that failed before the answer started. An
+    external provider is one backend: failover to another has nowhere to go."""
     model_type: str | None = None
     """With `--static-backend-health-checks`: probe with a minimal request of this type."""
 
@@ -38,14 +54,24 @@ class Backend:
         return model in self.models
 
     def __repr__(self) -> str:
-        return f"<Backend {self.id} {self.url} models={list(self.models)}>"
+        kind = "" if self.kind == "engine" else f" {self.kind}"
+        return f"<Backend {self.id}{kind} {self.url} models={list(self.models)}>"
 
 
 class BackendPool:
-    """The current backend set, indexed by model; aliases map extra names to served models."""
+    """The current backend set, indexed by model; aliases map extra names to served models.
 
-    def __init__(self, backends: Iterable[Backend] = (), aliases: dict[str, str] | None = None):
+    `fixed` backends (external providers, which no discovery finds) stay in the set whatever
+    discovery puts in it."""
+
+    def __init__(
+        self,
+        backends: Iterable[Backend] = (),
+        aliases: dict[str, str] | None = None,
+        fixed: Iterable[Backend] = (),
+    ):
         self.aliases: dict[str, str] = dict(aliases or {})
+        self._fixed = tuple(fixed)
         self._backends: tuple[Backend, ...] = ()
         self._by_model: dict[str, tuple[Backend, ...]] = {}
         self._removal_listeners: list[Callable[[frozenset[str]], None]] = []
@@ -57,9 +83,10 @@ class BackendPool:
         self._removal_listeners.append(listener)
 
     def replace(self, backends: Iterable[Backend]) -> None:
-        """Swap in a new backend set (discovery calls this); lookups see it at once."""
+        """Swap in a new backend set (discovery calls this), the fixed backends kept; lookups
+        see it at once."""
         before = {backend.id for backend in self._backends}
-        self._backends = tuple(backends)
+        self._backends = (*backends, *self._fixed)
         by_model: dict[str, list[Backend]] = {}
         for backend in self._backends:
             for model in backend.models:

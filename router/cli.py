@@ -15,6 +15,7 @@ from router import __version__
 from router.backends import parse_url
 from router.config import Config, ConfigError, StaticBackend, parse_size
 from router.config_file import file_tokens, read_config_file
+from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.kubernetes import K8sSettings, in_cluster_api_server
 from router.health import MODEL_TYPES
 from router.policies import POLICIES
@@ -117,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=port_number, default=8001, help="port to listen on (default 8001)")
     add("--root-path", default="",
         help="serve every route under this path prefix, e.g. /router (behind an ingress)")
-    add("--service-discovery", choices=["static", "k8s"], default="static",
-        help="where backends come from: static (the flags) or k8s (pods; default static)")
+    add("--service-discovery", choices=["static", "k8s", "external-only"], default="static",
+        help="where backends come from: static (the flags), k8s (pods) or external-only (no "
+             "local fleet: only --external-providers-config; default static)")
     add("--static-backends", default="",
         help="comma-separated backend base URLs, e.g. http://10.0.0.7:8000,http://10.0.0.8:8000")
     add("--static-models", default="",
@@ -126,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
              "models separated by ';'")
     add("--static-aliases", default="",
         help="comma-separated alias:model pairs, e.g. gpt-4o:llama-3-8b")
+    add("--external-providers-config", default=None,
+        help="YAML file of hosted OpenAI-compatible providers served beside the local fleet "
+             "(production-stack's format); their keys are read from the environment "
+             "variables it names")
     add("--routing-logic", choices=sorted(POLICIES), default="roundrobin",
         help="routing policy (default roundrobin)")
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
@@ -326,7 +332,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise ConfigError("argument --workers: not with --demo (each worker would run its "
                           "own demo engines)")
     k8s = None
-    if args.service_discovery == "k8s":
+    providers = (
+        load_external_providers(args.external_providers_config, os.environ)
+        if args.external_providers_config else ()
+    )
+    if args.service_discovery == "external-only":
+        if not providers:
+            raise ConfigError("argument --service-discovery: external-only needs "
+                              "--external-providers-config")
+        if urls or args.demo:
+            raise ConfigError("argument --service-discovery: external-only runs no local "
+                              "fleet; drop --static-backends and --demo")
+    elif args.service_discovery == "k8s":
         if urls or args.demo:
             raise ConfigError("argument --service-discovery: k8s finds backends itself; "
                               "drop --static-backends and --demo")
@@ -341,7 +358,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         except ValueError as error:
             raise ConfigError(f"argument --k8s-*: {error}") from None
     elif not urls and not args.demo:
-        raise ConfigError("argument --static-backends: required (or use --demo)")
+        hint = " or --service-discovery external-only" if providers else ""
+        raise ConfigError(f"argument --static-backends: required (or use --demo{hint})")
     if model_groups and not urls:
         raise ConfigError("argument --static-models: needs --static-backends")
     if urls and len(model_groups) != len(urls):
@@ -387,6 +405,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not sep or not alias.strip() or not model.strip():
             raise ConfigError(f"argument --static-aliases: expected alias:model, got {pair!r}")
         aliases[alias.strip()] = model.strip()
+    aliases = merge_aliases(
+        aliases, providers, {model for backend in backends for model in backend.models}
+    )
     spool_dir = args.spool_dir
     if spool_dir is not None and not (
         os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)
@@ -432,6 +453,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_upstream_connections=args.max_upstream_connections,
         spool_dir=args.spool_dir,
         k8s=k8s,
+        external_providers=providers,
         config_file=args.config,
         config_watch=args.config_watch,
         api_keys=tuple(api_keys),

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from router.discovery.kubernetes import K8sSettings
+
+if TYPE_CHECKING:  # that module imports ConfigError from here
+    from router.discovery.external import ExternalProvider
 
 __all__ = ["Config", "StaticBackend", "ConfigError", "parse_size", "DEMO_MODELS"]
 
@@ -72,6 +76,9 @@ class Config:
     """Where multipart bodies with the file before `model` are spooled; None: the system temp."""
     k8s: K8sSettings | None = None
     """Kubernetes discovery settings, with `service_discovery == "k8s"`."""
+    external_providers: tuple[ExternalProvider, ...] = ()
+    """Hosted OpenAI-compatible providers (`--external-providers-config`), keys included;
+    with `service_discovery == "external-only"` the only backends."""
 
     config_file: str | None = None
     config_watch: bool = False

@@ -7,9 +7,11 @@ Two signals decide whether a backend may take a request (`HealthTracker.availabl
   closes it again or restarts the cooldown. What the client or the router caused (a client
   that left, a 400 for a too-long prompt, a 429) never counts: a breaker that trips on those
   turns one bad client into an outage (USER-ASKS 16, 29).
-- The prober GETs every backend's `/health`. A clear "no" (a status other than 200, a refused
-  connection) removes the backend at once; silence (a timeout) only on the second probe in a
-  row. A passing probe only lifts the probe's own veto (see `HealthTracker.record_probe`).
+- The prober GETs every backend's `/health` (an external provider's `/v1/models`, with its
+  key: it has no `/health`, and a bad key must show). A clear "no" (a status other than 200,
+  a refused connection) removes the backend at once; silence (a timeout) only on the second
+  probe in a row. A passing probe only lifts the probe's own veto (see
+  `HealthTracker.record_probe`).
 
 Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
 """
@@ -361,6 +363,10 @@ class HealthTracker:
         return f"<HealthTracker backends={len(self._entries)} unavailable={down}>"
 
 
+EXTERNAL_PROBE_PATH = "/v1/models"
+"""Where an external provider is probed (as production-stack does): cheap, free, and it
+checks the key too."""
+
 SILENT_STRIKES = 2
 """Consecutive probes without an answer (timeout, dropped connection) that eject a backend.
 
@@ -472,13 +478,18 @@ class HealthProber:
 
     async def _probe(self, backend: Backend) -> _ProbeResult:
         path, data = self.path, None
-        if backend.model_type is not None and backend.models:
+        if backend.kind == "external":
+            path = EXTERNAL_PROBE_PATH
+        elif backend.model_type is not None and backend.models:
             # --static-backend-health-checks: a minimal real request of the model's type.
             path, data = model_probe(backend.model_type, backend.models[0])
         try:
             async with self.session.request(
                 "GET" if data is None else "POST", backend.url + path, data=data,
                 timeout=self._client_timeout, allow_redirects=False,
+                # An external provider's Authorization replaces the fleet key this session
+                # sends by default.
+                headers=backend.headers or None,
             ) as response:
                 if response.status == 200:
                     return _ProbeResult(True)

@@ -58,6 +58,11 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED_UP = HOP_BY_HOP | {hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID}
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {REQUEST_ID}
 AUTHORIZATION = hdrs.AUTHORIZATION
+CLIENT_CREDENTIALS = frozenset(
+    istr(name) for name in ("authorization", "api-key", "x-api-key", "cookie")
+)
+"""What a client may authenticate to the router (or the fleet) with: never sent to an
+external provider, whatever --forward-client-auth says."""
 CLIENT_CLOSED_REQUEST = 499
 """nginx's status for a client that went away before the answer (never sent, only counted)."""
 
@@ -98,6 +103,29 @@ def upstream_headers(
     if auth.backend_api_key and AUTHORIZATION not in headers:
         headers[AUTHORIZATION] = f"Bearer {auth.backend_api_key}"
     return headers
+
+
+def backend_headers(headers: CIMultiDict[str], backend: Backend) -> CIMultiDict[str]:
+    """The headers of one attempt on `backend`: an external provider gets its own key and
+    custom headers, and none of the client's (or the fleet's) credentials."""
+    if backend.kind != "external":
+        return headers
+    headers = CIMultiDict(headers)
+    for name in CLIENT_CREDENTIALS:
+        headers.popall(name, None)
+    headers.update(backend.headers)
+    return headers
+
+
+def backend_timeout(session: aiohttp.ClientSession, backend: Backend) -> aiohttp.ClientTimeout:
+    """The session's timeouts, with the backend's own read timeout when it has one."""
+    timeout = session.timeout
+    if backend.read_timeout is None:
+        return timeout
+    return aiohttp.ClientTimeout(
+        total=timeout.total, connect=timeout.connect, sock_connect=timeout.sock_connect,
+        sock_read=backend.read_timeout, ceil_threshold=timeout.ceil_threshold,
+    )
 
 
 def client_gone(request: web.Request) -> bool:
@@ -283,7 +311,7 @@ async def forward(
                 or not inbound.replayable
             ):
                 raise
-            backend = failover.reroute(tried)
+            backend = failover.reroute(tried) or same_again(flow)
             if backend is None:
                 raise
             flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
@@ -292,6 +320,15 @@ async def forward(
             flow.backend = backend
             lifecycle.events.on_retry(flow)
             await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
+
+
+def same_again(flow: RequestFlow) -> Backend | None:
+    """The backend that just failed, when it has retries of its own (an external provider)
+    not used up yet; else None."""
+    backend = flow.backend
+    assert backend is not None
+    used = sum(1 for attempt in flow.attempts if attempt.backend is backend)
+    return backend if used < backend.max_retries else None
 
 
 async def prefill(
@@ -369,8 +406,9 @@ async def exchange(
         # A backend's redirect goes to the client as it is: the router never follows one to
         # a host discovery did not give it.
         upstream = await session.request(
-            request.method, flow.backend.url + path, data=data, headers=headers,
-            allow_redirects=False,
+            request.method, flow.backend.url + path, data=data,
+            headers=backend_headers(headers, flow.backend),
+            timeout=backend_timeout(session, flow.backend), allow_redirects=False,
         )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, flow.backend.id, inbound) from error

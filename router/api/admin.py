@@ -67,6 +67,7 @@ async def engines(request: web.Request) -> web.Response:
             }
         listing.append({
             "id": backend.id,
+            "kind": backend.kind,
             "url": backend.url,
             "models": list(backend.models),
             "labels": list(backend.labels),

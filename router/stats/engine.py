@@ -158,8 +158,12 @@ class EngineScraper:
             await asyncio.sleep(self.interval)
 
     async def scrape_once(self) -> None:
-        """Scrape all backends concurrently; failures are recorded in the store, not raised."""
-        await asyncio.gather(*(self._scrape(backend) for backend in self.pool.backends))
+        """Scrape all engines concurrently; failures are recorded in the store, not raised.
+        External providers have no `/metrics` to scrape."""
+        await asyncio.gather(*(
+            self._scrape(backend) for backend in self.pool.backends
+            if backend.kind == "engine"
+        ))
         # Read the pool again: a backend removed while we were scraping it goes too.
         current = {backend.id for backend in self.pool.backends}
         for backend_id in self.store.backend_ids() - current:
