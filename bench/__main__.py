@@ -1,207 +1,647 @@
-"""`make bench`: what the router costs over a direct call and over a bare aiohttp proxy.
+"""`make bench` / `python -m bench`: the router side by side with a direct call, the bare
+aiohttp floor and, when installed, sglang-router, vllm-router and nginx, on the same load.
 
-Everything runs as separate processes on loopback: a fake engine, the router in front of it,
-and the bare pass-through proxy (the floor). For each workload the client sends requests one
-at a time (added latency) and then from several concurrent clients (throughput), and the
-proxy process's CPU time per request is read from /proc, which stays meaningful on a noisy
-machine. A 200 MB upload then measures the router's memory growth and throughput.
-Results are printed as a table and written to `bench/results/latest.json`.
+Everything runs as separate processes on 127.0.0.1: two fake engines (`router.testing`, via
+`bench.engine`), every target in front of them, and `wrk` as the load generator (a Lua
+script POSTs the chat body). For each target and workload (non-streamed chat and a 64-chunk
+SSE chat, at concurrency 1 and 64): requests/s, p50/p99 latency, the CPU seconds of the
+target's process tree per request (from /proc: robust on a noisy machine) and its peak RSS.
+Then: a 1 GiB multipart upload (RSS growth, MB/s), 5,000 concurrent slow streams (none may
+fail; RSS), `--workers` scaling when the router has that flag, and a soak with mixed traffic
+and clients that leave mid-answer (RSS drift, in-flight and open fds back to start).
+Prints a table and the issue-5 targets (met / not met), writes `bench/results/latest.json`.
+
+Examples: `python -m bench --quick`, `python -m bench --only chat,sse --duration 5`,
+`python -m bench --soak-minutes 1`, `python -m bench --experiments uvloop`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
+import contextlib
 import json
 import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
-import aiohttp
+from bench import clients
+from bench.load import chat_body, run_load, wrk_path
+from bench.procs import Proc, free_port, machine_busy, python_module, raise_fd_limit
+from bench.report import evaluate_targets, print_report
+from bench.targets import (
+    CHAT, DEFAULT_TARGETS, ENGINE_MODELS, EXPERIMENTS, SLOW, TARGETS, Target, available_targets,
+    executable, router_argv, start_router,
+)
+from bench.targets import target as find_target
 
-from router.testing.processes import cpu_seconds, free_port, proc_status_kib, wait_until_healthy
-
-CHAT = "bench-llm"
-WHISPER = "bench-whisper"
 RESULTS = Path(__file__).parent / "results"
+WORKLOADS = {"chat": False, "sse": True}
+SECTIONS = ("chat", "sse", "upload", "streams", "workers", "soak")
+SSE_EVENTS = 64 + 3  # role chunk, 64 tokens, finish chunk, [DONE]
+NPROC = len(os.sched_getaffinity(0))
 
 
 @dataclass
-class Result:
-    target: str
+class Row:
     workload: str
     concurrency: int
+    target: str
+    loadgen: str
     requests: int
+    seconds: float
     rps: float
     p50_ms: float
+    p90_ms: float
     p99_ms: float
+    errors: int
     cpu_us_per_request: float
+    engine_cpu_us_per_request: float
+    target_busy: float
+    """CPU seconds of the target's tree per wall second (1.0 = one core)."""
+    engines_busy: float
+    loadgen_busy: float
+    machine_busy: float
+    """Share of all cores busy during the run (1.0 = all)."""
+    other_busy: float
+    """Cores busy outside the benchmark's processes (other work on the machine: noise)."""
+    peak_rss_mb: float
+    rounds: int = 1
+    cpu_us_min: float = 0.0
+    cpu_us_max: float = 0.0
 
 
-async def spawn(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(sys.executable, *args)
+# ----------------------------------------------------------------------------- setup
 
 
-def chat_body(stream: bool) -> bytes:
-    body = {"model": CHAT, "messages": [{"role": "user", "content": "Say something."}],
-            "max_tokens": 64, "stream": stream}
-    return json.dumps(body).encode()
-
-
-async def measure(
-    session: aiohttp.ClientSession, url: str, pid: int, body: bytes, requests: int,
-    concurrency: int,
-) -> tuple[float, list[float], float]:
-    """Send `requests` chat requests from `concurrency` clients; wall time, latencies, CPU."""
-    latencies: list[float] = []
-    remaining = requests
-    headers = {"Content-Type": "application/json"}
-
-    async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            async with session.post(url + "/v1/chat/completions", data=body,
-                                    headers=headers) as response:
-                await response.read()
-                assert response.status == 200, response.status
-            latencies.append(time.perf_counter() - started)
-
-    cpu_before = cpu_seconds(pid)
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    return wall, latencies, cpu_seconds(pid) - cpu_before
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-async def upload_figures(session: aiohttp.ClientSession, url: str, pid: int,
-                         size_mb: int) -> dict[str, float]:
-    boundary = "bench-boundary"
-    block = os.urandom(1 << 20)
-    digest = hashlib.sha256()
-
-    async def body() -> AsyncIterator[bytes]:
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
-               f"{WHISPER}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-               f"filename=\"a.wav\"\r\n\r\n").encode()
-        for _ in range(size_mb):
-            digest.update(block)
-            yield block
-        yield f"\r\n--{boundary}--\r\n".encode()
-
-    baseline = proc_status_kib(pid, "VmRSS")
-    started = time.perf_counter()
-    async with session.post(url + "/v1/audio/transcriptions", data=body(),
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-                            ) as response:
-        text = (await response.json())["text"]
-    elapsed = time.perf_counter() - started
-    assert digest.hexdigest() in text, "the engine did not receive the upload intact"
-    peak = proc_status_kib(pid, "VmHWM")
-    return {"size_mb": size_mb, "mb_per_s": size_mb / elapsed,
-            "rss_before_mb": baseline / 1024, "rss_peak_mb": peak / 1024,
-            "rss_growth_mb": (peak - baseline) / 1024}
-
-
-async def run(requests: int, concurrency: int, upload_mb: int) -> dict[str, object]:
-    ports = {name: free_port() for name in ("engine", "bare", "router")}
-    engine_url = f"http://127.0.0.1:{ports['engine']}"
-    processes = {
-        "direct": await spawn("-m", "router.testing", "--port", str(ports["engine"]),
-                              "--models", f"{CHAT},{WHISPER}"),
+def machine() -> dict[str, object]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, object] = {
+        "nproc": NPROC, "cpu_model": model,
+        "python": platform.python_version(), "kernel": platform.release(),
     }
-    processes["bare"] = await spawn("-m", "bench.bare_proxy", "--port", str(ports["bare"]),
-                                    "--upstream", engine_url)
-    processes["router"] = await spawn(
-        "-m", "router", "--host", "127.0.0.1", "--port", str(ports["router"]),
-        "--static-backends", engine_url, "--static-models", f"{CHAT};{WHISPER}",
-        "--log-level", "warning",
-    )
-    urls = {"direct": engine_url, "bare": f"http://127.0.0.1:{ports['bare']}",
-            "router": f"http://127.0.0.1:{ports['router']}"}
-    results: list[Result] = []
+    for package in ("aiohttp", "uvloop", "sglang-router", "vllm-router"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[package] = metadata.version(package)
+    root = Path(__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "router"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit:
+            info["router_code"] = commit + (" + uncommitted changes in router/" if dirty else "")
+    if wrk_path():
+        done = subprocess.run([str(wrk_path()), "-v"], capture_output=True, text=True)
+        info["wrk"] = (done.stdout + done.stderr).split("\n", 1)[0].strip()
+    if executable("nginx"):
+        done = subprocess.run([str(executable("nginx")), "-v"], capture_output=True, text=True)
+        info["nginx"] = done.stderr.strip()
+    return info
+
+
+def start_engines(log_dir: Path, count: int, procs_each: int, uvloop: bool,
+                  models: str = ENGINE_MODELS, name: str = "engine",
+                  extra: Sequence[str] = (), prefix: Sequence[str] = (),
+                  ) -> tuple[list[str], list[list[Proc]]]:
+    """`count` engine URLs, each served by `procs_each` processes sharing its port."""
+    urls, groups = [], []
+    for number in range(count):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        group = []
+        for index in range(procs_each):
+            args = ["--port", str(port), "--models", models, "--name", f"{name}{number}",
+                    *extra]
+            if procs_each > 1:
+                args.append("--reuse-port")
+            if uvloop:
+                args.append("--uvloop")
+            group.append(Proc.start(f"{name}{number}.{index}",
+                                    [*prefix, *python_module("bench.engine", *args)], log_dir,
+                                    url=url))
+        urls.append(url)
+        groups.append(group)
+    for group in groups:
+        for proc in group:
+            proc.wait_http()
+    return urls, groups
+
+
+def check_target(url: str, stream: bool, timeout: float = 60.0) -> str | None:
+    """One request answered in full and right, retried until `timeout`; None when it is."""
+    body = chat_body(CHAT, stream).encode()
+    deadline = time.monotonic() + timeout
+    problem = "no answer"
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            url + "/v1/chat/completions", data=body,
+            headers={"Content-Type": "application/json", "Connection": "close"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as error:
+            problem = f"status {error.code}: {error.read()[:200]!r}"
+        except OSError as error:
+            problem = repr(error)
+        else:
+            if not stream:
+                try:
+                    answer = json.loads(text)
+                    content = answer["choices"][0]["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    problem = f"not a chat completion: {text[:200]!r}"
+                else:
+                    if len(content.split()) == 64:
+                        return None
+                    problem = f"{len(content.split())} tokens instead of 64"
+            else:
+                events = text.count("data: ")
+                if events == SSE_EVENTS and text.rstrip().endswith("data: [DONE]"):
+                    return None
+                problem = f"{events} SSE events instead of {SSE_EVENTS}"
+        time.sleep(0.1)
+    return problem
+
+
+@contextlib.contextmanager
+def running(procs: list[Proc]) -> Iterator[list[Proc]]:
     try:
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_until_healthy(session, engine_url, processes["direct"])
-            await wait_until_healthy(session, urls["router"], processes["router"])
-            for workload, stream in (("chat", False), ("sse64", True)):
-                body = chat_body(stream)
-                for clients in (1, concurrency):
-                    for target, url in urls.items():
-                        pid = processes[target].pid
-                        await measure(session, url, pid, body, 200, clients)  # warm-up
-                        wall, latencies, cpu = await measure(
-                            session, url, pid, body, requests, clients
-                        )
-                        results.append(Result(
-                            target, workload, clients, requests, requests / wall,
-                            percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
-                            cpu / requests * 1e6,
-                        ))
-                        print_row(results[-1])
-            upload = await upload_figures(session, urls["router"], processes["router"].pid,
-                                          upload_mb)
+        yield procs
     finally:
-        for process in processes.values():
-            process.terminate()
-        for process in processes.values():
-            await process.wait()
-    print(f"\nupload of {upload['size_mb']:.0f} MB through the router: "
-          f"{upload['mb_per_s']:.0f} MB/s, RSS {upload['rss_before_mb']:.0f} MB -> peak "
-          f"{upload['rss_peak_mb']:.0f} MB (+{upload['rss_growth_mb']:.1f} MB)")
-    summary = overhead_summary(results)
-    for line in summary["lines"]:  # type: ignore[attr-defined]
-        print(line)
-    return {"results": [asdict(r) for r in results], "upload": upload,
-            "overhead": summary["figures"]}
+        for proc in reversed(procs):
+            proc.stop()
 
 
-def print_row(result: Result) -> None:
-    print(f"{result.workload:6} c={result.concurrency:<3} {result.target:7} "
-          f"{result.rps:8.0f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
-          f"  cpu {result.cpu_us_per_request:7.0f} us/req", flush=True)
+def group_cpu(groups: Sequence[Sequence[Proc]]) -> float:
+    return sum(proc.cpu_seconds() for group in groups for proc in group)
 
 
-def overhead_summary(results: list[Result]) -> dict[str, object]:
-    lines = ["", "router vs direct call (c=1) and vs the bare aiohttp proxy (CPU per request):"]
-    figures: dict[str, float] = {}
-    by_key = {(r.target, r.workload, r.concurrency): r for r in results}
-    for workload in ("chat", "sse64"):
-        direct, router = by_key["direct", workload, 1], by_key["router", workload, 1]
-        bare = by_key["bare", workload, 1]
-        added_p50 = router.p50_ms - direct.p50_ms
-        added_p99 = router.p99_ms - direct.p99_ms
-        ratio = router.cpu_us_per_request / bare.cpu_us_per_request
-        figures.update({f"{workload}_added_p50_ms": added_p50,
-                        f"{workload}_added_p99_ms": added_p99,
-                        f"{workload}_cpu_ratio_to_bare": ratio})
-        lines.append(f"  {workload:6} added latency p50 {added_p50:+.2f} ms, "
-                     f"p99 {added_p99:+.2f} ms; CPU {router.cpu_us_per_request:.0f} us vs bare "
-                     f"{bare.cpu_us_per_request:.0f} us ({ratio:.2f}x)")
-    return {"lines": lines, "figures": figures}
+def loadgen_cpu() -> float:
+    """CPU of the finished children (wrk, curl) and of this process (the Python client)."""
+    total = 0.0
+    for who in (resource.RUSAGE_CHILDREN, resource.RUSAGE_SELF):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--upload-mb", type=int, default=200)
-    args = parser.parse_args()
-    report = asyncio.run(run(args.requests, args.concurrency, args.upload_mb))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {RESULTS / 'latest.json'}")
+# ----------------------------------------------------------------------------- workloads
+
+
+def measure(target: Target, proc: Proc, url: str, engines: Sequence[Sequence[Proc]],
+            workload: str, concurrency: int, args: argparse.Namespace,
+            loadgen_pin: str | None = None) -> Row:
+    body = chat_body(CHAT, WORKLOADS[workload])
+    endpoint = url + "/v1/chat/completions"
+    if args.warmup > 0:
+        run_load(endpoint, body, concurrency, args.warmup, args.loadgen, loadgen_pin)
+    proc.reset_peak()
+    cpu0, eng0, gen0 = proc.cpu_seconds(), group_cpu(engines), loadgen_cpu()
+    busy0, total0 = machine_busy()
+    started = time.perf_counter()
+    result = run_load(endpoint, body, concurrency, args.duration, args.loadgen, loadgen_pin)
+    wall = time.perf_counter() - started
+    cpu, eng, gen = (proc.cpu_seconds() - cpu0, group_cpu(engines) - eng0,
+                     loadgen_cpu() - gen0)
+    busy1, total1 = machine_busy()
+    share = (busy1 - busy0) / max(1, total1 - total0)
+    ours = eng + gen + (0.0 if target.name == "direct" else cpu)
+    requests = max(1, result.requests)
+    return Row(
+        workload=workload, concurrency=concurrency, target=target.name,
+        loadgen=result.loadgen, requests=result.requests, seconds=round(result.duration_s, 2),
+        rps=round(result.rps, 1), p50_ms=round(result.p50_ms, 3),
+        p90_ms=round(result.p90_ms, 3), p99_ms=round(result.p99_ms, 3), errors=result.errors,
+        cpu_us_per_request=round(cpu / requests * 1e6, 1),
+        engine_cpu_us_per_request=round(eng / requests * 1e6, 1),
+        target_busy=round(cpu / wall, 3), engines_busy=round(eng / wall, 3),
+        loadgen_busy=round(gen / wall, 3),
+        machine_busy=round(share, 3),
+        other_busy=round(max(0.0, share * NPROC - ours / wall), 3),
+        peak_rss_mb=round(proc.peak_rss_kib() / 1024, 1),
+        cpu_us_min=round(cpu / requests * 1e6, 1), cpu_us_max=round(cpu / requests * 1e6, 1),
+    )
+
+
+def median_row(rows: list[Row]) -> Row:
+    """One row from several rounds: the median of every figure, and the CPU spread."""
+    if len(rows) == 1:
+        return rows[0]
+    first = asdict(rows[0])
+    merged = {}
+    for key, value in first.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in (
+                "concurrency",):
+            values = sorted(asdict(row)[key] for row in rows)
+            middle = statistics.median(values)
+            merged[key] = round(middle, 3) if isinstance(value, float) else int(middle)
+        else:
+            merged[key] = value
+    cpus = [row.cpu_us_per_request for row in rows]
+    merged.update(rounds=len(rows), cpu_us_min=min(cpus), cpu_us_max=max(cpus))
+    return Row(**merged)
+
+
+def side_by_side(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
+    """Chat and SSE through every target; then the 1 GiB upload through those that take it."""
+    targets, skipped = available_targets(args.targets)
+    report["skipped_targets"] = dict(skipped)
+    for name, reason in skipped.items():
+        print(f"skipping {name}: {reason}", flush=True)
+    urls, engines = start_engines(log_dir, 2, args.engine_procs, args.engine_uvloop,
+                                  extra=["--upload-sink", args.upload_sink])
+    procs: dict[str, Proc] = {}
+    started: list[Proc] = [proc for group in engines for proc in group]
+    with running(started):
+        launched: list[tuple[Target, Proc]] = []
+        for target in targets:  # start them all, then check each: their startups overlap
+            if target.start is None:
+                continue
+            try:
+                proc = target.start(urls, log_dir)
+            except OSError as error:
+                if target.kind in ("ours", "floor"):
+                    raise
+                skipped[target.name] = f"did not start: {error}"
+                continue
+            started.append(proc)
+            launched.append((target, proc))
+        for target, proc in launched:
+            problem = check_target(proc.url, False, timeout=60)
+            if problem is None:
+                problem = check_target(proc.url, True, timeout=5)
+            if problem is not None:
+                message = f"did not answer right: {problem}\n{proc.log_tail()}"
+                if target.kind in ("ours", "floor"):
+                    raise RuntimeError(f"{target.name} {message}")
+                skipped[target.name] = message
+                print(f"skipping {target.name}: {message}", flush=True)
+                proc.stop()
+                continue
+            procs[target.name] = proc
+        procs["direct"] = engines[0][0]
+        if len(engines[0]) > 1:  # a direct call reaches any process of engine 0
+            print("note: direct CPU counts engine 0's first process only", flush=True)
+        rows: list[Row] = []
+        report["rows"] = rows
+        present = [t for t in targets if t.name in procs]
+        runs: dict[tuple[str, int, str], list[Row]] = {}
+        for round_number in range(args.rounds):  # rounds interleave: noise hits all alike
+            if args.rounds > 1:
+                print(f"-- round {round_number + 1} of {args.rounds}", flush=True)
+            for workload in ("chat", "sse"):
+                if workload not in args.only:
+                    continue
+                for concurrency in args.concurrency:
+                    for target in present:
+                        proc = procs[target.name]
+                        url = urls[0] if target.name == "direct" else proc.url
+                        row = measure(target, proc, url, engines, workload, concurrency, args)
+                        runs.setdefault((workload, concurrency, target.name), []).append(row)
+                        print_row(row)
+        rows.extend(median_row(group) for group in runs.values())
+        if "upload" in args.only:
+            upload_all(args, procs, urls, report)
+
+
+def upload_all(args: argparse.Namespace, procs: dict[str, Proc], urls: list[str],
+               report: dict[str, object]) -> None:
+    data = clients.Upload(args.upload_mib)
+    uploads: dict[str, object] = {}
+    report["upload"] = uploads
+    file = None
+    if shutil.which("curl"):  # from memory (tmpfs) when there is one: the disk is not measured
+        shm = Path("/dev/shm")
+        where = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * data.size_mib * 2**20 \
+            else None
+        file = Path(tempfile.mkstemp(prefix="router-bench-upload-", dir=where)[1])
+    try:
+        if file is not None:
+            data.write_to(file)
+        for name in ("direct", "router", "router+uvloop", "nginx"):
+            if name not in procs:
+                continue
+            url = urls[0] if name == "direct" else procs[name].url
+            tries = [clients.upload(url, procs[name], data, file) for _ in range(args.rounds)]
+            result = max(tries, key=lambda r: (r["intact"], r["mb_per_s"]))  # least disturbed
+            result["mb_per_s_all"] = [r["mb_per_s"] for r in tries]
+            result["rss_growth_mb"] = max(r["rss_growth_mb"] for r in tries)
+            result["mb_per_cpu_s"] = round(data.size_mib * clients.MIB / 1e6
+                                           / max(0.01, result["cpu_s"]), 1)
+            uploads[name] = result
+            print(f"upload {args.upload_mib} MiB via {name:14} {result['mb_per_s']:7.0f} MB/s  "
+                  f"RSS {result['rss_before_mb']:.0f} -> peak {result['rss_peak_mb']:.0f} MB "
+                  f"(+{result['rss_growth_mb']:.1f} MB)  CPU {result['cpu_s']:.2f} s "
+                  f"({result['mb_per_cpu_s']:.0f} MB per CPU second)  "
+                  f"intact={result['intact']}", flush=True)
+    finally:
+        if file is not None:
+            file.unlink(missing_ok=True)
+    for name in procs:
+        if name not in uploads:
+            uploads[name] = {"skipped": "the bare floor reads whole bodies; the Rust routers "
+                             "have no streamed multipart route" if name != "bare+uvloop"
+                             else "as bare"}
+
+
+def streams(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
+    """Concurrent slow streams through a fresh router (and `--streams-targets`)."""
+    delay = args.stream_seconds / max(1, args.stream_tokens)
+    urls, engines = start_engines(
+        log_dir, 1, 1, args.engine_uvloop, models=SLOW, name="slow-engine",
+        extra=["--token-delay", f"{delay:.4f}"])
+    results: dict[str, object] = {}
+    report["streams"] = results
+    with running([proc for group in engines for proc in group]):
+        for name in args.streams_targets:
+            chosen = find_target(name)
+            if chosen.start is None or chosen.available() is not None:
+                continue
+            if name.startswith("router"):
+                patches = name.split("+")[1:]
+                proc = start_router(urls, log_dir, f"{name}-streams", patches, models=[SLOW])
+            else:
+                proc = chosen.start(urls, log_dir)
+            with running([proc]):
+                proc.wait_http(timeout=60)
+                time.sleep(0.5)
+                result = clients.slow_streams(proc.url, proc, args.streams, args.stream_tokens,
+                                              timeout=args.stream_seconds * 4 + 120)
+            results[name] = result
+            print(f"{args.streams} slow streams via {name}: {result['completed']} completed, "
+                  f"{result['failed']} failed {result['failures'] or ''}, peak open "
+                  f"{result['peak_open']}, RSS {result['rss_before_mb']:.0f} -> peak "
+                  f"{result['rss_peak_mb']:.0f} MB (HWM {result['rss_hwm_mb']:.0f} MB)",
+                  flush=True)
+
+
+def workers(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
+    """`--workers 1` against `--workers 2`, on non-streamed chat at the highest concurrency.
+
+    The router must be the bottleneck: with 4 cores or more, the router is pinned (taskset)
+    to 1 and then 2 cores and the engines and wrk to the others. With fewer cores nothing can
+    be set apart, so the run only shows throughput and CPU per request of both, unpinned."""
+    done = subprocess.run(python_module("router", "--help"), capture_output=True, text=True)
+    if "--workers" not in done.stdout:
+        report["workers"] = {"measured": False,
+                             "reason": "the router has no --workers flag (yet)"}
+        print("workers: not measurable, the router has no --workers flag", flush=True)
+        return
+    if args.smoke:
+        report["workers"] = {"measured": False, "reason": "--workers exists; not measured in "
+                             "a smoke run"}
+        return
+    pinned = NPROC >= 4 and shutil.which("taskset") is not None
+    concurrency = max(args.concurrency)
+    rest = f"2-{NPROC - 1}"
+    engine_pin = ["taskset", "-c", rest] if pinned else []
+    urls, engines = start_engines(log_dir, 2, max(1, args.engine_procs), args.engine_uvloop,
+                                  prefix=engine_pin)
+    results: dict[str, object] = {}
+    with running([proc for group in engines for proc in group]):
+        for count in (1, 2):
+            port = free_port()
+            argv = python_module("router", *router_argv(port, urls),
+                                 "--workers", str(count))
+            if pinned:
+                argv = ["taskset", "-c", "0" if count == 1 else "0,1", *argv]
+            proc = Proc.start(f"router-workers{count}", argv, log_dir,
+                              url=f"http://127.0.0.1:{port}")
+            with running([proc]):
+                problem = check_target(proc.url, False, timeout=60)
+                if problem is not None:
+                    raise RuntimeError(f"router --workers {count}: {problem}\n"
+                                       f"{proc.log_tail()}")
+                target = Target(f"router-w{count}", "ours", lambda: None, None)
+                rows = [measure(target, proc, proc.url, engines, workload, concurrency, args,
+                                loadgen_pin=rest if pinned else None)
+                        for _ in range(args.rounds) for workload in ("chat", "sse")]
+                for row in rows:
+                    print_row(row)
+                results[f"workers{count}"] = {
+                    workload: asdict(median_row([r for r in rows if r.workload == workload]))
+                    for workload in ("chat", "sse")}
+    w1, w2 = results["workers1"], results["workers2"]
+    assert isinstance(w1, dict) and isinstance(w2, dict)
+    scaling = {w: round(w2[w]["rps"] / max(1e-9, w1[w]["rps"]), 3) for w in ("chat", "sse")}
+    report["workers"] = {
+        "measured": pinned, "pinned": pinned, "scaling": scaling["chat"],
+        "scaling_by_workload": scaling, "concurrency": concurrency, **results,
+        "reason": "" if pinned else (
+            f"{NPROC} cores: the router cannot be pinned apart from the engines and the load "
+            "generator (needs 4), so these unpinned figures cannot show scaling"),
+    }
+    print(f"workers: 2 vs 1 worker, throughput x{scaling['chat']:.2f} (chat), "
+          f"x{scaling['sse']:.2f} (sse){'' if pinned else ' -- unpinned, not conclusive'}",
+          flush=True)
+
+
+def soak(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
+    fast_urls, fast = start_engines(log_dir, 2, 1, args.engine_uvloop, name="soak-engine")
+    slow_urls, slow = start_engines(
+        log_dir, 1, 1, args.engine_uvloop, models=SLOW, name="soak-slow",
+        extra=["--token-delay", "0.05", "--first-token-delay", "0.1"])
+    procs = [proc for group in fast + slow for proc in group]
+    with running(procs):
+        router = start_router(fast_urls + slow_urls, log_dir, "router-soak",
+                              models=[f"{CHAT};bench-whisper"] * 2 + [SLOW])
+        with running([router]):
+            router.wait_http(timeout=60)
+            print(f"soak: {args.soak_minutes:g} min of mixed traffic through a fresh router...",
+                  flush=True)
+            result = clients.soak(router.url, router, args.soak_minutes,
+                                  concurrency=args.soak_concurrency,
+                                  settle_timeout=2.0 if args.smoke else 30.0)
+    report["soak"] = result
+    print(f"soak: {result['total_requests']} requests {result['requests']}, unexpected "
+          f"{result['unexpected'] or 'none'}; RSS {result['rss_after_warm_up_mb']:.1f} -> "
+          f"{result['rss_end_mb']:.1f} MB ({result['rss_drift_pct']:+.2f} %, "
+          f"{result['rss_slope_mb_per_min']:+.3f} MB/min), in-flight at end "
+          f"{result['in_flight_end']}, fds {result['fds_start']} -> {result['fds_end']}",
+          flush=True)
+
+
+def print_row(row: Row) -> None:
+    print(f"{row.workload:5} c={row.concurrency:<3} {row.target:14} {row.rps:8.0f} req/s  "
+          f"p50 {row.p50_ms:7.2f}  p99 {row.p99_ms:7.2f} ms  cpu {row.cpu_us_per_request:6.0f}"
+          f" us/req  rss {row.peak_rss_mb:5.0f} MB  busy tgt {row.target_busy:4.2f} eng "
+          f"{row.engines_busy:4.2f} other {row.other_busy:4.2f}"
+          + (f"  ERRORS {row.errors}" if row.errors else ""), flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--quick", action="store_true",
+        help="shorter runs: 3 s per measurement, 256 MiB upload, 1,000 streams, 1 min soak")
+    add("--smoke", action="store_true",
+        help="a few seconds in all, to check that the benchmark works (CI); not for figures")
+    add("--only", default=",".join(SECTIONS),
+        help=f"comma-separated sections among {','.join(SECTIONS)} (default all)")
+    add("--targets", default=",".join(DEFAULT_TARGETS),
+        help="comma-separated targets (default: all that are installed)")
+    add("--experiments", default="",
+        help="extra targets: 'uvloop' (router and bare on uvloop), 'lean' (the router with "
+             "in-memory patches modelling proposed changes, see bench/experiments.py), or "
+             "router+PATCH[+PATCH...]")
+    add("--duration", type=float, default=8.0, help="seconds per measurement (default 8)")
+    add("--rounds", type=int, default=2,
+        help="rounds of all measurements, interleaved; the table shows medians (default 2)")
+    add("--warmup", type=float, default=2.0, help="seconds of warm-up before each (default 2)")
+    add("--concurrency", default="1,64", help="client connections (default 1,64)")
+    add("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+        help="wrk, or a Python client (no wrk: figures not comparable); default auto")
+    add("--engine-procs", type=int, default=1,
+        help="processes per fake engine, sharing its port (default 1)")
+    add("--no-engine-uvloop", dest="engine_uvloop", action="store_false",
+        help="run the fake engines on asyncio's loop instead of uvloop")
+    add("--upload-mib", type=int, default=1024, help="upload size in MiB (default 1024)")
+    add("--upload-sink", choices=("raw", "multipart"), default="raw",
+        help="how the engines read uploads: hash the raw body (default: fast enough not to "
+             "be the limit) or the fake engine's own multipart parser")
+    add("--streams", type=int, default=5000, help="concurrent slow streams (default 5000)")
+    add("--stream-tokens", type=int, default=30, help="tokens per slow stream (default 30)")
+    add("--stream-seconds", type=float, default=60.0,
+        help="seconds each slow stream lasts (default 60; all must be open at once)")
+    add("--streams-targets", default="router",
+        help="targets for the slow streams (default router; e.g. router,nginx,sglang-router)")
+    add("--soak-minutes", type=float, default=10.0, help="soak length (default 10)")
+    add("--soak-concurrency", type=int, default=32, help="soak clients (default 32)")
+    add("--output", type=Path, default=RESULTS / "latest.json", help="where the JSON goes")
+    add("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
+    args = parser.parse_args(argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    if args.quick:
+        for flag, value in (("--duration", 3.0), ("--warmup", 1.0), ("--upload-mib", 256),
+                            ("--rounds", 1),
+                            ("--streams", 1000), ("--stream-seconds", 20.0),
+                            ("--stream-tokens", 15), ("--soak-minutes", 1.0)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+    if args.smoke:
+        for flag, value in (("--duration", 0.5), ("--warmup", 0.0), ("--upload-mib", 8),
+                            ("--streams", 20), ("--stream-seconds", 0.6),
+                            ("--stream-tokens", 3), ("--soak-minutes", 0.05),
+                            ("--concurrency", "1,4"), ("--targets", "direct,bare,router"),
+                            ("--soak-concurrency", 8), ("--rounds", 1)):
+            if flag not in given:
+                setattr(args, flag[2:].replace("-", "_"), value)
+    args.only = [s for s in args.only.split(",") if s]
+    for section in args.only:
+        if section not in SECTIONS:
+            parser.error(f"--only: unknown section {section!r} (choose among {SECTIONS})")
+    names = [t for t in args.targets.split(",") if t]
+    for experiment in filter(None, args.experiments.split(",")):
+        extra = EXPERIMENTS.get(experiment, (experiment,))
+        names += [n for n in extra if n not in names]
+    for name in names:
+        try:
+            find_target(name)
+        except KeyError:
+            parser.error(f"--targets: unknown target {name!r} (choose among {list(TARGETS)}, "
+                         f"experiments {list(EXPERIMENTS)} or router+PATCH)")
+    for required in ("direct", "bare", "router"):
+        if required not in names:
+            names.insert(0, required)
+    order = list(TARGETS)
+    args.targets = sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+    args.streams_targets = [t for t in args.streams_targets.split(",") if t]
+    for name in args.streams_targets:
+        try:
+            find_target(name)
+        except KeyError:
+            parser.error(f"--streams-targets: unknown target {name!r}")
+        if name == "direct":
+            parser.error("--streams-targets: direct is not a proxy")
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    if args.loadgen == "auto":
+        args.loadgen = "wrk" if wrk_path() else "python"
+    elif args.loadgen == "wrk" and not wrk_path():
+        parser.error("--loadgen wrk: wrk is not installed (apt-get install wrk)")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    fd_limit = raise_fd_limit()
+    report: dict[str, object] = {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "fd_limit": fd_limit,
+    }
+    if args.loadgen == "python":
+        print("wrk is not installed: using the Python client; its figures do not compare "
+              "with wrk's (apt-get install wrk)", flush=True)
+    if args.streams + 200 > fd_limit // 2 and "streams" in args.only:
+        print(f"note: open-file limit {fd_limit} is low for {args.streams} streams", flush=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    log_dir.chmod(0o755)
+    ok = False
+    phases: dict[str, float] = {}
+    report["phase_seconds"] = phases
+
+    @contextlib.contextmanager
+    def phase(name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            phases[name] = round(time.monotonic() - started, 1)
+
+    try:
+        if {"chat", "sse", "upload"} & set(args.only):
+            with phase("side_by_side"):
+                side_by_side(args, log_dir, report)
+        if "workers" in args.only:
+            with phase("workers"):
+                workers(args, log_dir, report)
+        if "streams" in args.only:
+            with phase("streams"):
+                streams(args, log_dir, report)
+        if "soak" in args.only:
+            with phase("soak"):
+                soak(args, log_dir, report)
+        ok = True
+    finally:
+        if args.keep_logs or not ok:
+            print(f"process logs: {log_dir}", flush=True)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    rows = report.get("rows", [])
+    assert isinstance(rows, list)
+    report["rows"] = [asdict(row) for row in rows]
+    report["targets"] = evaluate_targets(report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    print_report(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.output}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """The floor: the least an aiohttp pass-through proxy can do (no parsing, no events, no
-metrics). `python -m bench.bare_proxy --port P --upstream http://127.0.0.1:E`."""
+metrics). `python -m bench.bare_proxy --port P --upstream http://127.0.0.1:E[,http://...]`:
+several upstreams take turns (round robin), like the router's default policy."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Iterator
 
 import aiohttp
 from aiohttp import web
 
-UPSTREAM = web.AppKey("upstream", str)
+UPSTREAMS = web.AppKey("upstreams", Iterator[str])
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 DROP = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
 
@@ -16,7 +19,7 @@ DROP = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
 async def forward(request: web.Request) -> web.StreamResponse:
     headers = {k: v for k, v in request.headers.items() if k not in DROP}
     async with request.app[SESSION].request(
-        request.method, request.app[UPSTREAM] + request.path_qs,
+        request.method, next(request.app[UPSTREAMS]) + request.path_qs,
         data=await request.read(), headers=headers,
     ) as upstream:
         response = web.StreamResponse(status=upstream.status)
@@ -31,10 +34,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--upstream", required=True, help="comma-separated base URLs")
     args = parser.parse_args()
     app = web.Application(client_max_size=64 * 2**20)
-    app[UPSTREAM] = args.upstream
+    app[UPSTREAMS] = itertools.cycle(url for url in args.upstream.split(",") if url)
 
     async def session(app: web.Application):  # type: ignore[no-untyped-def]
         async with aiohttp.ClientSession(

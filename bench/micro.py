@@ -1,0 +1,157 @@
+"""What the router's own per-request steps cost, in isolation: `python -m bench.micro`.
+
+On a shared 2-core machine, end-to-end CPU per request moves by 10-20 % between runs, more
+than the steps a change would save. These timings (best of several repeats, in-process, no
+sockets) are stable to a microsecond or two, and price the changes proposed in
+docs/benchmarks.md. Each uses the router's real code on a request like the benchmark's; a
+step whose code is gone from the router prints "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from bench.load import chat_body
+from bench.targets import CHAT
+
+HEADERS = CIMultiDictProxy(CIMultiDict({
+    "Host": "127.0.0.1:8001", "User-Agent": "OpenAI/Python 1.40.0",
+    "Content-Type": "application/json", "Content-Length": "130", "Accept": "application/json",
+    "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive",
+    "Authorization": "Bearer sk-123", "X-Stainless-Lang": "python",
+}))
+ENGINE_HEADERS = CIMultiDictProxy(CIMultiDict({
+    "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+    "Date": "Wed, 25 Nov 2026 17:00:30 GMT", "Server": "Python/3.11 aiohttp/3.14",
+    "Transfer-Encoding": "chunked", "x-request-id": "abc",
+}))
+
+
+def best_us(function: Callable[[], object], number: int = 2000, repeat: int = 7) -> float:
+    """Best of `repeat` runs of `number` calls, in microseconds per call."""
+    return min(timeit.repeat(function, number=number, repeat=repeat)) / number * 1e6
+
+
+def one_pass_headers(incoming: Any, drop: frozenset[istr], request_id: str) -> CIMultiDict[str]:
+    named = incoming.get("Connection")
+    if named:
+        drop = drop | {istr(name.strip()) for name in named.split(",")}
+    headers = CIMultiDict([(k, v) for k, v in incoming.items() if k not in drop])
+    headers["x-request-id"] = request_id
+    return headers
+
+
+def measure_all() -> list[tuple[str, str]]:
+    results: list[tuple[str, str]] = []
+
+    def add(name: str, step: Callable[[], float]) -> None:
+        try:
+            results.append((name, f"{step():7.2f} us"))
+        except Exception as error:  # the router changed: say so, go on
+            results.append((name, f"    n/a ({type(error).__name__}: {error})"))
+
+    body = chat_body(CHAT, True).encode()
+    add("json.loads of the chat body", lambda: best_us(lambda: json.loads(body)))
+
+    def orjson_loads() -> float:
+        import orjson
+        return best_us(lambda: orjson.loads(body))
+    add("orjson.loads of the chat body", orjson_loads)
+
+    def forward(direction: str) -> Callable[[], float]:
+        def step() -> float:
+            from router import proxy
+            drop = proxy.NOT_FORWARDED_UP if direction == "up" else proxy.NOT_FORWARDED_DOWN
+            incoming = HEADERS if direction == "up" else ENGINE_HEADERS
+            return best_us(lambda: proxy.forward_headers(incoming, drop, "req-1"))
+        return step
+
+    def forward_one_pass(direction: str) -> Callable[[], float]:
+        def step() -> float:
+            from router import proxy
+            drop = proxy.NOT_FORWARDED_UP if direction == "up" else proxy.NOT_FORWARDED_DOWN
+            incoming = HEADERS if direction == "up" else ENGINE_HEADERS
+            return best_us(lambda: one_pass_headers(incoming, drop, "req-1"))
+        return step
+
+    add("forward_headers, request (router now)", forward("up"))
+    add("forward_headers, request (one pass)", forward_one_pass("up"))
+    add("forward_headers, response (router now)", forward("down"))
+    add("forward_headers, response (one pass)", forward_one_pass("down"))
+
+    def timeout_cost() -> float:
+        async def with_timeout() -> None:
+            async with asyncio.timeout(60):
+                pass
+
+        async def without() -> None:
+            pass
+
+        async def run() -> float:
+            number = 5000
+            best = []
+            for coroutine in (with_timeout, without):
+                runs = []
+                for _ in range(7):
+                    started = time.perf_counter()
+                    for _ in range(number):
+                        await coroutine()
+                    runs.append(time.perf_counter() - started)
+                best.append(min(runs) / number * 1e6)
+            return best[0] - best[1]
+        return asyncio.run(run())
+    add("asyncio.timeout around reading the body", timeout_cost)
+    add("request id: os.urandom(16).hex()", lambda: best_us(lambda: os.urandom(16).hex()))
+
+    def events(only_metrics: bool) -> Callable[[], float]:
+        def step() -> float:
+            from router.app import make_app
+            from router.cli import parse_config
+            from router.flow import Outcome, RequestFlow
+            from router.keys import EVENTS, METRICS, POOL
+
+            config = parse_config(["--static-backends", "http://127.0.0.1:9,http://127.0.0.1:10",
+                                   "--static-models", f"{CHAT},{CHAT}", "--log-level",
+                                   "warning"])
+            app = make_app(config)
+            backend = app[POOL].candidates(CHAT)[0]
+            target = app[METRICS] if only_metrics else app[EVENTS]
+            tail = (b'data: {"id":"x","choices":[{"index":0,"delta":{},"finish_reason":"stop"'
+                    b'}]}\n\ndata: [DONE]\n\n')
+
+            def one() -> None:
+                flow = RequestFlow(id="req-1", endpoint="/v1/chat/completions")
+                flow.model, flow.stream, flow.backend = CHAT, True, backend
+                target.on_new(flow)
+                now = time.monotonic()
+                flow.status, flow.t_headers, flow.t_first_byte = 200, now, now
+                target.on_response(flow)
+                if hasattr(flow, "tail"):
+                    flow.tail = tail
+                flow.outcome, flow.t_end = Outcome.OK, time.monotonic()
+                target.on_complete(flow)
+            return best_us(one)
+        return step
+
+    add("request events, all subscribers (new+response+complete)", events(False))
+    add("  of which the Prometheus metrics", events(True))
+    return results
+
+
+def main() -> None:
+    argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__).parse_args()
+    for name, figure in measure_all():
+        print(f"{figure}  {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""What the benchmark measures side by side, and how each one is started.
+
+- `direct`: a call straight to one engine (its process is the engine's);
+- `bare`: `bench.bare_proxy`, the floor an aiohttp pass-through can reach;
+- `router`: ours, `python -m router` with its default policy (roundrobin);
+- `sglang-router`, `vllm-router` (Rust, from PyPI) and `nginx` (Debian's nginx-light) when
+  installed: references;
+- with `--experiments`: `bare+uvloop`, and `router+PATCH...`, the router with in-memory
+  patches that model proposed changes (`bench.experiments`).
+
+All listen on 127.0.0.1 and route round robin over the same engines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import Proc, free_port, python_module
+
+__all__ = ["Target", "TARGETS", "available_targets", "executable", "target", "CHAT", "WHISPER",
+           "SLOW"]
+
+CHAT = "bench-llm"
+WHISPER = "bench-whisper"
+SLOW = "bench-slow"
+ENGINE_MODELS = f"{CHAT},{WHISPER}"
+
+
+def executable(name: str) -> str | None:
+    """A console script next to this Python (the venv's bin) or on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str
+    """`direct`, `floor`, `ours` or `reference`."""
+    available: Callable[[], str | None]
+    """None when it can run here, else why not."""
+    start: Callable[[Sequence[str], Path], Proc] | None
+    """Start it in front of these engine URLs; None for `direct` (no process of its own)."""
+
+
+def _always() -> str | None:
+    return None
+
+
+def _needs(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if executable(name) else f"{name} is not installed"
+    return check
+
+
+def _needs_module(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if has_module(name) else f"Python module {name} is not installed"
+    return check
+
+
+def router_argv(port: int, engines: Sequence[str], models: Sequence[str] | None = None,
+                extra: Sequence[str] = ()) -> list[str]:
+    groups = models or [f"{CHAT};{WHISPER}"] * len(engines)
+    return ["--host", "127.0.0.1", "--port", str(port), "--static-backends", ",".join(engines),
+            "--static-models", ",".join(groups), "--log-level", "warning", *extra]
+
+
+def start_router(engines: Sequence[str], log_dir: Path, name: str = "router",
+                 patches: Sequence[str] = (), models: Sequence[str] | None = None) -> Proc:
+    """Our router; with `patches`, run through `bench.experiments` (see there)."""
+    port = free_port()
+    args = router_argv(port, engines, models)
+    argv = (python_module("bench.experiments", ",".join(patches), *args) if patches
+            else python_module("router", *args))
+    return Proc.start(name, argv, log_dir, url=f"http://127.0.0.1:{port}")
+
+
+def start_bare(engines: Sequence[str], log_dir: Path, name: str = "bare",
+               uvloop: bool = False) -> Proc:
+    port = free_port()
+    args = ["--port", str(port), "--upstream", ",".join(engines)]
+    argv = (python_module("bench.with_uvloop", "bench.bare_proxy", *args) if uvloop
+            else python_module("bench.bare_proxy", *args))
+    return Proc.start(name, argv, log_dir, url=f"http://127.0.0.1:{port}")
+
+
+def start_sglang(engines: Sequence[str], log_dir: Path) -> Proc:
+    port = free_port()
+    argv = [str(executable("sglang-router")), "launch", "--host", "127.0.0.1", "--port",
+            str(port), "--worker-urls", *engines, "--policy", "round_robin",
+            "--log-level", "warn", "--prometheus-host", "127.0.0.1",
+            "--prometheus-port", str(free_port())]
+    return Proc.start("sglang-router", argv, log_dir, url=f"http://127.0.0.1:{port}")
+
+
+def start_vllm(engines: Sequence[str], log_dir: Path) -> Proc:
+    port = free_port()
+    argv = [str(executable("vllm-router")), "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", *engines, "--policy", "round_robin", "--log-level", "warning",
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    return Proc.start("vllm-router", argv, log_dir, url=f"http://127.0.0.1:{port}")
+
+
+NGINX_CONF = """\
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream engines {{
+{servers}
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://engines;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+            proxy_send_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(engines: Sequence[str], log_dir: Path) -> Proc:
+    """nginx with one worker (like the single-process Python targets), no buffering either
+    way (a streaming proxy), keep-alive to the engines, no access log."""
+    port = free_port()
+    directory = log_dir / "nginx"
+    directory.mkdir(exist_ok=True)
+    servers = "\n".join(f"        server {url.split('://', 1)[1]};" for url in engines)
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=directory, servers=servers, port=port))
+    argv = [str(executable("nginx")), "-p", str(directory), "-c", str(conf),
+            "-e", str(directory / "nginx-error.log")]
+    return Proc.start("nginx", argv, log_dir, url=f"http://127.0.0.1:{port}")
+
+
+TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target("direct", "direct", _always, None),
+        Target("bare", "floor", _always, start_bare),
+        Target("router", "ours", _always, start_router),
+        Target("sglang-router", "reference", _needs("sglang-router"), start_sglang),
+        Target("vllm-router", "reference", _needs("vllm-router"), start_vllm),
+        Target("nginx", "reference", _needs("nginx"), start_nginx),
+        Target("bare+uvloop", "experiment", _needs_module("uvloop"),
+               lambda engines, log_dir: start_bare(engines, log_dir, "bare+uvloop", True)),
+    )
+}
+DEFAULT_TARGETS = ("direct", "bare", "router", "sglang-router", "vllm-router", "nginx")
+LEAN = ("nometrics", "notimeout", "orjson")
+EXPERIMENTS = {
+    "uvloop": ("bare+uvloop", "router+uvloop"),
+    "lean": (*(f"router+{name}" for name in LEAN), "router+" + "+".join(LEAN)),
+}
+
+
+def experiment_target(name: str) -> Target | None:
+    """`router+PATCH[+PATCH...]`: the router with `bench.experiments` patches."""
+    from bench.experiments import PATCHES
+
+    head, _, tail = name.partition("+")
+    patches = tail.split("+") if tail else []
+    if head != "router" or not patches or any(p not in PATCHES for p in patches):
+        return None
+    needs = {"uvloop": "uvloop", "orjson": "orjson"}
+    missing = [needs[p] for p in patches if p in needs and not has_module(needs[p])]
+
+    def check() -> str | None:
+        return f"{', '.join(missing)} not installed" if missing else None
+
+    def start(engines: Sequence[str], log_dir: Path) -> Proc:
+        return start_router(engines, log_dir, name, patches)
+
+    return Target(name, "experiment", check, start)
+
+
+def target(name: str) -> Target:
+    found = TARGETS.get(name) or experiment_target(name)
+    if found is None:
+        raise KeyError(name)
+    return found
+
+
+def available_targets(names: Sequence[str]) -> tuple[list[Target], dict[str, str]]:
+    """The targets among `names` that can run here, and why the others cannot."""
+    chosen, skipped = [], {}
+    for name in names:
+        found = target(name)
+        reason = found.available()
+        if reason is None:
+            chosen.append(found)
+        else:
+            skipped[name] = reason
+    return chosen, skipped

@@ -1,0 +1,61 @@
+"""`make bench` works: a smoke run of every section, a few seconds, no timing asserted.
+
+The figures come from `make bench` (docs/benchmarks.md); this only checks that the benchmark
+starts its processes, drives every workload through the router without errors, writes its
+JSON and stops everything it started. Without wrk (CI) it uses its Python client.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TIMEOUT = 120
+
+
+def test_bench_smoke_run(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(output)],
+        capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "issue 5 targets" in done.stdout
+    report = json.loads(output.read_text())
+
+    rows = {(r["target"], r["workload"], r["concurrency"]): r for r in report["rows"]}
+    for target in ("direct", "bare", "router"):
+        for workload in ("chat", "sse"):
+            for concurrency in (1, 4):
+                row = rows[target, workload, concurrency]
+                assert row["requests"] > 0, row
+                assert row["errors"] == 0, row
+                assert row["cpu_us_per_request"] > 0 or target == "direct", row
+
+    upload = report["upload"]["router"]
+    assert upload["status"] == 200 and upload["intact"], upload
+
+    streams = report["streams"]["router"]
+    assert streams["failed"] == 0 and streams["completed"] == streams["streams"], streams
+
+    soak = report["soak"]
+    assert soak["total_requests"] > 0 and not soak["unexpected"], soak
+    assert soak["in_flight_end"] == 0, soak
+
+    assert report["workers"]["reason"] or report["workers"]["measured"]
+    assert {t["id"] for t in report["targets"]} >= {
+        "cpu_chat", "cpu_sse", "latency_chat_p50", "upload_rss", "streams", "workers",
+    }
+
+
+@pytest.mark.parametrize("argv", [["--only", "nothing"], ["--targets", "no-such-router"]])
+def test_bench_rejects_unknown_sections_and_targets(argv: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench", *argv], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2
+    assert "unknown" in done.stderr
