@@ -63,7 +63,6 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         timeout=timeout,
         auto_decompress=False,  # bytes pass through with their Content-Encoding
         cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
     ) as session:
         app[CLIENT_SESSION] = session
         yield

@@ -91,8 +91,11 @@ async def read_json_request(
     enforces while reading; the client has `timeout` seconds to send it all. The body is
     serialised again only when `rewrite` or an alias changed it."""
     try:
-        async with asyncio.timeout(timeout):
+        if request.content.is_eof():  # it came with the headers: nothing to wait for
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes") from None
     except TimeoutError:

@@ -58,6 +58,8 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED_UP = HOP_BY_HOP | {hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID}
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {REQUEST_ID}
 AUTHORIZATION = hdrs.AUTHORIZATION
+AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
+"""Headers aiohttp would add for a client that did not send them: not ours to add."""
 CLIENT_CREDENTIALS = frozenset(
     istr(name) for name in ("authorization", "api-key", "x-api-key", "cookie")
 )
@@ -409,6 +411,7 @@ async def exchange(
             request.method, flow.backend.url + path, data=data,
             headers=backend_headers(headers, flow.backend),
             timeout=backend_timeout(session, flow.backend), allow_redirects=False,
+            skip_auto_headers=[name for name in AUTO_HEADERS if name not in headers] or None,
         )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, flow.backend.id, inbound) from error

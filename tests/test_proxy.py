@@ -221,3 +221,16 @@ async def test_a_router_bug_is_a_json_500_with_request_id(
     assert response.headers["x-request-id"] == "bug-1"
     assert (await response.json())["error"]["type"] == "internal_error"
     assert sum(engine.state.started for engine in engines) == 0
+
+
+async def test_the_router_adds_no_headers_of_its_own_choosing(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    async with aiohttp.ClientSession(skip_auto_headers=("User-Agent",)) as session:
+        async with session.post(router.url + "/v1/completions",
+                                data=b'{"model": "chat-model", "prompt": "x"}',
+                                skip_auto_headers=("Content-Type",)) as response:
+            assert response.status == 200
+    headers = next(e.state.last_headers for e in engines if e.state.last_headers)
+    assert "User-Agent" not in headers and "Content-Type" not in headers
+    await router.settled(1)

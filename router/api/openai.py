@@ -122,7 +122,7 @@ async def admitted(
             return lifecycle.answered(answer)
         flow.model, flow.stream = inbound.model, inbound.stream
         chooser = app[CHOOSER]
-        pinned = request.query.get("id")
+        pinned = request.query.get("id") if request.query_string else None
         try:
             flow.backend = chooser.choose(inbound, pinned)
             if pinned is None:  # a pinned request goes to that backend only
