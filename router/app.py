@@ -37,6 +37,7 @@ from router.routing import BackendChooser
 from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
+from router.tracing import make_tracer
 
 __all__ = ["make_app", "mounted"]
 
@@ -199,6 +200,11 @@ def make_app(config: Config) -> web.Application:
     app[EVENTS] = RequestEvents([stats, health, metrics, AccessLog(), policy])
     if app[PLUGINS] is not None:
         app[EVENTS].subscribe(app[PLUGINS])
+    if config.otel_endpoint:  # without it OpenTelemetry is never imported
+        tracer = make_tracer(config.otel_endpoint, config.otel_service_name,
+                             config.otel_secure, config.otel_protocol)
+        app[EVENTS].subscribe(tracer)
+        app.cleanup_ctx.append(tracer.lifetime)
     pool.on_removed(lambda removed: forget_backends(app, removed))
     if config.demo:
         # Imported here so the fake engines are loaded only in demo mode.

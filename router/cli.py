@@ -19,6 +19,7 @@ from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.kubernetes import K8sSettings, in_cluster_api_server
 from router.health import MODEL_TYPES
 from router.policies import POLICIES
+from router.tracing import PROTOCOLS, otlp_target, sdk_missing
 
 __all__ = ["build_parser", "parse_config", "load_config"]
 
@@ -220,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-rewriter", default=None,
         help="class as module:Class whose rewrite(flow, body) changes JSON bodies before "
              "routing")
+
+    tracing = parser.add_argument_group("tracing (OpenTelemetry)")
+    add = tracing.add_argument
+    add("--otel-endpoint", default=None,
+        help="export a span per request (and one per backend attempt) over OTLP to this "
+             "collector: host:4317 (gRPC) or http://host:4318 (HTTP); off by default")
+    add("--otel-protocol", choices=PROTOCOLS, default=None,
+        help="grpc or http (default: port 4317 or a bare host:port is grpc, port 4318 or "
+             "an http(s):// URL is http)")
+    add("--otel-service-name", default="router",
+        help="service.name of the router's spans (default router)")
+    add("--otel-secure", action="store_true",
+        help="TLS to the collector (for OTLP/HTTP, an https:// endpoint does the same)")
 
     routing = parser.add_argument_group("routing policies")
     add = routing.add_argument
@@ -426,6 +440,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
                        *(((args.request_rewriter, "--request-rewriter"),)
                          if args.request_rewriter else ())]:
         importable(spec, flag)
+    if args.otel_endpoint:
+        try:
+            target = otlp_target(args.otel_endpoint, args.otel_protocol, args.otel_secure)
+        except ValueError as error:
+            raise ConfigError(f"argument --otel-endpoint: {error}") from None
+        missing = sdk_missing(target.protocol)
+        if missing:
+            raise ConfigError(f"argument --otel-endpoint: {missing} is not installed "
+                              "(pip install 'router[otel]')")
     root_path = args.root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         raise ConfigError("argument --root-path: must start with '/', e.g. /router")
@@ -493,6 +516,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         health_check_timeout=args.health_check_timeout,
         cb_failure_threshold=args.cb_failure_threshold,
         cb_cooldown=args.cb_cooldown,
+        otel_endpoint=args.otel_endpoint or None,
+        otel_protocol=args.otel_protocol,
+        otel_service_name=args.otel_service_name,
+        otel_secure=args.otel_secure,
         max_retries=args.max_retries,
         retry_backoff=args.retry_backoff,
     )

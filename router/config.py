@@ -162,6 +162,16 @@ class Config:
     cb_cooldown: float = 30.0
     """Seconds an open breaker waits before letting one trial request through."""
 
+    # Tracing (router/tracing.py).
+    otel_endpoint: str | None = None
+    """OTLP collector for traces (`host:4317`, `http://host:4318`); None: no tracing, and
+    OpenTelemetry is not even imported."""
+    otel_protocol: str | None = None
+    """`grpc` or `http`; None: from the endpoint (`router.tracing.otlp_target`)."""
+    otel_service_name: str = "router"
+    otel_secure: bool = False
+    """TLS to a gRPC collector (an HTTP one takes an `https://` endpoint)."""
+
     # Failover (router/proxy.py).
     max_retries: int = 2
     retry_backoff: float = 0.05

@@ -102,6 +102,9 @@ class RequestFlow:
     """With disaggregated prefill: the backend that computed the prompt's KV cache."""
     attempts: list[Attempt] = field(default_factory=list)
     """Failed tries on other backends before `backend`, oldest first (see `on_retry`)."""
+    trace_headers: dict[str, str] | None = None
+    """Set by the tracer (`--otel-endpoint`) for each attempt: `traceparent`/`tracestate`
+    sent to the backend in place of the client's."""
 
     @property
     def ttft(self) -> float | None:

@@ -352,6 +352,8 @@ async def prefill(
     })
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
+    if flow.trace_headers:
+        headers.update(flow.trace_headers)
     try:
         async with session.post(backend.url + path, json=body, headers=headers,
                                 allow_redirects=False) as response:
@@ -398,6 +400,8 @@ async def exchange(
     """Forward the request to `flow.backend` and stream the answer back to the client; with
     `retry_status`, a 502/503/504 answer raises `BackendStatus` instead (for a retry)."""
     assert flow.backend is not None
+    if flow.trace_headers:
+        headers.update(flow.trace_headers)
     data: object = inbound.body
     if inbound.upload is not None:
         data = inbound.upload.chunks()
