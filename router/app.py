@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 from router.access import ApiKeys, auth_middleware
 from router.admission import Admission, RateLimiter
 from router.access_log import AccessLog
+from router import batch
 from router.api import admin, dashboard, json_errors, openai
 from router.backends import BackendPool
 from router.config import Config
@@ -25,7 +26,7 @@ from router.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, REWRITER, STATS,
-    UPSTREAM_AUTH,
+    UPSTREAM_AUTH, BATCHES,
 )
 from router import multiprocess_metrics
 from router.metrics import Metrics
@@ -219,6 +220,11 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(fleet_watchers)
     app.cleanup_ctx.append(watch_stalled_clients)
+    if config.enable_batch_api:
+        # After client_session: batch lines use the session until their runners stop.
+        app[BATCHES] = batch.Batches(app, config.file_storage_path, config.batch_concurrency)
+        app.cleanup_ctx.append(batch.run_batches)
+        batch.add_routes(app)
     if config.log_stats:
         from router.stats.summary import log_stats
 

@@ -213,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--k8s-kubeconfig", default=None,
         help="kubeconfig to use outside a cluster (default $KUBECONFIG)")
 
+    batch = parser.add_argument_group("Batch and Files APIs")
+    add = batch.add_argument
+    add("--enable-batch-api", action="store_true",
+        help="serve /v1/files and /v1/batches; batch lines run through this router's routing")
+    add("--file-storage-path", default="/tmp/vllm_files",
+        help="directory for uploaded files, batch results and batch state, kept across "
+             "restarts (default /tmp/vllm_files)")
+    add("--batch-concurrency", type=positive_int, default=8,
+        help="batch lines in flight at once, over all batches (default 8)")
+
     extensions = parser.add_argument_group("extensions")
     add = extensions.add_argument
     add("--callbacks", action="append", default=[],
@@ -342,6 +352,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     model_groups = split_list(args.static_models)
     if urls and args.demo:
         raise ConfigError("argument --demo: not allowed with --static-backends")
+    if args.enable_batch_api and args.workers > 1:
+        raise ConfigError("argument --enable-batch-api: not with --workers (one process runs "
+                          "the batches and owns --file-storage-path)")
+    storage = args.file_storage_path
+    if args.enable_batch_api and os.path.exists(storage) and not (
+        os.path.isdir(storage) and os.access(storage, os.W_OK | os.X_OK)
+    ):
+        raise ConfigError(f"argument --file-storage-path: {storage!r} is not a writable "
+                          "directory")
     if args.workers > 1 and args.demo:
         raise ConfigError("argument --workers: not with --demo (each worker would run its "
                           "own demo engines)")
@@ -495,6 +514,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         client_write_timeout=args.client_write_timeout,
         keepalive_timeout=args.keepalive_timeout,
         workers=args.workers,
+        enable_batch_api=args.enable_batch_api,
+        file_storage_path=args.file_storage_path,
+        batch_concurrency=args.batch_concurrency,
         log_stats=args.log_stats,
         log_stats_interval=args.log_stats_interval,
         callbacks=callbacks,

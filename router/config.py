@@ -131,6 +131,13 @@ class Config:
     """Seconds the router keeps accepting after SIGTERM (with `/ready` at 503), so load
     balancers stop sending before the socket closes."""
 
+    # Batch and Files APIs (router/batch/).
+    enable_batch_api: bool = False
+    file_storage_path: str = "/tmp/vllm_files"
+    """Uploaded files, batch results and batch state; kept across restarts."""
+    batch_concurrency: int = 8
+    """Batch lines in flight at once, over all batches."""
+
     # Routing policies (router/policies/).
     session_key: str = "x-session-id"
     """`session` policy: the header (then top-level body field) holding the session key;

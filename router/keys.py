@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 from aiohttp import web
 
@@ -20,10 +22,13 @@ from router.shutdown import Drain
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
+if TYPE_CHECKING:  # router.batch reads these keys: a runtime import would be circular
+    from router.batch.batches import Batches
+
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
-    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER",
+    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -49,3 +54,5 @@ REWRITER: web.AppKey[RequestRewriter | None] = web.AppKey("rewriter")
 """None without --request-rewriter."""
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""
+BATCHES: web.AppKey[Batches] = web.AppKey("batches")
+"""Only with --enable-batch-api: the files, the batches and their runners."""

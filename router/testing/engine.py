@@ -54,8 +54,20 @@ class EngineBehaviour:
     token_delay: float = 0.0
     chunks: int = 8
     fail_status: int | None = None
+    """Answer proxied requests with this error status instead of serving them."""
+    fail_burst: int | None = None
+    """With `fail_status`: only the next this many proxied requests fail (counted down; at 0
+    the engine serves normally again). None: every request fails while `fail_status` is set."""
     reset_after_chunks: int | None = None
+    """Abort the connection after this many SSE events, dropping anything unsent."""
+    truncate_after_chunks: int | None = None
+    """Close the connection cleanly after this many SSE events, without ending the chunked
+    body (the peer sees the body end early, not a reset)."""
     hang_after_headers: bool = False
+    headers_delay: float = 0.0
+    """Seconds to wait, once the request body is read, before sending status and headers."""
+    chunk_padding: int = 0
+    """Bytes of SSE comment (`: xxx`) added to every event: a big, fast stream on demand."""
     health_status: int = 200
     kv_cache_usage: float | None = None
     num_requests_waiting: int = 0
@@ -79,6 +91,14 @@ class EngineState:
     cancelled: int = 0
     open: int = 0
     resets: int = 0
+    truncated: int = 0
+    """Streams ended early on purpose (`truncate_after_chunks`)."""
+    failures_injected: int = 0
+    """Requests answered with `fail_status`."""
+    hangs: int = 0
+    """Requests that hung after their headers (`hang_after_headers`)."""
+    bytes_sent: int = 0
+    """SSE bytes written, over all streams."""
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     uploads: list[Upload] = field(default_factory=list)
     last_headers: CIMultiDictProxy[str] | None = None
@@ -115,12 +135,16 @@ class _BadRequest(Exception):
 
 
 class _ConnectionGone(Exception):
-    """The stream's connection ended: aborted by us (reset) or lost (client went away)."""
+    """The stream's connection ended: aborted by us (reset), closed by us before the end of
+    the body (truncated), or lost (client went away)."""
 
-    def __init__(self, response: web.StreamResponse, *, reset: bool) -> None:
+    def __init__(
+        self, response: web.StreamResponse, *, reset: bool, truncated: bool = False
+    ) -> None:
         super().__init__("connection gone")
         self.response = response
         self.reset = reset
+        self.truncated = truncated
 
 
 def _dumps(obj: Any) -> str:
@@ -155,7 +179,7 @@ async def _read_json(request: web.Request) -> JsonDict:
     raw = await request.read()
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _BadRequest(400, f"Invalid JSON body: {exc}") from None
     if not isinstance(body, dict):
         raise _BadRequest(400, "The request body must be a JSON object.")
@@ -209,7 +233,12 @@ def _count_tokens(value: Any) -> int:
     """Byte-level "tokenizer": one token per UTF-8 byte (token ids given as ints count 1)."""
     if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
         return len(value)
-    return len(_text_of(value).encode())
+    return len(_utf8(_text_of(value)))
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: a JSON string may carry lone surrogates ("\ud800").
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> JsonDict:
@@ -234,7 +263,7 @@ def _similarity(a: str, b: str) -> float:
 
 def _embedding(value: Any) -> list[float]:
     text = value if isinstance(value, str) else _dumps(value)
-    digest = hashlib.sha256(text.encode()).digest()
+    digest = hashlib.sha256(_utf8(text)).digest()
     raw = struct.unpack("<8i", digest)
     vec = [v / 2**31 for v in raw]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
@@ -243,6 +272,26 @@ def _embedding(value: Any) -> list[float]:
 
 async def _forever() -> None:
     await asyncio.get_running_loop().create_future()
+
+
+async def _headers_delay(request: web.Request) -> None:
+    delay = request.app[ENGINE_BEHAVIOUR].headers_delay
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _injected_failure(request: web.Request) -> int | None:
+    """The status to fail this request with, if a failure is due (counts a burst down)."""
+    behaviour = request.app[ENGINE_BEHAVIOUR]
+    status = behaviour.fail_status
+    if status is None:
+        return None
+    if behaviour.fail_burst is not None:
+        if behaviour.fail_burst <= 0:
+            return None
+        behaviour.fail_burst -= 1
+    request.app[ENGINE_STATE].failures_injected += 1
+    return status
 
 
 # --------------------------------------------------------------------------- streaming
@@ -262,13 +311,15 @@ class _Sse:
         self.sent = 0
 
     async def start(self) -> None:
+        await _headers_delay(self.request)
         await self.response.prepare(self.request)
         if self.behaviour.hang_after_headers:
+            self.request.app[ENGINE_STATE].hangs += 1
             await _forever()
         if self.behaviour.first_token_delay > 0:
             await asyncio.sleep(self.behaviour.first_token_delay)
 
-    async def send(self, data: str, *, delay: bool = False) -> None:
+    async def send(self, data: str, *, delay: bool = False, pad: bool = True) -> None:
         """Send ``data`` (one or more complete SSE lines, without the blank line)."""
         behaviour = self.behaviour
         if delay and behaviour.token_delay > 0:
@@ -279,26 +330,38 @@ class _Sse:
             if transport is not None:
                 transport.abort()
             raise _ConnectionGone(self.response, reset=True)
+        limit = behaviour.truncate_after_chunks
+        if limit is not None and self.sent >= limit:
+            transport = self.request.transport
+            if transport is not None:
+                transport.close()  # what was written goes out, then FIN: no last chunk
+            raise _ConnectionGone(self.response, reset=False, truncated=True)
+        if pad and behaviour.chunk_padding > 0:
+            data += "\n: " + "x" * behaviour.chunk_padding
+        raw = (data + "\n\n").encode()
         try:
-            await self.response.write((data + "\n\n").encode())
+            await self.response.write(raw)
         except ConnectionResetError:
             raise _ConnectionGone(self.response, reset=False) from None
+        self.request.app[ENGINE_STATE].bytes_sent += len(raw)
         self.sent += 1
 
     async def data(self, payload: str, *, delay: bool = False) -> None:
         await self.send("data: " + payload, delay=delay)
 
     async def done(self) -> web.StreamResponse:
-        await self.send("data: [DONE]")
+        await self.send("data: [DONE]", pad=False)
         return self.response
 
 
 async def _reply(request: web.Request, obj: Any) -> web.StreamResponse:
     """Non-stream reply: honours hang_after_headers and first_token_delay."""
     behaviour = request.app[ENGINE_BEHAVIOUR]
+    await _headers_delay(request)
     if behaviour.hang_after_headers:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
+        request.app[ENGINE_STATE].hangs += 1
         await _forever()
     if behaviour.first_token_delay > 0:
         await asyncio.sleep(behaviour.first_token_delay)
@@ -318,7 +381,7 @@ def _proxied(handler: Handler) -> Handler:
         state.last_headers = request.headers
         state.last_path = request.path_qs
         try:
-            fail_status = request.app[ENGINE_BEHAVIOUR].fail_status
+            fail_status = _injected_failure(request)
             if fail_status is not None:
                 name = request.app[_CONFIG].name
                 response: web.StreamResponse = _error(
@@ -329,12 +392,16 @@ def _proxied(handler: Handler) -> Handler:
                     response = await handler(request)
                 except _BadRequest as exc:
                     response = _error(exc.status, exc.message)
+                except RecursionError:  # deeply nested JSON, like vLLM's 400
+                    response = _error(400, "The request body is nested too deeply.")
         except asyncio.CancelledError:
             state.cancelled += 1
             state.disconnected.set()
             raise
         except _ConnectionGone as gone:
-            if gone.reset:
+            if gone.truncated:
+                state.truncated += 1
+            elif gone.reset:
                 state.resets += 1
             else:
                 state.cancelled += 1
@@ -700,7 +767,7 @@ async def tokenize(request: web.Request) -> web.StreamResponse:
         text = _text_of(body["messages"])
     else:
         raise _BadRequest(400, "Either `prompt` or `messages` is required.")
-    tokens = list(text.encode())
+    tokens = list(_utf8(text))
     return await _reply(request, {
         "count": len(tokens),
         "max_model_len": MAX_MODEL_LEN,

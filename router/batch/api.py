@@ -1,0 +1,234 @@
+"""The Files and Batches endpoints (`--enable-batch-api`): thin handlers over `Batches`.
+
+An upload goes to disk part by part as it arrives (`FileStore.receive`), never whole in
+memory; its limit is `--max-body-size`, like an audio upload's. A file's content is sent
+from disk (`web.FileResponse`: sendfile, ranges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from router.api import request_id
+from router.batch.files import PURPOSES, Received
+from router.errors import BadRequest, PayloadTooLarge, RequestTimeout, RouterError, error_response
+from router.keys import BATCHES, CONFIG
+from router.multipart import multipart_boundary
+
+__all__ = ["add_routes"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+UPLOAD_CHUNK = 256 * 1024
+MAX_FIELD = 1024
+"""Longest `purpose` (or other small field) kept from an upload form."""
+MAX_METADATA = 16
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """A `RouterError` from the handler becomes its OpenAI-style JSON answer."""
+
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RouterError as error:
+            return error_response(error, request_id(request))
+
+    return handle
+
+
+async def timed(chunk: Awaitable[bytes], timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            return await chunk
+    except TimeoutError:
+        raise RequestTimeout(f"the client sent nothing for {timeout:g} s") from None
+
+
+async def part_chunks(part: BodyPartReader, limit: int, timeout: float) -> AsyncIterator[bytes]:
+    size = 0
+    while chunk := await timed(part.read_chunk(UPLOAD_CHUNK), timeout):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the file is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def field_value(part: BodyPartReader, timeout: float) -> str:
+    value = bytearray()
+    while chunk := await timed(part.read_chunk(), timeout):
+        value += chunk
+        if len(value) > MAX_FIELD:
+            raise BadRequest(f"the '{part.name}' field is longer than {MAX_FIELD} bytes")
+    return value.decode("utf-8", "replace").strip()
+
+
+@openai_errors
+async def create_file(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/files`: multipart `file` and `purpose`, in either order."""
+    config = request.app[CONFIG]
+    store = request.app[BATCHES].files
+    limit, timeout = config.max_body_size, config.client_body_timeout
+    multipart_boundary(request)
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    received: Received | None = None
+    try:
+        filename, purpose = "file", None
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("a nested multipart body is not supported")
+            if part.name == "file":
+                if received is not None:
+                    raise BadRequest("the body has more than one 'file' part")
+                filename = (part.filename or "file")[-255:]
+                received = await store.receive(part_chunks(part, limit, timeout))
+            elif part.name == "purpose":
+                purpose = await field_value(part, timeout)
+        if received is None:
+            raise BadRequest("the multipart body has no 'file' part")
+        if purpose not in PURPOSES:
+            raise BadRequest(f"'purpose' must be one of {', '.join(sorted(PURPOSES))}")
+        item = await store.commit(received, filename, purpose)
+    except ValueError as error:  # aiohttp's word for a malformed multipart body
+        if received is not None:
+            await store.discard(received)
+        raise BadRequest(f"malformed multipart body: {error}") from None
+    except BaseException:
+        if received is not None:
+            await store.discard(received)
+        raise
+    return web.json_response(item.to_json())
+
+
+def page(data: list[dict[str, Any]], has_more: bool) -> web.Response:
+    return web.json_response({
+        "object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None, "has_more": has_more,
+    })
+
+
+def int_query(request: web.Request, name: str, default: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= high:
+        raise BadRequest(f"'{name}' must be a number from 1 to {high}")
+    return value
+
+
+@openai_errors
+async def list_files(request: web.Request) -> web.StreamResponse:
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("'order' must be asc or desc")
+    items, more = request.app[BATCHES].files.list(
+        purpose=request.query.get("purpose") or None, after=request.query.get("after"),
+        limit=int_query(request, "limit", 10_000, 10_000), descending=order == "desc",
+    )
+    return page([item.to_json() for item in items], more)
+
+
+@openai_errors
+async def retrieve_file(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[BATCHES].files.get(request.match_info["file_id"])
+                             .to_json())
+
+
+@openai_errors
+async def file_content(request: web.Request) -> web.StreamResponse:
+    path = request.app[BATCHES].files.path(request.match_info["file_id"])
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+@openai_errors
+async def delete_file(request: web.Request) -> web.StreamResponse:
+    file_id = request.match_info["file_id"]
+    await request.app[BATCHES].delete_file(file_id)
+    return web.json_response({"id": file_id, "object": "file", "deleted": True})
+
+
+def string_field(body: dict[str, Any], name: str, default: str | None = None) -> str:
+    value = body.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"'{name}' is required and must be a string")
+    return value
+
+
+def metadata_field(body: dict[str, Any]) -> dict[str, str] | None:
+    """OpenAI's limits: up to 16 pairs, keys up to 64 characters, values up to 512."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        return None
+    if (
+        not isinstance(metadata, dict) or len(metadata) > MAX_METADATA
+        or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                   for k, v in metadata.items())
+    ):
+        raise BadRequest("'metadata' must map up to 16 keys (64 characters at most) to "
+                         "strings (512 characters at most)")
+    return metadata
+
+
+@openai_errors
+async def create_batch(request: web.Request) -> web.StreamResponse:
+    timeout = request.app[CONFIG].client_body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            body = await request.json()
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    batch = await request.app[BATCHES].create(
+        input_file_id=string_field(body, "input_file_id"),
+        endpoint=string_field(body, "endpoint"),
+        completion_window=string_field(body, "completion_window", "24h"),
+        metadata=metadata_field(body),
+    )
+    return web.json_response(batch.to_json())
+
+
+@openai_errors
+async def list_batches(request: web.Request) -> web.StreamResponse:
+    batches, more = request.app[BATCHES].list(after=request.query.get("after"),
+                                              limit=int_query(request, "limit", 20, 100))
+    return page([batch.to_json() for batch in batches], more)
+
+
+@openai_errors
+async def retrieve_batch(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[BATCHES].get(request.match_info["batch_id"]).to_json())
+
+
+@openai_errors
+async def cancel_batch(request: web.Request) -> web.StreamResponse:
+    batch = await request.app[BATCHES].cancel(request.match_info["batch_id"])
+    return web.json_response(batch.to_json())
+
+
+def add_routes(app: web.Application) -> None:
+    add = app.router
+    add.add_post("/v1/files", create_file)
+    add.add_get("/v1/files", list_files)
+    add.add_get("/v1/files/{file_id}", retrieve_file)
+    add.add_delete("/v1/files/{file_id}", delete_file)
+    add.add_get("/v1/files/{file_id}/content", file_content)
+    add.add_post("/v1/batches", create_batch)
+    add.add_get("/v1/batches", list_batches)
+    add.add_get("/v1/batches/{batch_id}", retrieve_batch)
+    add.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
+    add.add_delete("/v1/batches/{batch_id}", cancel_batch)  # production-stack's cancel

@@ -1,0 +1,677 @@
+"""Batches: OpenAI batch jobs, run through the router's own routing, surviving restarts.
+
+A batch goes `validating` (its input file is checked line by line) -> `in_progress` (its lines
+run, at most `--batch-concurrency` at a time over all batches) -> `finalizing` (its results
+become files) -> `completed`; or it ends `failed` (invalid input), `cancelled` or `expired`.
+
+State on disk, under `<storage>/batches/`:
+
+- `<id>.json`: the batch object, rewritten atomically at every change of status;
+- `<id>.output.jsonl` and `<id>.errors.jsonl`: the results, appended as lines finish (each
+  group flushed and fsynced before it counts). They are the progress log: a line is done
+  exactly when its record is in one of them. After a restart the runner counts what they
+  hold (cutting a record torn by a crash), skips those `custom_id`s and runs the others, so
+  a finished line never runs twice and no line is ever in the results twice.
+
+One router process owns the storage (a lock file says so), so the state in memory is the
+truth and the disk is its journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from router.admission import Admission
+from router.api.openai import JSON_ENDPOINTS, extend, rewrite
+from router.batch.files import (
+    Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
+    write_atomically,
+)
+from router.errors import BadRequest, InternalError, RouterError, TooManyRequests, UpstreamError
+from router.events import RequestEvents
+from router.flow import Attempt, Outcome, RequestFlow
+from router.inbound import InboundRequest, resolve_model
+from router.keys import (
+    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, REWRITER, UPSTREAM_AUTH,
+)
+from router.metrics import TAIL_BYTES
+from router.plugins import MAX_BODY
+from router.proxy import (
+    RETRIED_OUTCOMES, RETRIED_STATUSES, BackendStatus, Failover, backend_headers,
+    backend_timeout, prefill, same_again, upstream_error, upstream_headers,
+)
+
+__all__ = ["Batch", "Batches", "ENDPOINTS"]
+
+log = logging.getLogger("router.batch")
+
+ENDPOINTS = tuple(endpoint for endpoint in JSON_ENDPOINTS if endpoint.startswith("/v1/"))
+"""What a batch may call: the router's JSON endpoints under `/v1`."""
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+MAX_ERRORS = 100
+"""Invalid input lines reported in a failed batch's `errors` (the first ones)."""
+WINDOW = re.compile(r"([1-9][0-9]{0,3})h")
+BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
+EXPIRED = {"code": "batch_expired",
+           "message": "This request could not be executed before the completion window expired."}
+
+
+@dataclass(eq=False, slots=True)
+class Batch:
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] | None = None
+    status: str = "validating"
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    times: dict[str, int] = field(default_factory=dict)
+    """When it entered each later status: `in_progress_at`, `cancelled_at`..."""
+
+    def count(self, failed: bool) -> None:
+        if failed:
+            self.failed += 1
+        else:
+            self.completed += 1
+
+    def to_json(self) -> dict[str, Any]:
+        """OpenAI's `Batch` object (also what is saved)."""
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id, "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            **{name: self.times.get(name) for name in TIMESTAMPS},
+            "request_counts": {"total": self.total, "completed": self.completed,
+                               "failed": self.failed},
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Batch:
+        counts = data["request_counts"]
+        return cls(
+            id=data["id"], endpoint=data["endpoint"], input_file_id=data["input_file_id"],
+            completion_window=data["completion_window"], created_at=data["created_at"],
+            expires_at=data["expires_at"], metadata=data.get("metadata"),
+            status=data["status"], total=counts["total"], completed=counts["completed"],
+            failed=counts["failed"], errors=(data.get("errors") or {}).get("data") or [],
+            output_file_id=data.get("output_file_id"), error_file_id=data.get("error_file_id"),
+            times={name: data[name] for name in TIMESTAMPS if data.get(name) is not None},
+        )
+
+    def __repr__(self) -> str:
+        return (f"<Batch {self.id} {self.status} {self.completed + self.failed}/{self.total} "
+                f"failed={self.failed}>")
+
+
+TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+              "cancelling_at", "cancelled_at")
+
+
+class InvalidLine(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def parse_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any]]:
+    """An input line's `custom_id` and request body; `InvalidLine` says what is wrong."""
+    try:
+        line = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidLine("the line is not valid JSON") from None
+    if not isinstance(line, dict):
+        raise InvalidLine("the line is not a JSON object")
+    custom_id, body = line.get("custom_id"), line.get("body")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InvalidLine("'custom_id' must be a non-empty string", "custom_id")
+    if line.get("method") != "POST":
+        raise InvalidLine("'method' must be POST", "method")
+    if line.get("url") != endpoint:
+        raise InvalidLine(f"'url' must be the batch's endpoint {endpoint}", "url")
+    if not isinstance(body, dict):
+        raise InvalidLine("'body' must be a JSON object", "body")
+    if body.get("stream") is True:
+        raise InvalidLine("a batch request cannot stream ('stream': true)", "body.stream")
+    return custom_id, body
+
+
+def check_input(path: Path, endpoint: str) -> tuple[int, list[dict[str, Any]]]:
+    """The number of requests in an input file, and its first invalid lines (blocking)."""
+    total, seen = 0, set[str]()
+    errors: list[dict[str, Any]] = []
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            total += 1
+            try:
+                custom_id, _ = parse_line(raw, endpoint)
+                if custom_id in seen:
+                    raise InvalidLine(f"'custom_id' {custom_id!r} is used twice", "custom_id")
+                seen.add(custom_id)
+            except InvalidLine as invalid:
+                if len(errors) < MAX_ERRORS:
+                    errors.append({"code": "invalid_request", "message": invalid.message,
+                                   "param": invalid.param, "line": number})
+    if not total:
+        errors.append({"code": "empty_file", "message": "the input file has no requests",
+                       "param": None, "line": None})
+    return total, errors
+
+
+def result_record(custom_id: str, result: LineResult) -> bytes:
+    """A line of the output or error file, in OpenAI's format."""
+    response = None if result.status is None else {
+        "status_code": result.status, "request_id": result.request_id, "body": result.body,
+    }
+    record = {"id": f"batch_req_{result.request_id}", "custom_id": custom_id,
+              "response": response, "error": result.error}
+    return json.dumps(record).encode() + b"\n"
+
+
+# One line through the router: the client-less counterpart of `router.api.openai.admitted`.
+
+JSON_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+
+
+@dataclass(frozen=True, slots=True)
+class LineResult:
+    """What one line got: the answer (`status`, `body`), or an `error` when none came."""
+
+    request_id: str
+    status: int | None = None
+    body: object = None
+    error: dict[str, str | None] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @classmethod
+    def failure(cls, request_id: str, error: RouterError) -> LineResult:
+        return cls(request_id, error={"code": error.code, "message": error.message})
+
+    @classmethod
+    def expired(cls) -> LineResult:
+        return cls(os.urandom(16).hex(), error=dict(EXPIRED))
+
+    @classmethod
+    def internal_error(cls, error: Exception) -> LineResult:
+        return cls(os.urandom(16).hex(),
+                   error={"code": "internal_error", "message": f"the router failed: {error!r}"})
+
+
+class LineLifecycle:
+    """`router.proxy.Lifecycle` for a line, which has no client to answer: `on_new` on entry
+    (or at once for a line that ends before routing), then exactly one `on_complete`, with
+    the outcome its exception (if any) gives."""
+
+    def __init__(self, events: RequestEvents, flow: RequestFlow) -> None:
+        self.events = events
+        self.flow = flow
+        self.error: RouterError | None = None
+
+    async def __aenter__(self) -> LineLifecycle:
+        self.events.on_new(self.flow)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        flow, suppress = self.flow, isinstance(exc, Exception)
+        if exc is None:
+            flow.outcome = flow.outcome or Outcome.OK
+        elif isinstance(exc, RouterError):
+            flow.outcome, flow.status, flow.error = exc.outcome, exc.status, exc.message
+            self.error = exc
+        elif isinstance(exc, Exception):
+            log.error("batch line %s failed in the router", flow.id, exc_info=exc)
+            self.error = InternalError("the router failed to handle the line")
+            flow.outcome, flow.status, flow.error = Outcome.ROUTER_ERROR, 500, repr(exc)
+        else:  # cancelled: the batch was, or the router stops
+            flow.outcome = Outcome.CANCELLED
+        flow.t_end = time.monotonic()
+        self.events.on_complete(flow)
+        return suppress
+
+    def end_unrouted(self, outcome: Outcome, status: int, error: str | None) -> None:
+        flow = self.flow
+        flow.outcome, flow.status, flow.error = outcome, status, error
+        self.events.on_new(flow)
+        flow.t_end = time.monotonic()
+        self.events.on_complete(flow)
+
+
+async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
+    """Send `body` to `endpoint` as if a client had: admission, the rewriter, plugins, the
+    routing policy with failover and the request events all apply; the answer is read whole."""
+    flow = RequestFlow(id=os.urandom(16).hex(), endpoint=endpoint)
+    admission = app[ADMISSION]
+    if admission is not None:
+        await admit(admission)
+    try:
+        return await routed(app, flow, body)
+    finally:
+        if admission is not None:
+            admission.release()
+
+
+async def admit(admission: Admission) -> None:
+    """A slot under `--max-concurrent-requests`. A full queue is waited out, not failed: a
+    line has no client to retry it."""
+    while True:
+        try:
+            await admission.acquire()
+            return
+        except TooManyRequests as refused:
+            await asyncio.sleep(float(refused.headers.get("Retry-After", 1)))
+
+
+async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> LineResult:
+    lifecycle = LineLifecycle(app[EVENTS], flow)
+    chooser = app[CHOOSER]
+    try:
+        inbound = line_request(app, flow, body)
+        answer = await extend(app, flow)
+        if answer is None:
+            flow.model = inbound.model
+            flow.backend = chooser.choose(inbound)
+            flow.prefill_backend = chooser.choose_prefill(inbound, flow.endpoint)
+    except RouterError as error:
+        lifecycle.end_unrouted(error.outcome, error.status, error.message)
+        return LineResult.failure(flow.id, error)
+    if answer is not None:  # a plugin answered the line itself
+        status = answer.status
+        lifecycle.end_unrouted(Outcome.OK if status < 400 else Outcome.REJECTED, status,
+                               None if status < 400 else "answered by a plugin")
+        raw = answer.body if isinstance(answer, web.Response) else None
+        return LineResult(flow.id, status, parse_body(raw if isinstance(raw, bytes) else b""))
+    config = app[CONFIG]
+    failover = Failover(
+        lambda tried: chooser.choose_next(inbound, tried),
+        lambda tried: bool(chooser.candidates(inbound.model, tried)),
+        config.max_retries,
+        config.retry_backoff,
+    )
+    headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
+    raw = b""
+    async with lifecycle:
+        raw = await forward_whole(flow, inbound, app[CLIENT_SESSION], lifecycle.events, headers,
+                                  failover, config.max_json_body_size)
+    if lifecycle.error is not None:
+        return LineResult.failure(flow.id, lifecycle.error)
+    plugins = app[PLUGINS]
+    if plugins is not None and flow.keep_body and len(raw) <= MAX_BODY:
+        flow.response_body = raw
+        plugins.post_request(flow, raw)
+    assert flow.status is not None
+    return LineResult(flow.id, flow.status, parse_body(raw))
+
+
+def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
+    """`router.inbound.read_json_request` for a line: rewritten, model resolved."""
+    rewriter = app[REWRITER]
+    if rewriter is not None and (rewritten := rewrite(rewriter, flow, body)) is not None:
+        body = rewritten
+    requested = body.get("model")
+    served = resolve_model(app[POOL], requested)
+    if served != requested:
+        body = {**body, "model": served}
+    raw = json.dumps(body).encode()
+    flow.request_json, flow.request_body = body, raw
+    return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
+
+
+async def forward_whole(
+    flow: RequestFlow,
+    inbound: InboundRequest,
+    session: aiohttp.ClientSession,
+    events: RequestEvents,
+    headers: CIMultiDict[str],
+    failover: Failover,
+    limit: int,
+) -> bytes:
+    """`router.proxy.forward` for a line: the same failover, the answer read whole. An answer
+    that failed once it had started is not retried, as for a client."""
+    if flow.prefill_backend is not None:
+        await prefill(flow, inbound, session, flow.endpoint, headers)
+    while True:
+        assert flow.backend is not None
+        tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
+        retry_status = (len(flow.attempts) < failover.max_retries
+                        and failover.alternatives(tried))
+        try:
+            return await fetch(flow, inbound, session, events, headers, retry_status, limit)
+        except RouterError as error:
+            if (error.outcome not in RETRIED_OUTCOMES or flow.t_headers is not None
+                    or len(flow.attempts) >= failover.max_retries):
+                raise
+            backend = failover.reroute(tried) or same_again(flow)
+            if backend is None:
+                raise
+            flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
+            log.warning("batch line %s: %s; retrying on backend %s (attempt %d)",
+                        flow.id, error.message, backend.id, len(flow.attempts) + 1)
+            flow.backend = backend
+            events.on_retry(flow)
+            await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
+
+
+async def fetch(
+    flow: RequestFlow,
+    inbound: InboundRequest,
+    session: aiohttp.ClientSession,
+    events: RequestEvents,
+    headers: CIMultiDict[str],
+    retry_status: bool,
+    limit: int,
+) -> bytes:
+    """One attempt on `flow.backend`: its whole answer (`router.proxy.exchange` without a
+    client); with `retry_status`, a 502/503/504 raises `BackendStatus` for a retry."""
+    backend = flow.backend
+    assert backend is not None
+    chunks: list[bytes] = []
+    try:
+        async with session.post(
+            backend.url + flow.endpoint, data=inbound.body,
+            headers=backend_headers(headers, backend), timeout=backend_timeout(session, backend),
+            allow_redirects=False,
+        ) as upstream:
+            if retry_status and upstream.status in RETRIED_STATUSES:
+                raise BackendStatus(upstream.status, backend.id)
+            flow.t_headers, flow.status = time.monotonic(), upstream.status
+            async for chunk in upstream.content.iter_any():
+                if flow.t_first_byte is None:
+                    flow.t_first_byte = time.monotonic()
+                    events.on_response(flow)
+                flow.bytes_down += len(chunk)
+                if flow.bytes_down > limit:
+                    raise UpstreamError(f"backend {backend.id} answered over {limit} bytes")
+                chunks.append(chunk)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise upstream_error(error, backend.id, inbound) from error
+    answer = b"".join(chunks)
+    flow.tail = answer[-TAIL_BYTES:]
+    return answer
+
+
+def parse_body(raw: bytes) -> object:
+    """An answer's JSON, or its text when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace")
+
+
+class BatchRun:
+    """Runs one batch from wherever it stands (just created, or found at a start) to its end."""
+
+    def __init__(self, batches: Batches, batch: Batch) -> None:
+        self._batches = batches
+        self.batch = batch
+        self._lines: set[asyncio.Task[None]] = set()
+        self.task = asyncio.create_task(self._run(), name=f"batch {batch.id}")
+
+    def cancel(self) -> None:
+        """The batch is `cancelling`: start no more lines and cancel the running ones (their
+        results are not kept)."""
+        for line in self._lines:
+            line.cancel()
+
+    async def _run(self) -> None:
+        batch = self.batch
+        try:
+            if batch.status == "validating":
+                await self._validate()
+            if batch.status == "in_progress":
+                await self._process()
+            if batch.status in ("finalizing", "cancelling"):
+                await self._finalize()
+        except asyncio.CancelledError:
+            raise  # the router stops: the next start goes on from what is on disk
+        except Exception as error:
+            log.exception("batch %s failed", batch.id)
+            batch.errors = [{"code": "batch_failed", "message": f"the router failed: {error}",
+                             "param": None, "line": None}]
+            await self._batches.transition(batch, "failed")
+
+    async def _validate(self) -> None:
+        batch = self.batch
+        path = self._batches.files.path(batch.input_file_id)
+        total, errors = await asyncio.to_thread(check_input, path, batch.endpoint)
+        if batch.status != "validating":  # cancelled meanwhile
+            return
+        batch.total, batch.errors = total, errors
+        await self._batches.transition(batch, "failed" if errors else "in_progress")
+
+    async def _process(self) -> None:
+        batch = self.batch
+        output, errors = self._batches.result_paths(batch.id)
+        done_output = await asyncio.to_thread(recorded_ids, output) or set()
+        done_errors = await asyncio.to_thread(recorded_ids, errors) or set()
+        batch.completed, batch.failed = len(done_output), len(done_errors)
+        done = done_output | done_errors
+        results = ResultLog(output, errors, batch.count)
+        await results.open()
+        slots = self._batches.slots
+        try:
+            path = self._batches.files.path(batch.input_file_id)
+            async with contextlib.aclosing(input_lines(path)) as lines:
+                async for raw in lines:
+                    if batch.status != "in_progress":
+                        break
+                    custom_id, body = parse_line(raw, batch.endpoint)  # checked at the start
+                    if custom_id in done:
+                        continue
+                    if time.time() >= batch.expires_at:
+                        if "expired_at" not in batch.times:  # saved: a restart must know
+                            batch.times["expired_at"] = int(time.time())
+                            await self._batches.save(batch)
+                        results.append(result_record(custom_id, LineResult.expired()), True)
+                        continue
+                    await slots.acquire()
+                    if batch.status != "in_progress":
+                        slots.release()
+                        break
+                    self._start(custom_id, body, results)
+            if self._lines:
+                await asyncio.wait(set(self._lines))
+        finally:
+            for line in self._lines:
+                line.cancel()
+            await asyncio.gather(*self._lines, return_exceptions=True)
+            await results.aclose()
+        if batch.status == "in_progress":
+            await self._batches.transition(batch, "finalizing")
+
+    def _start(self, custom_id: str, body: dict[str, Any], results: ResultLog) -> None:
+        line = asyncio.create_task(self._line(custom_id, body, results))
+        self._lines.add(line)
+        line.add_done_callback(self._line_done)
+
+    def _line_done(self, line: asyncio.Task[None]) -> None:
+        self._lines.discard(line)
+        self._batches.slots.release()
+
+    async def _line(self, custom_id: str, body: dict[str, Any], results: ResultLog) -> None:
+        try:
+            result = await dispatch(self._batches.app, self.batch.endpoint, body)
+        except Exception as error:  # a bug: this line fails, the batch goes on
+            log.exception("batch %s: line %r failed in the router", self.batch.id, custom_id)
+            result = LineResult.internal_error(error)
+        results.append(result_record(custom_id, result), not result.ok)
+
+    async def _finalize(self) -> None:
+        batch = self.batch
+        output, errors = self._batches.result_paths(batch.id)
+        # Counted again from the files: a batch cancelled before a crash saved older counts.
+        for path, attribute in ((output, "completed"), (errors, "failed")):
+            ids = await asyncio.to_thread(recorded_ids, path)
+            if ids is not None:
+                setattr(batch, attribute, len(ids))
+        key = batch.id.removeprefix("batch_")
+        files = self._batches.files
+        made = await files.adopt(output, f"file-{key}-output", f"{batch.id}_output.jsonl",
+                                 "batch_output")
+        failed = await files.adopt(errors, f"file-{key}-errors", f"{batch.id}_error.jsonl",
+                                   "batch_output")
+        batch.output_file_id = made.id if made else None
+        batch.error_file_id = failed.id if failed else None
+        if batch.status == "cancelling":
+            await self._batches.transition(batch, "cancelled")
+        elif "expired_at" in batch.times:
+            batch.status = "expired"
+            await self._batches.save(batch)
+        else:
+            await self._batches.transition(batch, "completed")
+
+
+class Batches:
+    """The batches of one router and the Files API store they read and write; one runner
+    task per unfinished batch. `start()` and `stop()` belong to the app's cleanup_ctx."""
+
+    def __init__(self, app: web.Application, storage: str, concurrency: int) -> None:
+        self.app = app
+        self.root = Path(storage)
+        self.files = FileStore(self.root / "files")
+        self.slots = asyncio.Semaphore(concurrency)
+        """Batch lines in flight, over all batches."""
+        self._directory = self.root / "batches"
+        self._batches: dict[str, Batch] = {}
+        self._runs: dict[str, BatchRun] = {}
+        self._saving = asyncio.Lock()
+        self._lock: IO[bytes] | None = None
+
+    async def start(self) -> None:
+        """Take the storage, read what is in it and resume the unfinished batches."""
+        self._lock = await asyncio.to_thread(lock_storage, self.root)
+        await self.files.load()
+        self._batches = await asyncio.to_thread(self._load)
+        for batch in self._batches.values():
+            if batch.status in UNFINISHED:
+                log.info("resuming %r", batch)
+                self._run(batch)
+
+    async def stop(self) -> None:
+        """Stop the runners (lines in flight run again at the next start); free the storage."""
+        runs = [run.task for run in self._runs.values()]
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            await asyncio.to_thread(lock.close)
+
+    def _load(self) -> dict[str, Batch]:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        found = []
+        for entry in self._directory.glob("batch_*.json"):
+            try:
+                found.append(Batch.from_json(json.loads(entry.read_bytes())))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                log.warning("unreadable batch state %s: ignored", entry)
+        found.sort(key=lambda batch: (batch.created_at, batch.id))
+        return {batch.id: batch for batch in found}
+
+    def _run(self, batch: Batch) -> None:
+        run = BatchRun(self, batch)
+        self._runs[batch.id] = run
+        run.task.add_done_callback(lambda _: self._runs.pop(batch.id, None))
+
+    def result_paths(self, batch_id: str) -> tuple[Path, Path]:
+        return (self._directory / f"{batch_id}.output.jsonl",
+                self._directory / f"{batch_id}.errors.jsonl")
+
+    async def create(self, input_file_id: str, endpoint: str, completion_window: str,
+                     metadata: dict[str, str] | None) -> Batch:
+        """Check the request (not yet the input's lines: that is `validating`) and start."""
+        if endpoint not in ENDPOINTS:
+            raise BadRequest(f"'endpoint' must be one of {', '.join(ENDPOINTS)}")
+        window = WINDOW.fullmatch(completion_window)
+        if window is None:
+            raise BadRequest("'completion_window' must be a number of hours, like 24h")
+        if self.files.get(input_file_id).purpose != "batch":
+            raise BadRequest(f"file {input_file_id} was not uploaded with purpose 'batch'")
+        now = int(time.time())
+        batch = Batch(id="batch_" + os.urandom(12).hex(), endpoint=endpoint,
+                      input_file_id=input_file_id, completion_window=completion_window,
+                      created_at=now, expires_at=now + 3600 * int(window.group(1)),
+                      metadata=metadata)
+        self._batches[batch.id] = batch
+        await self.save(batch)
+        self._run(batch)
+        log.info("created %r", batch)
+        return batch
+
+    def get(self, batch_id: str) -> Batch:
+        batch = self._batches.get(batch_id) if BATCH_ID.fullmatch(batch_id) else None
+        if batch is None:
+            raise NotFound(f"No such Batch object: {batch_id}")
+        return batch
+
+    def list(self, after: str | None = None, limit: int = 20) -> tuple[list[Batch], bool]:
+        """A page of batches, newest first, and whether more follow it."""
+        batches = list(reversed(self._batches.values()))
+        if after is not None:
+            position = next((n for n, b in enumerate(batches) if b.id == after), None)
+            batches = batches[position + 1:] if position is not None else []
+        return batches[:limit], len(batches) > limit
+
+    async def cancel(self, batch_id: str) -> Batch:
+        batch = self.get(batch_id)
+        if batch.status in ("cancelling", "cancelled"):
+            return batch
+        if batch.status not in ("validating", "in_progress"):
+            raise Conflict(f"Cannot cancel a batch with status '{batch.status}'.")
+        await self.transition(batch, "cancelling")
+        run = self._runs.get(batch.id)
+        if run is not None:
+            run.cancel()
+        return batch
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a file, unless an unfinished batch still reads it."""
+        self.files.get(file_id)
+        if any(b.input_file_id == file_id and b.status in UNFINISHED
+               for b in self._batches.values()):
+            raise Conflict(f"file {file_id} is the input of a batch still running")
+        await self.files.delete(file_id)
+
+    async def transition(self, batch: Batch, status: str) -> None:
+        batch.status = status
+        batch.times[f"{status}_at"] = int(time.time())
+        await self.save(batch)
+        log.info("%r", batch)
+
+    async def save(self, batch: Batch) -> None:
+        async with self._saving:  # one writer at a time, each with the latest state
+            await asyncio.to_thread(write_atomically, self._directory / f"{batch.id}.json",
+                                    json.dumps(batch.to_json()))
+
+    def __repr__(self) -> str:
+        return f"<Batches {self.root} batches={len(self._batches)} running={len(self._runs)}>"

@@ -1,0 +1,394 @@
+"""The Batch and Files APIs through a real router and real fake engines, with the `openai` SDK
+as the client: files in and out, batches run, cancelled and resumed after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from openai.types import Batch
+
+from router.batch import Batches
+from router.cli import load_config
+from router.config import ConfigError
+from router.flow import Outcome
+from router.keys import BATCHES, EVENTS
+from router.testing import RunningEngine
+
+from .conftest import CHAT, RouterUnderTest, StartRouter, config_for
+from .test_multipart import BOUNDARY, content_type
+
+FINISHED = ("completed", "failed", "cancelled", "expired")
+
+
+def line(number: int, model: str = CHAT, **body: Any) -> dict[str, Any]:
+    """Input line `number`: its answer has `1 + number % 7` tokens, to match it by custom_id."""
+    return {
+        "custom_id": f"request-{number}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "max_tokens": 1 + number % 7,
+                 "messages": [{"role": "user", "content": f"line {number}"}], **body},
+    }
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(item).encode() + b"\n" for item in lines)
+
+
+def number_of(flow_json: dict[str, Any] | None) -> int:
+    """The input line a routed flow carried."""
+    assert flow_json is not None
+    return int(flow_json["messages"][0]["content"].removeprefix("line "))
+
+
+@pytest.fixture
+def start_batch_router(
+    start_router: StartRouter, engines: list[RunningEngine], tmp_path: Path
+) -> Callable[..., Any]:
+    async def start(**overrides: Any) -> RouterUnderTest:
+        settings = {"enable_batch_api": True, "file_storage_path": str(tmp_path / "files"),
+                    **overrides}
+        return await start_router(config_for(engines, **settings))
+
+    return start
+
+
+@pytest.fixture
+async def router(start_batch_router: Callable[..., Any]) -> RouterUnderTest:
+    started: RouterUnderTest = await start_batch_router()
+    return started
+
+
+def sdk(router: RouterUnderTest) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture
+async def client(router: RouterUnderTest) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with sdk(router) as client:
+        yield client
+
+
+async def submit(client: openai.AsyncOpenAI, lines: list[dict[str, Any]]) -> Batch:
+    uploaded = await client.files.create(file=("input.jsonl", jsonl(lines)), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes == len(jsonl(lines))
+    batch = await client.batches.create(input_file_id=uploaded.id, completion_window="24h",
+                                        endpoint="/v1/chat/completions")
+    assert batch.status == "validating" and batch.input_file_id == uploaded.id
+    return batch
+
+
+async def wait_for(client: openai.AsyncOpenAI, batch_id: str,
+                   done: Callable[[Batch], bool], timeout: float = 30.0) -> Batch:
+    async with asyncio.timeout(timeout):
+        while True:
+            batch = await client.batches.retrieve(batch_id)
+            if done(batch):
+                return batch
+            await asyncio.sleep(0.05)
+
+
+def finished(batch: Batch) -> bool:
+    return batch.status in FINISHED
+
+
+async def records(client: openai.AsyncOpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    """A result file's records by custom_id (checking each custom_id is there once)."""
+    if file_id is None:
+        return {}
+    content = await client.files.content(file_id)
+    lines = [json.loads(raw) for raw in content.text.splitlines()]
+    by_id = {record["custom_id"]: record for record in lines}
+    assert len(by_id) == len(lines), "a custom_id is in the results twice"
+    return by_id
+
+
+def assert_answers(output: dict[str, dict[str, Any]], numbers: Collection[int]) -> None:
+    assert sorted(output) == sorted(f"request-{n}" for n in numbers)
+    for number in numbers:
+        record = output[f"request-{number}"]
+        assert record["id"].startswith("batch_req_") and record["error"] is None
+        response = record["response"]
+        assert response["status_code"] == 200 and response["request_id"]
+        assert response["body"]["usage"]["completion_tokens"] == 1 + number % 7
+
+
+async def test_a_batch_of_1000_lines_answers_every_custom_id(
+    router: RouterUnderTest, client: openai.AsyncOpenAI, engines: list[RunningEngine]
+) -> None:
+    batch = await submit(client, [line(n) for n in range(1000)])
+    done = await wait_for(client, batch.id, finished)
+    assert done.status == "completed", done
+    assert done.request_counts is not None
+    assert done.request_counts.model_dump() == {"total": 1000, "completed": 1000, "failed": 0}
+    assert done.error_file_id is None and done.output_file_id is not None
+    assert done.in_progress_at and done.finalizing_at and done.completed_at
+    assert_answers(await records(client, done.output_file_id), range(1000))
+    output = await client.files.retrieve(done.output_file_id)
+    assert output.purpose == "batch_output" and output.filename == f"{batch.id}_output.jsonl"
+    # Through the router's routing: both engines served, every line one flow, all accounted.
+    served = [engine.state.completed for engine in engines]
+    assert sum(served) == 1000 and min(served) > 0
+    await router.settled(1000)
+    assert set(router.log.outcomes()) == {Outcome.OK}
+    assert sorted(number_of(flow.request_json) for flow in router.log.flows.values()) == \
+        list(range(1000))
+    listed = await client.batches.list()
+    assert [item.id for item in listed.data] == [batch.id]
+
+
+async def test_failed_lines_go_to_the_error_file_and_the_others_to_the_output(
+    router: RouterUnderTest, client: openai.AsyncOpenAI
+) -> None:
+    lines = [line(0), line(1, model="no-such-model"), line(2, messages="not a list"), line(3)]
+    done = await wait_for(client, (await submit(client, lines)).id, finished)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert done.request_counts.model_dump() == {"total": 4, "completed": 2, "failed": 2}
+    assert_answers(await records(client, done.output_file_id), [0, 3])
+    errors = await records(client, done.error_file_id)
+    assert sorted(errors) == ["request-1", "request-2"]
+    unknown = errors["request-1"]  # refused by the router: no response, an error
+    assert unknown["response"] is None and unknown["error"]["code"] == "model_not_found"
+    refused = errors["request-2"]  # answered by the engine with a 400
+    assert refused["error"] is None and refused["response"]["status_code"] == 400
+    assert "messages" in refused["response"]["body"]["error"]["message"]
+    await router.settled(4)
+    with pytest.raises(openai.ConflictError):  # finished: nothing left to cancel
+        await client.batches.cancel(done.id)
+
+
+async def test_a_line_an_engine_fails_is_retried_on_the_other_engine(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    engines[0].behaviour.fail_status = 503
+    router: RouterUnderTest = await start_batch_router()
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, [line(n) for n in range(10)])).id,
+                              finished)
+        assert_answers(await records(client, done.output_file_id), range(10))
+    assert done.error_file_id is None and engines[1].state.completed == 10
+    await router.settled(10)
+    assert any(flow.attempts for flow in router.log.flows.values())
+
+
+class InFlight:
+    """Subscriber: the most flows running at once."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+
+    def on_new(self, flow: object) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+
+    def on_complete(self, flow: object) -> None:
+        self.now -= 1
+
+
+async def test_lines_wait_for_the_routers_concurrency_cap_instead_of_failing(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    for engine in engines:
+        engine.behaviour.first_token_delay = 0.005
+    router: RouterUnderTest = await start_batch_router(max_concurrent_requests=2, queue_size=1,
+                                                       batch_concurrency=8)
+    in_flight = InFlight()
+    router.app[EVENTS].subscribe(in_flight)
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, [line(n) for n in range(40)])).id,
+                              finished)
+        assert_answers(await records(client, done.output_file_id), range(40))
+    assert done.error_file_id is None and in_flight.most == 2
+
+
+async def test_invalid_input_lines_fail_the_batch_naming_their_line(
+    client: openai.AsyncOpenAI, engines: list[RunningEngine]
+) -> None:
+    lines = [line(0), line(1), {**line(2), "url": "/v1/embeddings"}, line(1)]
+    done = await wait_for(client, (await submit(client, lines)).id, finished)
+    assert done.status == "failed" and done.failed_at
+    assert done.errors is not None and done.errors.data is not None
+    assert [(e.line, e.param) for e in done.errors.data] == [(3, "url"), (4, "custom_id")]
+    assert sum(engine.state.started for engine in engines) == 0
+
+
+async def test_cancel_midway_leaves_the_batch_cancelled_with_partial_counts(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    router: RouterUnderTest = await start_batch_router(batch_concurrency=4)
+    for engine in engines:
+        engine.behaviour.first_token_delay = 0.02
+    async with sdk(router) as client:
+        batch = await submit(client, [line(n) for n in range(300)])
+        await wait_for(client, batch.id, lambda b: bool(b.request_counts
+                                                        and b.request_counts.completed >= 20))
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+        done = await wait_for(client, batch.id, finished)
+        assert done.status == "cancelled" and done.cancelled_at
+        assert done.request_counts is not None
+        completed = done.request_counts.completed
+        assert 20 <= completed < 300 and done.request_counts.failed == 0
+        assert_answers(await records(client, done.output_file_id),
+                       [number_of(flow.request_json) for flow in router.log.flows.values()
+                        if flow.outcome is Outcome.OK])
+    await asyncio.sleep(0.05)
+    router.log.assert_balanced()
+    assert router.in_flight() == 0
+    assert {flow.outcome for flow in router.log.flows.values()} <= {Outcome.OK, Outcome.CANCELLED}
+
+
+async def test_lines_left_when_the_window_expires_fail_as_batch_expired(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    for engine in engines:
+        engine.behaviour.first_token_delay = 0.1
+    router: RouterUnderTest = await start_batch_router(batch_concurrency=1)
+    async with sdk(router) as client:
+        batch = await submit(client, [line(n) for n in range(6)])
+        router.app[BATCHES].get(batch.id).expires_at = 0  # as if its 24 hours had passed
+        done = await wait_for(client, batch.id, finished)
+        assert done.status == "expired" and done.expired_at
+        assert done.request_counts is not None
+        assert done.request_counts.completed <= 2 and done.request_counts.failed >= 4
+        errors = await records(client, done.error_file_id)
+    assert {record["error"]["code"] for record in errors.values()} == {"batch_expired"}
+
+
+async def test_a_restart_midway_completes_the_batch_without_running_a_line_twice(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    total = 400
+    for engine in engines:
+        engine.behaviour.first_token_delay = 0.02
+    first: RouterUnderTest = await start_batch_router()
+    async with sdk(first) as client:
+        batch = await submit(client, [line(n) for n in range(total)])
+        await wait_for(client, batch.id, lambda b: bool(b.request_counts
+                                                        and b.request_counts.completed >= 100))
+    await first.server.close()  # the router stops: its runner stops with lines in flight
+    stopped = first.app[BATCHES].get(batch.id)
+    assert stopped.status == "in_progress" and 100 <= stopped.completed < total
+    finished_before = {number_of(flow.request_json) for flow in first.log.flows.values()
+                       if flow.outcome is Outcome.OK}
+    assert len(finished_before) == stopped.completed  # each finished line is in the output
+
+    second: RouterUnderTest = await start_batch_router()  # over the same storage
+    async with sdk(second) as client:
+        done = await wait_for(client, batch.id, finished)
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert done.request_counts.model_dump() == {"total": total, "completed": total,
+                                                    "failed": 0}
+        assert_answers(await records(client, done.output_file_id), range(total))
+    await second.settled(total - len(finished_before))
+    ran_after = [number_of(flow.request_json) for flow in second.log.flows.values()]
+    assert sorted(ran_after) == sorted(set(range(total)) - finished_before)
+
+
+async def test_a_50_mb_upload_is_written_in_chunks_never_held_whole(
+    router: RouterUnderTest, client: openai.AsyncOpenAI
+) -> None:
+    block = bytes(range(256)) * 4096  # 1 MiB, sent 50 times
+    count = 50
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+            f"batch\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"big.jsonl\"\r\n\r\n").encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(count):
+            yield block
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(router.url + "/v1/files", data=body(),
+                                    headers={"Content-Type": content_type()}) as response:
+                assert response.status == 200, await response.text()
+                uploaded = await response.json()
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    assert uploaded["bytes"] == count * len(block)
+    assert peak < 8 * 2**20, f"the upload held {peak / 2**20:.1f} MiB at its peak"
+    digest = hashlib.sha256()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{router.url}/v1/files/{uploaded['id']}/content") as response:
+            async for chunk in response.content.iter_chunked(2**20):
+                digest.update(chunk)
+    assert digest.hexdigest() == hashlib.sha256(block * count).hexdigest()
+
+
+async def test_files_are_listed_retrieved_and_deleted(client: openai.AsyncOpenAI) -> None:
+    first = await client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+    second = await client.files.create(file=("b.txt", b"hello"), purpose="user_data")
+    listed = await client.files.list()
+    assert [item.id for item in listed.data] == [second.id, first.id]  # newest first
+    assert [f.id for f in (await client.files.list(purpose="batch")).data] == [first.id]
+    assert (await client.files.retrieve(second.id)).filename == "b.txt"
+    assert (await client.files.content(second.id)).content == b"hello"
+    deleted = await client.files.delete(first.id)
+    assert deleted.deleted and deleted.id == first.id
+    for missing in (first.id, "file-nope", "../../etc/passwd"):
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(missing)
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.retrieve("batch_0123456789abcdef01234567")
+
+
+async def test_an_upload_is_refused_past_the_size_limit_or_without_a_purpose(
+    start_batch_router: Callable[..., Any], tmp_path: Path
+) -> None:
+    router: RouterUnderTest = await start_batch_router(max_body_size=1000)
+    async with sdk(router) as client:
+        with pytest.raises(openai.APIStatusError) as too_big:
+            await client.files.create(file=("big.jsonl", b"x" * 2000), purpose="batch")
+        assert too_big.value.status_code == 413
+        with pytest.raises(openai.BadRequestError):
+            await client.files.create(file=("a.jsonl", b"{}"), purpose="nonsense")  # type: ignore
+        assert (await client.files.list()).data == []
+    leftovers = [p.name for p in (tmp_path / "files" / "files").iterdir()]
+    assert leftovers == []
+
+
+async def test_a_second_router_cannot_take_the_same_storage(
+    router: RouterUnderTest, tmp_path: Path
+) -> None:
+    other = Batches(router.app, str(tmp_path / "files"), 1)
+    with pytest.raises(OSError, match="in use by another router"):
+        await other.start()
+
+
+def test_batch_flags_build_the_config(tmp_path: Path) -> None:
+    config = load_config(["--demo", "--enable-batch-api", "--file-storage-path", str(tmp_path),
+                          "--batch-concurrency", "3"])
+    assert (config.enable_batch_api, config.file_storage_path, config.batch_concurrency) == \
+        (True, str(tmp_path), 3)
+    assert load_config(["--demo"]).batch_concurrency == 8
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--static-backends", "http://a:8000", "--static-models", "m", "--workers", "2",
+      "--enable-batch-api"], "--enable-batch-api"),
+    (["--demo", "--enable-batch-api", "--file-storage-path", "{file}"], "--file-storage-path"),
+    (["--demo", "--batch-concurrency", "0"], "--batch-concurrency"),
+])
+def test_bad_batch_flags_are_refused_naming_them(
+    argv: list[str], flag: str, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=f"^argument {flag}"):
+        load_config([arg.replace("{file}", str(a_file)) for arg in argv])
