@@ -31,6 +31,24 @@ def blockbuster() -> Iterator[BlockBuster]:
         yield bb
 
 
+class Clock:
+    """A monotonic clock that only moves when told (for stats, health and metrics)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 class EventLog:
     """Subscriber that records every event per flow, to check the exactly-once contract."""
 

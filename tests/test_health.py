@@ -26,7 +26,7 @@ from router.health import (
 from router.testing import RunningEngine
 from router.testing.processes import free_port
 
-from .conftest import MODELS
+from .conftest import Clock, MODELS
 
 THRESHOLD = 3
 COOLDOWN = 30.0
@@ -34,24 +34,6 @@ A = Backend("http://a:8000", ("m",))
 B = Backend("http://b:8000", ("m",))
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
-
-
-class Clock:
-    """A monotonic clock that only moves when told."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

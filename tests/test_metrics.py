@@ -35,7 +35,7 @@ from router.metrics import Metrics, Usage, error_kind, find_usage, usage_of
 from router.stats.requests import RequestStats
 from router.testing import RunningEngine
 
-from .conftest import CHAT, RouterUnderTest
+from .conftest import Clock, CHAT, RouterUnderTest
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -147,30 +147,13 @@ A = Backend("http://a:8000", ("m", "m2"))
 B = Backend("http://b:8000", ("m",))
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class TailFlow(RequestFlow):
-    """A flow that can carry `tail` before RequestFlow has the field (no __slots__ here)."""
-
-
 ids = itertools.count()
 
 
 def make_flow(backend: Backend | None, t_start: float, *, model: str | None = "m",
-              stream: bool = False, endpoint: str = CHAT_PATH) -> TailFlow:
-    return TailFlow(id=f"flow-{next(ids)}", endpoint=endpoint, t_start=t_start, model=model,
-                    stream=stream, backend=backend)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+              stream: bool = False, endpoint: str = CHAT_PATH) -> RequestFlow:
+    return RequestFlow(id=f"flow-{next(ids)}", endpoint=endpoint, t_start=t_start,
+                       model=model, stream=stream, backend=backend)
 
 
 @pytest.fixture

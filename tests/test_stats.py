@@ -10,27 +10,11 @@ from router.backends import Backend
 from router.flow import Outcome, RequestFlow
 from router.stats.requests import BackendSnapshot, RequestStats
 
+from .conftest import Clock
+
 WINDOW = 10.0
 A = Backend("http://a:8000", ("m",))
 B = Backend("http://b:8000", ("m",))
-
-
-class Clock:
-    """A monotonic clock that only moves when told."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
