@@ -10,7 +10,7 @@ BACKENDS ?=
 MODELS ?=
 ARGS ?=
 
-.PHONY: install run test test-slow lint bench clean
+.PHONY: install run test test-slow chaos lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(ARGS)
+
+chaos: install
+	$(BIN)/python -m pytest -m chaos tests/chaos tests/test_fuzz_parsing.py $(ARGS)
 
 lint: install
 	$(BIN)/python -m flake8 router tests bench

@@ -22,6 +22,7 @@ from router.discovery.external import external_backends
 from router.discovery.kubernetes import kubernetes_discovery
 from router.discovery.static import static_backends
 from router.events import RequestEvents
+from router.flow import Outcome
 from router.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
@@ -100,16 +101,30 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def watch_stalled_clients(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: cut requests whose client stopped reading for `client_write_timeout`
-    seconds (backpressure would otherwise hold them, and their backend request, for ever)."""
-    limit = app[CONFIG].client_write_timeout
+STALL_GRACE = 5.0
+"""Seconds (at most; never more than the read timeout itself) past `--read-timeout` before
+the watch cuts a stalled backend read: normally aiohttp's own read timeout fires first."""
+
+
+async def watch_stalls(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: cut requests whose client read nothing for `client_write_timeout` seconds
+    (backpressure would otherwise hold them, and their backend request, for ever), and, as a
+    backstop, those whose backend sent nothing for longer than the read timeout (aiohttp's
+    parser can lose its read timer on a malformed chunked body)."""
+    config = app[CONFIG]
+    write_limit = config.client_write_timeout
+    read_limit = config.read_timeout + min(STALL_GRACE, config.read_timeout)
 
     async def watch() -> None:
         while True:
-            await asyncio.sleep(min(5.0, limit / 4))
-            for task, flow in app[DRAIN].stalled(limit):
-                flow.error = f"the client read nothing for {limit:g} s"
+            await asyncio.sleep(min(5.0, write_limit / 4, read_limit / 4))
+            for task, flow, side in app[DRAIN].stalled(write_limit, read_limit):
+                if side == "client":
+                    flow.outcome = Outcome.CLIENT_DISCONNECTED
+                    flow.error = f"the client read nothing for {write_limit:g} s"
+                else:
+                    flow.outcome = Outcome.TIMEOUT
+                    flow.error = f"the backend sent nothing for {read_limit:g} s"
                 log.warning("request %s: %s; cutting it", flow.id, flow.error)
                 if flow.request is not None:
                     cut_client(flow.request)
@@ -219,7 +234,7 @@ def make_app(config: Config) -> web.Application:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(fleet_watchers)
-    app.cleanup_ctx.append(watch_stalled_clients)
+    app.cleanup_ctx.append(watch_stalls)
     if config.enable_batch_api:
         # After client_session: batch lines use the session until their runners stop.
         app[BATCHES] = batch.Batches(app, config.file_storage_path, config.batch_concurrency)

@@ -82,6 +82,9 @@ class RequestFlow:
     """A short description of what went wrong, when something did."""
     bytes_down: int = 0
     """Response body bytes sent to the client."""
+    reading_since: float | None = None
+    """While a read of the backend's body waits, since when (a backstop for a stalled
+    upstream connection that the client library's own read timeout misses)."""
     writing_since: float | None = None
     """While a write to the client waits (the client is not reading), since when."""
     tail: bytes = b""

@@ -137,9 +137,16 @@ class MultipartScanner:
         for line in raw_headers.split(b"\r\n"):
             key, _, value = line.partition(b":")
             if key.strip().lower() == b"content-disposition":
-                _, params = parse_content_disposition(value.decode("utf-8", "replace").strip())
-                name = content_disposition_filename(params, "name")
-                filename = content_disposition_filename(params, "filename")
+                try:
+                    _, params = parse_content_disposition(
+                        value.decode("utf-8", "replace").strip()
+                    )
+                    name = content_disposition_filename(params, "name")
+                    filename = content_disposition_filename(params, "filename")
+                except (ValueError, UnicodeError):  # e.g. filename*=punycode''...
+                    raise MalformedMultipart(
+                        "malformed multipart body: bad Content-Disposition"
+                    ) from None
         part = Part(name=name, filename=filename, start=start)
         if filename is not None or name == "file":
             part.value = None

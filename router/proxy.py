@@ -175,7 +175,10 @@ class Lifecycle:
                 flow.outcome, suppress = Outcome.CLIENT_DISCONNECTED, True
             elif isinstance(exc, asyncio.CancelledError):
                 gone = client_gone(self.request)
-                flow.outcome = Outcome.CLIENT_DISCONNECTED if gone else Outcome.CANCELLED
+                # A watch that cut a stalled request set its outcome already.
+                flow.outcome = flow.outcome or (
+                    Outcome.CLIENT_DISCONNECTED if gone else Outcome.CANCELLED
+                )
             else:
                 log.error("request %s failed in the router", flow.id, exc_info=exc)
                 self.error = InternalError("the router failed to handle the request")
@@ -443,11 +446,13 @@ async def exchange(
         content = upstream.content
         events = lifecycle.events
         while True:
+            flow.reading_since = time.monotonic()
             try:
                 chunk = await content.readany()
             except (aiohttp.ClientError, TimeoutError) as error:
                 break_stream(request, flow, error)
                 return
+            flow.reading_since = None
             if not chunk:
                 break
             if flow.t_first_byte is None:

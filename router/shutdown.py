@@ -37,14 +37,19 @@ class Drain:
         if not self._live:
             self._emptied.set()
 
-    def stalled(self, limit: float) -> Iterator[tuple[asyncio.Task[object], RequestFlow]]:
-        """Requests whose current write to the client has waited more than `limit` s."""
-        oldest = time.monotonic() - limit
+    def stalled(
+        self, write_limit: float, read_limit: float
+    ) -> Iterator[tuple[asyncio.Task[object], RequestFlow, str]]:
+        """Requests whose write to the client waited more than `write_limit` s (`client`),
+        or whose read from the backend more than `read_limit` s (`backend`)."""
+        now = time.monotonic()
         for task, flow in list(self._live.items()):
-            if flow is not None and flow.writing_since is not None and (
-                flow.writing_since < oldest
-            ):
-                yield task, flow
+            if flow is None:
+                continue
+            if flow.writing_since is not None and flow.writing_since < now - write_limit:
+                yield task, flow, "client"
+            elif flow.reading_since is not None and flow.reading_since < now - read_limit:
+                yield task, flow, "backend"
 
     @property
     def live(self) -> int:
