@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +40,7 @@ from router.backends import Backend, BackendPool
 from router.flow import Outcome, RequestFlow, Usage
 from router.health import BreakerState, HealthTracker
 from router.stats.requests import RequestStats
+from router.stats.window import Window
 
 __all__ = ["Metrics", "Usage", "find_usage", "usage_of", "error_kind", "TAIL_BYTES"]
 
@@ -183,69 +183,35 @@ class Children(Generic[MetricT]):
 # --- per (server, model) state ----------------------------------------------------------------
 
 
-class _Bucket:
-    __slots__ = ("second", "started", "completed", "latency_sum", "itl_sum", "itl_count")
-
-    def __init__(self, second: int) -> None:
-        self.second = second
-        self.started = 0
-        self.completed = 0
-        self.latency_sum = 0.0
-        self.itl_sum = 0.0
-        self.itl_count = 0
-
-
 class _Slot:
     """One (server, model): requests in flight, a window of one-second buckets for the
     `vllm:` averages, and the children that depend on nothing else."""
 
     __slots__ = (
-        "server", "model", "prefill", "decoding", "buckets", "incoming", "input_tokens",
+        "server", "model", "prefill", "decoding", "recent", "incoming", "input_tokens",
         "output_tokens",
     )
 
-    def __init__(self, server: str, model: str, incoming: Counter, input_tokens: Counter,
-                 output_tokens: Counter) -> None:
+    def __init__(self, server: str, model: str, window: int, incoming: Counter,
+                 input_tokens: Counter, output_tokens: Counter) -> None:
         self.server = server
         self.model = model
         self.prefill = 0
         """In flight, no body byte from the backend yet."""
         self.decoding = 0
         """In flight, the answer is coming."""
-        self.buckets: deque[_Bucket] = deque()
+        self.recent = Window(window)
         self.incoming = incoming
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
 
-    def bucket(self, now: float, window: int) -> _Bucket:
-        second = int(now)
-        buckets = self.buckets
-        if not buckets or buckets[-1].second != second:
-            buckets.append(_Bucket(second))
-            self.expire(second, window)
-        return buckets[-1]
-
-    def expire(self, now: int, window: int) -> None:
-        oldest = now - window
-        buckets = self.buckets
-        while buckets and buckets[0].second <= oldest:
-            buckets.popleft()
-
-    def averages(self, now: float, window: int) -> tuple[float, float | None, float | None]:
+    def averages(self, now: float) -> tuple[float, float | None, float | None]:
         """QPS, mean latency and mean inter-token latency over the window."""
-        self.expire(int(now), window)
-        started = completed = itl_count = 0
-        latency_sum = itl_sum = 0.0
-        for bucket in self.buckets:
-            started += bucket.started
-            completed += bucket.completed
-            latency_sum += bucket.latency_sum
-            itl_sum += bucket.itl_sum
-            itl_count += bucket.itl_count
+        total = self.recent.totals(now)
         return (
-            started / window,
-            latency_sum / completed if completed else None,
-            itl_sum / itl_count if itl_count else None,
+            total.started / self.recent.seconds,
+            total.latency_sum / total.completed if total.completed else None,
+            total.itl_sum / total.itl_count if total.itl_count else None,
         )
 
 
@@ -445,7 +411,7 @@ class Metrics:
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot(
-                server, model, self._incoming.get(server, model),
+                server, model, self.window, self._incoming.get(server, model),
                 self._input_tokens.get(server, model), self._output_tokens.get(server, model),
             )
         return slot
@@ -461,7 +427,7 @@ class Metrics:
         slot = self._slot(backend.url, model)
         slot.incoming.inc()
         slot.prefill += 1
-        slot.bucket(self._clock(), self.window).started += 1
+        slot.recent.bucket(self._clock()).started += 1
 
     def on_retry(self, flow: RequestFlow) -> None:
         attempt = flow.attempts[-1]
@@ -473,7 +439,7 @@ class Metrics:
         if backend is not None:
             slot = self._slot(backend.url, self._model(flow, backend))
             slot.prefill += 1
-            slot.bucket(self._clock(), self.window).started += 1
+            slot.recent.bucket(self._clock()).started += 1
 
     def on_response(self, flow: RequestFlow) -> None:
         backend = flow.backend
@@ -518,7 +484,7 @@ class Metrics:
                     flow.t_headers - flow.t_start)
         else:
             slot.decoding -= 1
-        bucket = slot.bucket(self._clock(), self.window)
+        bucket = slot.recent.bucket(self._clock())
         bucket.completed += 1
         bucket.latency_sum += duration or 0.0
         usage = usage_of(flow)
@@ -612,7 +578,7 @@ class Metrics:
             running.add_metric(labels, slot.prefill + slot.decoding)
             prefill.add_metric(labels, slot.prefill)
             decoding.add_metric(labels, slot.decoding)
-            rate, avg_latency, avg_itl = slot.averages(now, self.window)
+            rate, avg_latency, avg_itl = slot.averages(now)
             qps.add_metric(labels, rate)
             if avg_latency is not None:
                 latency.add_metric(labels, avg_latency)

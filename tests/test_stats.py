@@ -143,7 +143,7 @@ def test_memory_is_bounded_by_the_window_not_the_traffic(
             finish(stats, clock, start(stats, clock), ttft=0.01, duration=0.02)
         clock.now = int(clock.now) + 1.0
     # Private, but it is the point: one bucket per second of the window, at most.
-    assert len(stats.for_backend(A.id)._buckets) <= WINDOW + 1
+    assert len(stats.for_backend(A.id)._window) <= WINDOW + 1
     # At second 1200 the window holds seconds 1191..1199: 45 requests.
     assert snapshot(stats).qps == pytest.approx(45 / WINDOW)
 

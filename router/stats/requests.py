@@ -8,27 +8,14 @@ one-second buckets: memory depends on the window length, not on the request rate
 
 from __future__ import annotations
 
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from router.flow import RequestFlow
+from router.stats.window import Window
 
 __all__ = ["RequestStats", "BackendRequestStats", "BackendSnapshot"]
-
-
-class Bucket:
-    __slots__ = ("second", "started", "completed", "ttft_sum", "ttft_count", "latency_sum")
-
-    def __init__(self, second: int) -> None:
-        self.second = second
-        self.started = 0
-        self.completed = 0
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
-        self.latency_sum = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,28 +31,14 @@ class BackendSnapshot:
 
 class BackendRequestStats:
     def __init__(self, window: float, clock: Callable[[], float]) -> None:
-        # Whole one-second buckets: a window of 2.5 s is kept, and divided by, as 3 s.
-        self.window = max(1, math.ceil(window))
         self.in_flight = 0
         self._clock = clock
-        self._buckets: deque[Bucket] = deque()
-
-    def _bucket(self) -> Bucket:
-        second = int(self._clock())
-        buckets = self._buckets
-        if not buckets or buckets[-1].second != second:
-            buckets.append(Bucket(second))
-            self._expire(second)
-        return buckets[-1]
-
-    def _expire(self, now: int) -> None:
-        oldest = now - self.window
-        while self._buckets and self._buckets[0].second <= oldest:
-            self._buckets.popleft()
+        self._window = Window(window)
+        self.window = self._window.seconds
 
     def started(self) -> None:
         self.in_flight += 1
-        self._bucket().started += 1
+        self._window.bucket(self._clock()).started += 1
 
     def moved_away(self) -> None:
         """A request left this backend for another one (a retry)."""
@@ -73,7 +46,7 @@ class BackendRequestStats:
 
     def completed(self, flow: RequestFlow) -> None:
         self.in_flight -= 1
-        bucket = self._bucket()
+        bucket = self._window.bucket(self._clock())
         bucket.completed += 1
         if flow.ttft is not None:
             bucket.ttft_sum += flow.ttft
@@ -81,20 +54,12 @@ class BackendRequestStats:
         bucket.latency_sum += flow.duration or 0.0
 
     def snapshot(self) -> BackendSnapshot:
-        self._expire(int(self._clock()))
-        started = completed = ttft_count = 0
-        ttft_sum = latency_sum = 0.0
-        for bucket in self._buckets:
-            started += bucket.started
-            completed += bucket.completed
-            ttft_sum += bucket.ttft_sum
-            ttft_count += bucket.ttft_count
-            latency_sum += bucket.latency_sum
+        total = self._window.totals(self._clock())
         return BackendSnapshot(
             in_flight=self.in_flight,
-            qps=started / self.window,
-            avg_ttft=ttft_sum / ttft_count if ttft_count else None,
-            avg_latency=latency_sum / completed if completed else None,
+            qps=total.started / self.window,
+            avg_ttft=total.ttft_sum / total.ttft_count if total.ttft_count else None,
+            avg_latency=total.latency_sum / total.completed if total.completed else None,
         )
 
 
