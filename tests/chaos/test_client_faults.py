@@ -120,7 +120,7 @@ async def test_clients_leaving(
         leaving, normal = await asyncio.gather(
             bounded_gather(jobs, scale.concurrency),
             traffic(router, rng, f"{tag}-normal", max(4, scale.requests // 4),
-                    concurrency=4, timeout=10),
+                    concurrency=max(4, scale.concurrency // 2), timeout=10),
         )
         scenario.fault(f"client_left_{how}", len(leaving))
         scenario.results += leaving + normal
