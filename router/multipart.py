@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO
 
 from aiohttp import StreamReader, web
 from aiohttp.helpers import parse_mimetype
-from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+from aiohttp.multipart import (
+    BadContentDispositionHeader,
+    BadContentDispositionParam,
+    content_disposition_filename,
+    parse_content_disposition,
+)
 
 from router.backends import BackendPool
 from router.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from router.inbound import InboundRequest, resolve_model
 
 __all__ = ["MultipartScanner", "Part", "read_multipart_request"]
+
+# aiohttp warns once per distinct malformed Content-Disposition and keeps every message in
+# its module's warning registry for good: a client sending many would grow the router's
+# memory (and its stderr). The scanner reports them as 400s instead.
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
 
 PEEK_LIMIT = 1024 * 1024
 """Bytes read into memory looking for `model` before the body is spooled instead."""
@@ -106,10 +118,10 @@ class MultipartScanner:
             elif self._state == self.HEADERS:
                 # The buffer starts with the CRLF that ended the delimiter line.
                 end = buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buffer) > MAX_HEADERS_SIZE:
-                        raise MalformedMultipart("malformed multipart body: part headers too large")
+                if end < 0 and len(buffer) <= MAX_HEADERS_SIZE:
                     return
+                if end < 0 or end > MAX_HEADERS_SIZE:  # the same, however the body is chunked
+                    raise MalformedMultipart("malformed multipart body: part headers too large")
                 self._open_part(bytes(buffer[2:end]), start=self._offset + end + 4)
                 self._consume(end + 4)
                 self._state = self.BODY

@@ -214,3 +214,13 @@ async def test_upload_over_the_size_limit_gets_413(
             assert (await response.json())["error"]["code"] == "payload_too_large"
     await router.settled(1)
     assert not [upload for engine in engines for upload in engine.state.uploads]
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 1_000_000])
+def test_oversized_part_headers_are_refused_however_they_arrive(chunk_size: int) -> None:
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"model\"\r\n"
+            f"X-Padding: {'p' * 40_000}\r\n\r\nm\r\n--{BOUNDARY}--\r\n").encode()
+    scanner = MultipartScanner(BOUNDARY)
+    with pytest.raises(BadRequest, match="too large"):
+        for start in range(0, len(body), chunk_size):
+            scanner.feed(body[start : start + chunk_size])
