@@ -4,7 +4,6 @@ same Helm values and unit files work."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import sys
@@ -18,6 +17,7 @@ from router.config_file import file_tokens, read_config_file
 from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.kubernetes import K8sSettings, in_cluster_api_server
 from router.health import MODEL_TYPES
+from router.plugins import find_class
 from router.policies import POLICIES
 from router.tracing import PROTOCOLS, otlp_target, sdk_missing
 
@@ -300,19 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def importable(spec: str, flag: str) -> None:
-    """Check at start that `module:Class` (or `module.Class`) can be imported."""
-    module_name, sep, name = spec.partition(":")
-    if not sep:
-        module_name, _, name = spec.rpartition(".")
-    try:
-        module = importlib.import_module(module_name) if module_name else None
-    except Exception as error:
-        raise ConfigError(f"argument {flag}: cannot import {module_name!r}: {error!r}") from None
-    if module is None or not name or not hasattr(module, name):
-        raise ConfigError(f"argument {flag}: {spec!r} names no class (use module:Class)")
-
-
 def split_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -458,7 +445,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for spec, flag in [*((s, "--callbacks") for s in callbacks),
                        *(((args.request_rewriter, "--request-rewriter"),)
                          if args.request_rewriter else ())]:
-        importable(spec, flag)
+        find_class(spec, flag)  # import now, so a typo stops the start
     if args.otel_endpoint:
         try:
             target = otlp_target(args.otel_endpoint, args.otel_protocol, args.otel_secure)

@@ -35,7 +35,7 @@ from aiohttp import web
 from router.config import ConfigError
 from router.flow import RequestFlow
 
-__all__ = ["load_object", "PluginHost", "RequestRewriter", "MAX_BODY"]
+__all__ = ["find_class", "load_object", "PluginHost", "RequestRewriter", "MAX_BODY"]
 
 log = logging.getLogger("router.plugins")
 
@@ -45,15 +45,27 @@ MAX_PENDING = 10_000
 """Event calls waiting for the plugin threads; past it events are dropped, with a warning."""
 
 
-def load_object(spec: str, flag: str) -> object:
-    """Import `module:Class` (or production-stack's `module.Class`) and instantiate it."""
+def find_class(spec: str, flag: str) -> Callable[[], object]:
+    """Import `module:Class` (or production-stack's `module.Class`); errors name `flag`."""
     module_name, sep, name = spec.partition(":")
     if not sep:
         module_name, _, name = spec.rpartition(".")
     if not module_name or not name:
-        raise ConfigError(f"argument {flag}: expected module:Class, got {spec!r}")
+        raise ConfigError(f"argument {flag}: {spec!r} names no class (use module:Class)")
     try:
-        factory: Callable[[], object] = getattr(importlib.import_module(module_name), name)
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise ConfigError(f"argument {flag}: cannot import {module_name!r}: {error!r}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ConfigError(f"argument {flag}: {spec!r} names no class (use module:Class)")
+    return factory  # type: ignore[no-any-return]
+
+
+def load_object(spec: str, flag: str) -> object:
+    """Import `module:Class` (or `module.Class`) and instantiate it."""
+    factory = find_class(spec, flag)
+    try:
         return factory()
     except Exception as error:
         raise ConfigError(f"argument {flag}: cannot load {spec!r}: {error!r}") from None
