@@ -186,7 +186,7 @@ def make_app(config: Config) -> web.Application:
                        fixed=external_backends(config.external_providers))
     stats = RequestStats(config.request_stats_window)
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
-    metrics = Metrics(stats, pool, health)
+    metrics = Metrics(stats, pool, health, multiprocess=multiprocess_metrics.enabled())
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config

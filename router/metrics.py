@@ -5,12 +5,15 @@ Names follow production-stack's router where it has one (`vllm:num_requests_runn
 Grafana dashboards keep working; the router's own are `router_*`. docs/observability.md lists
 them all with their labels.
 
-Cost per request (ARCHITECTURE.md's budget): a label set's children are resolved once and
-cached, so an event costs a dict lookup and an increment or observation per metric. In-flight
-counts and the sliding windows behind the `vllm:` gauges are plain integers and floats per
-(server, model); the gauges themselves, the breaker states and health are computed when
-`/metrics` is scraped. Token counts come from the `usage` object at the end of the response
-body (`flow.tail`, the last bytes only; SSE chunks are never parsed one by one).
+Cost per request (ARCHITECTURE.md's budget): counters and histograms are plain floats in dicts
+keyed by label tuples (a histogram observation is one bisect and two additions), turned into
+Prometheus families only when `/metrics` is scraped; prometheus_client's own objects (a lock
+and several calls per increment) are used only under `--workers`, where their per-process
+files are how workers add up. In-flight counts and the sliding windows behind the `vllm:`
+gauges are plain integers and floats per (server, model); the gauges themselves, the breaker
+states and health are computed when `/metrics` is scraped. Token counts come from the `usage`
+object at the end of the response body (`flow.tail`, the last bytes only; SSE chunks are never
+parsed one by one).
 
 Labels are bounded: `server` is a backend URL from the pool (`""` before routing), `model` a
 model some backend serves (`""` otherwise), `endpoint` a route, `status` an HTTP status.
@@ -24,17 +27,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import accumulate
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import ClientRequest
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.tracing import Trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from router.backends import Backend, BackendPool
 from router.flow import Outcome, RequestFlow, Usage
@@ -146,64 +152,176 @@ def error_kind(flow: RequestFlow) -> str | None:
     return "unknown" if outcome is None else outcome.value
 
 
-# --- labelled children, resolved once ---------------------------------------------------------
+# --- counter and histogram families ------------------------------------------------------------
 
-MetricT = TypeVar("MetricT", Counter, Histogram)
+Labels = tuple[str, ...]
 
 
-class Children(Generic[MetricT]):
-    """A metric's labelled children, resolved once per label set."""
+class Family(Protocol):
+    """A labelled counter or histogram: what the subscriber records into."""
 
-    def __init__(self, metric: MetricT, server_index: int | None = 0) -> None:
-        self._metric: MetricT = metric
-        self._cache: dict[tuple[str, ...], MetricT] = {}
+    def record(self, labels: Labels, value: float = 1.0) -> None: ...
+    def servers(self) -> set[str]: ...
+    def forget(self, servers: set[str]) -> None: ...
+
+
+class _Series:
+    """Which label is `server` (None when there is none), for `servers` and `forget`."""
+
+    def __init__(self, server_index: int | None) -> None:
         self.server_index = server_index
-        """Which label is `server`, for `forget`; None when it has none."""
-
-    def get(self, *labels: str) -> MetricT:
-        child = self._cache.get(labels)
-        if child is None:
-            child = self._cache[labels] = self._metric.labels(*labels)
-        return child
+        self.series: dict[Labels, Any] = {}
 
     def servers(self) -> set[str]:
         index = self.server_index
-        return set() if index is None else {labels[index] for labels in self._cache}
+        return set() if index is None else {labels[index] for labels in self.series}
 
-    def forget(self, servers: set[str]) -> None:
-        """Remove every series of these servers from the exposition."""
+    def gone(self, servers: set[str]) -> list[Labels]:
+        """Drop the series of these servers; their label sets."""
         index = self.server_index
         if index is None:
-            return
-        for labels in [labels for labels in self._cache if labels[index] in servers]:
-            del self._cache[labels]
+            return []
+        dropped = [labels for labels in self.series if labels[index] in servers]
+        for labels in dropped:
+            del self.series[labels]
+        return dropped
+
+
+class PlainCounter(_Series):
+    """A counter kept as plain floats and exposed at scrape time: an increment is a dict
+    update (a prometheus_client `inc` takes a lock and several calls)."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str],
+                 server_index: int | None = 0) -> None:
+        super().__init__(server_index)
+        self.name, self.documentation, self.labels = name, documentation, list(labels)
+        self.series: dict[Labels, float] = {}
+
+    def record(self, labels: Labels, value: float = 1.0) -> None:
+        series = self.series
+        series[labels] = series.get(labels, 0.0) + value
+
+    def forget(self, servers: set[str]) -> None:
+        self.gone(servers)
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.series.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class PlainHistogram(_Series):
+    """A histogram kept as plain per-bucket counts (the `+Inf` bucket, then the sum, last) and
+    made cumulative at scrape time: an observation is a bisect and two additions."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str],
+                 buckets: Sequence[float], server_index: int | None = 0) -> None:
+        super().__init__(server_index)
+        self.name, self.documentation, self.labels = name, documentation, list(labels)
+        self.bounds = tuple(float(bound) for bound in buckets)
+        self.series: dict[Labels, list[float]] = {}
+
+    def record(self, labels: Labels, value: float = 1.0) -> None:
+        counts = self.series.get(labels)
+        if counts is None:
+            counts = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        counts[-1] += value
+
+    def forget(self, servers: set[str]) -> None:
+        self.gone(servers)
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        edges = [floatToGoString(bound) for bound in self.bounds]  # type: ignore[no-untyped-call]
+        edges.append("+Inf")
+        for labels, counts in self.series.items():
+            cumulative = list(accumulate(counts[:-1]))
+            family.add_metric(labels, list(zip(edges, cumulative)), sum_value=counts[-1])
+        return family
+
+
+class _PlainCollector(Collector):
+    def __init__(self, families: Iterable[PlainCounter | PlainHistogram]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        return (family.collect() for family in self._families)
+
+
+class SharedFamily(_Series):
+    """A prometheus_client counter or histogram, for `--workers`: its values live in
+    prometheus_client's per-process files, which a scrape of any worker adds up."""
+
+    def __init__(self, metric: Counter | Histogram, server_index: int | None = 0) -> None:
+        super().__init__(server_index)
+        self._metric = metric
+        self._record = "inc" if isinstance(metric, Counter) else "observe"
+        self.series: dict[Labels, Callable[[float], None]] = {}
+
+    def record(self, labels: Labels, value: float = 1.0) -> None:
+        record = self.series.get(labels)
+        if record is None:
+            record = self.series[labels] = getattr(self._metric.labels(*labels), self._record)
+        record(value)
+
+    def forget(self, servers: set[str]) -> None:
+        for labels in self.gone(servers):
             self._metric.remove(*labels)
+
+
+class Families:
+    """Makes the subscriber's families: plain ones in one process, prometheus_client's in
+    multiprocess mode (`--workers`)."""
+
+    def __init__(self, registry: CollectorRegistry, multiprocess: bool) -> None:
+        self.registry = registry
+        self.multiprocess = multiprocess
+        self.plain: list[PlainCounter | PlainHistogram] = []
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str],
+                server_index: int | None = 0) -> Family:
+        if self.multiprocess:
+            return SharedFamily(Counter(name, documentation, labels, registry=self.registry),
+                                server_index)
+        family = PlainCounter(name, documentation, labels, server_index)
+        self.plain.append(family)
+        return family
+
+    def histogram(self, name: str, documentation: str, labels: Sequence[str],
+                  buckets: Sequence[float], server_index: int | None = 0) -> Family:
+        if self.multiprocess:
+            return SharedFamily(Histogram(name, documentation, labels, buckets=buckets,
+                                          registry=self.registry), server_index)
+        family = PlainHistogram(name, documentation, labels, buckets, server_index)
+        self.plain.append(family)
+        return family
+
+    def register(self) -> None:
+        """Expose the plain families (call once, after making them all)."""
+        if self.plain:
+            self.registry.register(_PlainCollector(self.plain))
 
 
 # --- per (server, model) state ----------------------------------------------------------------
 
 
 class _Slot:
-    """One (server, model): requests in flight, a window of one-second buckets for the
-    `vllm:` averages, and the children that depend on nothing else."""
+    """One (server, model): requests in flight and a window of one-second buckets for the
+    `vllm:` averages."""
 
-    __slots__ = (
-        "server", "model", "prefill", "decoding", "recent", "incoming", "input_tokens",
-        "output_tokens",
-    )
+    __slots__ = ("server", "model", "labels", "prefill", "decoding", "recent")
 
-    def __init__(self, server: str, model: str, window: int, incoming: Counter,
-                 input_tokens: Counter, output_tokens: Counter) -> None:
+    def __init__(self, server: str, model: str, window: int) -> None:
         self.server = server
         self.model = model
+        self.labels = (server, model)
         self.prefill = 0
         """In flight, no body byte from the backend yet."""
         self.decoding = 0
         """In flight, the answer is coming."""
         self.recent = Window(window)
-        self.incoming = incoming
-        self.input_tokens = input_tokens
-        self.output_tokens = output_tokens
 
     def averages(self, now: float) -> tuple[float, float | None, float | None]:
         """QPS, mean latency and mean inter-token latency over the window."""
@@ -302,6 +420,7 @@ class Metrics:
         *,
         clock: Clock = time.monotonic,
         retention: float = 300.0,
+        multiprocess: bool = False,
     ) -> None:
         self.pool = pool
         self.health = health
@@ -313,85 +432,85 @@ class Metrics:
         self._absent: dict[str, float] = {}
         """Server -> when it was first seen missing from the pool."""
         registry = self.registry = CollectorRegistry(auto_describe=True)
+        families = Families(registry, multiprocess)
         sm = ["server", "model"]
         route = ["server", "model", "endpoint", "streaming"]
 
         # production-stack's names (vllm_router/services/metrics_service).
-        self._incoming = Children(Counter(
+        self._incoming = families.counter(
             "vllm:num_incoming_requests",
             "Requests received, refused ones included (server is empty before routing).",
-            sm, registry=registry,
-        ))
-        self._input_tokens = Children(Counter(
+            sm,
+        )
+        self._input_tokens = families.counter(
             "vllm:input_tokens_total", "Prompt tokens, from the answers' usage.",
-            sm, registry=registry,
-        ))
-        self._output_tokens = Children(Counter(
+            sm,
+        )
+        self._output_tokens = families.counter(
             "vllm:output_tokens_total", "Generated tokens, from the answers' usage.",
-            sm, registry=registry,
-        ))
-        self._errors = Children(Counter(
+            sm,
+        )
+        self._errors = families.counter(
             "vllm:request_errors_total",
             "Requests that did not end well, by error type: the outcome (backend_error, "
             "timeout, client_disconnected, rejected, cancelled, router_error) or http_4xx/"
             "http_5xx for an error status from the backend.",
-            ["server", "model", "error_type"], registry=registry,
-        ))
-        self._latency = Children(Histogram(
+            ["server", "model", "error_type"],
+        )
+        self._latency = families.histogram(
             "vllm:request_latency_seconds",
             "End-to-end request latency observed at the router.",
-            ["server", "model", "status"], buckets=PS_LATENCY_BUCKETS, registry=registry,
-        ))
+            ["server", "model", "status"], PS_LATENCY_BUCKETS,
+        )
 
         # The router's own.
-        self._requests = Children(Counter(
+        self._requests = families.counter(
             "router_requests",
             "Requests by endpoint, status and outcome.",
-            ["endpoint", "status", "outcome"],
-            registry=registry,
-        ), server_index=None)
-        self._duration = Children(Histogram(
+            ["endpoint", "status", "outcome"], server_index=None,
+        )
+        self._duration = families.histogram(
             "router_request_duration_seconds",
             "Time from arrival to the end of the answer.",
-            route, buckets=LATENCY_BUCKETS, registry=registry,
-        ))
-        self._ttft = Children(Histogram(
+            route, LATENCY_BUCKETS,
+        )
+        self._ttft = families.histogram(
             "router_time_to_first_token_seconds",
             "Time from arrival to the backend's first body byte.",
-            route, buckets=LATENCY_BUCKETS, registry=registry,
-        ))
-        self._ttfb = Children(Histogram(
+            route, LATENCY_BUCKETS,
+        )
+        self._ttfb = families.histogram(
             "router_time_to_first_byte_seconds",
             "Time from arrival to the backend's status and headers.",
-            route, buckets=LATENCY_BUCKETS, registry=registry,
-        ))
-        self._tpot = Children(Histogram(
+            route, LATENCY_BUCKETS,
+        )
+        self._tpot = families.histogram(
             "router_time_per_output_token_seconds",
             "Streamed answers with usage: (duration - TTFT) / (completion tokens - 1).",
-            sm, buckets=TPOT_BUCKETS, registry=registry,
-        ))
-        self._connect = Children(Histogram(
+            sm, TPOT_BUCKETS,
+        )
+        self._connect = families.histogram(
             "router_upstream_connect_seconds",
             "Time to open a new connection to a backend (DNS, TCP, TLS); reused pooled "
             "connections are not counted.",
-            ["server"], buckets=CONNECT_BUCKETS, registry=registry,
-        ))
-        self._retries = Children(Counter(
+            ["server"], CONNECT_BUCKETS,
+        )
+        self._retries = families.counter(
             "router_retries",
             "Attempts that failed before the answer started and were retried on another "
             "backend; server is the backend that failed, reason the attempt's outcome.",
-            ["server", "model", "reason"], registry=registry,
-        ))
-        self._unauthorized = Counter(
+            ["server", "model", "reason"],
+        )
+        self._unauthorized = families.counter(
             "router_unauthorized_requests",
-            "Requests refused for want of a valid API key (401).",
-            registry=registry,
+            "Requests refused for want of a valid API key (401).", [], server_index=None,
         )
         self._all = (
             self._incoming, self._input_tokens, self._output_tokens, self._errors,
             self._latency, self._duration, self._ttft, self._ttfb, self._tpot, self._connect,
             self._retries,
         )
+        families.register()
         registry.register(BackendCollector(stats, pool))
         registry.register(_FleetCollector(self))
 
@@ -410,10 +529,9 @@ class Metrics:
         key = (server, model)
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[key] = _Slot(
-                server, model, self.window, self._incoming.get(server, model),
-                self._input_tokens.get(server, model), self._output_tokens.get(server, model),
-            )
+            slot = self._slots[key] = _Slot(server, model, self.window)
+            for counter in (self._incoming, self._input_tokens, self._output_tokens):
+                counter.record(key, 0)  # a known pair's counters start at 0, not absent
         return slot
 
     # -- events --
@@ -422,10 +540,10 @@ class Metrics:
         backend = flow.backend
         model = self._model(flow, backend)
         if backend is None:
-            self._incoming.get("", model).inc()
+            self._incoming.record(("", model))
             return
         slot = self._slot(backend.url, model)
-        slot.incoming.inc()
+        self._incoming.record(slot.labels)
         slot.prefill += 1
         slot.recent.bucket(self._clock()).started += 1
 
@@ -433,7 +551,7 @@ class Metrics:
         attempt = flow.attempts[-1]
         failed = attempt.backend
         model = self._model(flow, failed)
-        self._retries.get(failed.url, model, attempt.outcome.value).inc()
+        self._retries.record((failed.url, model, attempt.outcome.value))
         self._slot(failed.url, model).prefill -= 1
         backend = flow.backend
         if backend is not None:
@@ -449,14 +567,12 @@ class Metrics:
         slot = self._slot(server, model)
         slot.prefill -= 1
         slot.decoding += 1
-        streaming = "true" if flow.stream else "false"
-        endpoint = flow.endpoint
+        labels = (server, model, flow.endpoint, "true" if flow.stream else "false")
         t_start = flow.t_start
         if flow.t_first_byte is not None:
-            self._ttft.get(server, model, endpoint, streaming).observe(
-                flow.t_first_byte - t_start)
+            self._ttft.record(labels, flow.t_first_byte - t_start)
         if flow.t_headers is not None:
-            self._ttfb.get(server, model, endpoint, streaming).observe(flow.t_headers - t_start)
+            self._ttfb.record(labels, flow.t_headers - t_start)
 
     def on_complete(self, flow: RequestFlow) -> None:
         backend = flow.backend
@@ -464,24 +580,23 @@ class Metrics:
         server = "" if backend is None else backend.url
         status = "none" if flow.status is None else str(flow.status)
         outcome = flow.outcome
-        self._requests.get(flow.endpoint, status, "unknown" if outcome is None
-                           else outcome.value).inc()
+        self._requests.record(
+            (flow.endpoint, status, "unknown" if outcome is None else outcome.value))
         kind = error_kind(flow)
         if kind is not None:
-            self._errors.get(server, model, kind).inc()
+            self._errors.record((server, model, kind))
         duration = flow.duration
-        streaming = "true" if flow.stream else "false"
+        route = (server, model, flow.endpoint, "true" if flow.stream else "false")
         if duration is not None:
-            self._duration.get(server, model, flow.endpoint, streaming).observe(duration)
-            self._latency.get(server, model, status).observe(duration)
+            self._duration.record(route, duration)
+            self._latency.record((server, model, status), duration)
         if backend is None:
             return
         slot = self._slot(server, model)
         if flow.t_first_byte is None:
             slot.prefill -= 1
             if flow.t_headers is not None:  # headers, then no body: TTFB was not seen yet
-                self._ttfb.get(server, model, flow.endpoint, streaming).observe(
-                    flow.t_headers - flow.t_start)
+                self._ttfb.record(route, flow.t_headers - flow.t_start)
         else:
             slot.decoding -= 1
         bucket = slot.recent.bucket(self._clock())
@@ -491,17 +606,17 @@ class Metrics:
         if usage is None:
             return
         if usage.prompt_tokens:
-            slot.input_tokens.inc(usage.prompt_tokens)
+            self._input_tokens.record(slot.labels, usage.prompt_tokens)
         completion = usage.completion_tokens
         if completion:
-            slot.output_tokens.inc(completion)
+            self._output_tokens.record(slot.labels, completion)
             ttft = flow.ttft
             # Only a stream shows when its tokens came; a JSON answer's first byte is its end.
             if flow.stream and completion > 1 and ttft is not None and duration is not None:
                 itl = (duration - ttft) / (completion - 1)
                 bucket.itl_sum += itl
                 bucket.itl_count += 1
-                self._tpot.get(server, model).observe(itl)
+                self._tpot.record(slot.labels, itl)
 
     # -- upstream connect time --
 
@@ -515,7 +630,7 @@ class Metrics:
     def _observe_connect(self, url: str, seconds: float) -> None:
         server = self.server_of(url)
         if server is not None:
-            self._connect.get(server).observe(seconds)
+            self._connect.record((server,), seconds)
 
     def server_of(self, url: str) -> str | None:
         """The pool backend whose base URL `url` is under (the longest), or None."""
@@ -629,7 +744,7 @@ class Metrics:
         return {server for server, _ in self._slots} | self._connect.servers()
 
     def count_unauthorized(self) -> None:
-        self._unauthorized.inc()
+        self._unauthorized.record(())
 
     def render(self) -> bytes:
         """The exposition; series of servers gone for `retention` are dropped first."""
