@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 
 from aiohttp import web
@@ -15,6 +15,8 @@ __all__ = ["request_id", "json_errors"]
 
 log = logging.getLogger("router.api")
 
+_random_bits = random.Random().getrandbits
+"""Request ids: a generator of our own, seeded from the OS, that no `random.seed()` resets."""
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -23,7 +25,9 @@ def request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
     if given and VALID_REQUEST_ID.fullmatch(given):
         return given
-    return os.urandom(16).hex()
+    # Unique, not secret (nothing authenticates with it): a Mersenne Twister costs a fifth of
+    # an os.urandom system call.
+    return _random_bits(128).to_bytes(16).hex()
 
 
 class HTTPStatusError(RouterError):
