@@ -143,3 +143,18 @@ def error_response(
     if headers:
         response.headers.update(headers)
     return response
+
+
+class HeadersTooLarge(RouterError):
+    """The request line or a header is over `--max-header-size`, or there are too many
+    headers: refused by aiohttp's parser before any handler runs."""
+
+    status = 431
+    error_type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class MalformedRequest(BadRequest):
+    """Not HTTP aiohttp's parser can read (a bad method, line or chunk size)."""
+
+    code = "malformed_request"

@@ -14,6 +14,7 @@ from router.access_log import configure_logging
 from router.app import make_app, mounted
 from router.cli import load_config
 from router.config import DEMO_MODELS, Config
+from router.connection import JsonErrorsHandler
 from router.discovery.kubernetes import K8sConfigError
 from router.keys import DRAIN
 from router.reload import Reloader
@@ -107,8 +108,9 @@ async def drain(app: web.Application, listener: asyncio.Server, config: Config,
 
 
 class HeaderDeadline:
-    """The listening socket's protocol factory: a new connection must deliver its first
-    request's headers within `timeout` seconds or be closed. aiohttp has no such timer, so
+    """The listening socket's protocol factory: a new connection gets the router's handler
+    (`JsonErrorsHandler`) and must deliver its first request's headers within `timeout`
+    seconds or be closed. aiohttp has no such timer, so
     a client sending half a request line would hold a connection and a task forever."""
 
     def __init__(self, server: web.Server | None, timeout: float) -> None:
@@ -117,7 +119,7 @@ class HeaderDeadline:
         self._timeout = timeout
 
     def __call__(self) -> asyncio.Protocol:
-        handler = self._server()
+        handler = JsonErrorsHandler.adopt(self._server())
         asyncio.get_running_loop().call_later(self._timeout, close_if_idle, handler)
         return handler
 

@@ -173,19 +173,51 @@ async def test_slowloris_headers_are_cut_off(engines: list[RunningEngine]) -> No
         await asyncio.wait_for(server, 5)
 
 
-async def test_oversized_header_is_refused(engines: list[RunningEngine]) -> None:
+async def raw_exchange(port: int, head: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send `head` on a fresh connection; the status, headers and JSON body of the answer,
+    which must close the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        raw = await asyncio.wait_for(reader.read(), 5)  # read() to EOF: the router closed
+    finally:
+        writer.close()
+    head_part, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head_part.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+async def test_oversized_or_malformed_heads_get_json_errors(
+    engines: list[RunningEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="router.server")
     port = free_port()
     stop = asyncio.Event()
     config = Config(host="127.0.0.1", port=port, max_header_size=1024,
                     static_backends=tuple(StaticBackend(e.url, MODELS) for e in engines))
     server = asyncio.create_task(serve(config, stop))
+    chat = b"POST /v1/chat/completions"
+    heads = {
+        "big header": chat + b" HTTP/1.1\r\nHost: x\r\nX-Big: " + b"x" * 4096 + b"\r\n\r\n",
+        "long URL": chat + b"?q=" + b"x" * 4096 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "many headers": chat + b" HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: y\r\n" % i for i in range(500)) + b"\r\n",
+        "not HTTP": b"GARBAGE / HTTP/1.1\r\n\r\n",
+    }
     try:
         async with aiohttp.ClientSession() as session:
             url = f"http://127.0.0.1:{port}"
             await wait_until_healthy(session, url)
-            async with session.post(url + "/v1/chat/completions", json=BODY,
-                                    headers={"X-Big": "x" * 4096}) as response:
-                assert response.status in (400, 431)
+            for case, head in heads.items():
+                status, headers, body = await raw_exchange(port, head)
+                expected = (400, "malformed_request") if case == "not HTTP" else (
+                    431, "request_header_fields_too_large")
+                assert (status, body["error"]["code"]) == expected, case
+                assert body["error"]["type"] == "invalid_request_error", case
+                assert headers["content-type"].startswith("application/json"), case
+                assert headers["x-request-id"], case
             async with session.post(url + "/v1/chat/completions", json=BODY,
                                     headers={"X-Small": "x" * 512}) as response:
                 assert response.status == 200
@@ -193,6 +225,9 @@ async def test_oversized_header_is_refused(engines: list[RunningEngine]) -> None
         stop.set()
         await asyncio.wait_for(server, 5)
     assert sum(engine.state.started for engine in engines) == 1
+    # One line per refusal, no traceback (a client must not be able to flood the log).
+    refusals = [r for r in caplog.records if r.getMessage().startswith("refused a request")]
+    assert len(refusals) == len(heads) and not any(r.exc_info for r in caplog.records)
 
 
 async def test_keys_work_under_a_root_path_and_refusals_are_counted(

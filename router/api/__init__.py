@@ -20,7 +20,7 @@ _random_bits = random.Random().getrandbits
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-def request_id(request: web.Request) -> str:
+def request_id(request: web.BaseRequest) -> str:
     """The client's `x-request-id` when it is safe to echo (length, charset), else a new one."""
     given = request.headers.get("x-request-id")
     if given and VALID_REQUEST_ID.fullmatch(given):
