@@ -1,6 +1,6 @@
 """The flow: one object per proxied request, carried through every layer and every event.
 
-The invariant, which `router.proxy.lifecycle` guarantees: every flow gets exactly one
+The invariant, which `router.lifecycle.Lifecycle` guarantees: every flow gets exactly one
 `on_new`, at most one `on_response`, and exactly one `on_complete`, whose `outcome` is set.
 """
 

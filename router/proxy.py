@@ -1,10 +1,11 @@
-"""The proxy lifecycle: one request to one backend, streamed both ways, accounted exactly once.
+"""The proxy: one request to one backend, streamed both ways, inside its `Lifecycle`.
 
-`Lifecycle` is the context manager every proxied request runs in: `on_new` on entry,
-`on_complete` exactly once on exit, whatever happens (client gone, backend failure, timeout,
-cancellation). `exchange` does the forwarding inside it: the body goes up as it arrives, the
-backend's status and headers come back at once, then every chunk as it arrives. The backend
-response is always released (read to the end) or closed (anything else).
+`forward` moves a request that failed before its answer started to another backend;
+`exchange` is one attempt: the body goes up as it arrives, then the answer goes to a `Sink`
+(its status and headers at once, then every chunk as it arrives). Two sinks: `ClientSink`
+streams to the client's connection, `Collector` keeps the answer in memory for a caller with
+no client (a batch line). The backend response is always released (read to the end) or
+closed (anything else).
 """
 
 from __future__ import annotations
@@ -14,32 +15,28 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from router.errors import (
-    InternalError,
-    NoBackendAvailable,
-    RouterError,
-    UpstreamError,
-    UpstreamTimeout,
-    error_response,
-)
+from router.errors import NoBackendAvailable, RouterError, UpstreamError, UpstreamTimeout
 from router.backends import Backend
 from router.events import RequestEvents
 from router.flow import Attempt, Outcome, RequestFlow
-from router.inbound import InboundRequest
+from router.inbound import InboundRequest, UploadBody
 from router.metrics import TAIL_BYTES
 from router.plugins import MAX_BODY
 
+if TYPE_CHECKING:
+    from router.lifecycle import Lifecycle
+
 __all__ = [
-    "Lifecycle", "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange",
-    "ClientGone",
+    "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
+    "ClientSink", "Collector", "ClientGone",
 ]
 
 log = logging.getLogger("router.proxy")
@@ -65,8 +62,6 @@ CLIENT_CREDENTIALS = frozenset(
 )
 """What a client may authenticate to the router (or the fleet) with: never sent to an
 external provider, whatever --forward-client-auth says."""
-CLIENT_CLOSED_REQUEST = 499
-"""nginx's status for a client that went away before the answer (never sent, only counted)."""
 
 
 class ClientGone(Exception):
@@ -130,113 +125,8 @@ def backend_timeout(session: aiohttp.ClientSession, backend: Backend) -> aiohttp
     )
 
 
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-class Lifecycle:
-    """Runs one request's events: `on_new` on entry, exactly one `on_complete` on exit.
-
-    Router errors raised inside are turned into the request's outcome and an OpenAI-style
-    error response (`error_response()`), so the caller does not handle them again.
-    """
-
-    def __init__(self, request: web.Request, events: RequestEvents, flow: RequestFlow):
-        self.request = request
-        self.events = events
-        self.flow = flow
-        self.error: RouterError | None = None
-        self.response: web.StreamResponse | None = None
-        self._completed = False
-
-    async def __aenter__(self) -> Lifecycle:
-        self.events.on_new(self.flow)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        if self._completed:
-            return False
-        self._completed = True
-        flow = self.flow
-        suppress = False
-        try:
-            if exc is None:
-                flow.outcome = flow.outcome or Outcome.OK
-            elif isinstance(exc, RouterError):
-                flow.outcome, flow.status, flow.error = exc.outcome, exc.status, exc.message
-                self.error, suppress = exc, True
-            elif isinstance(exc, ClientGone):
-                flow.outcome, suppress = Outcome.CLIENT_DISCONNECTED, True
-            elif isinstance(exc, asyncio.CancelledError):
-                gone = client_gone(self.request)
-                # A watch that cut a stalled request set its outcome already.
-                flow.outcome = flow.outcome or (
-                    Outcome.CLIENT_DISCONNECTED if gone else Outcome.CANCELLED
-                )
-            else:
-                log.error("request %s failed in the router", flow.id, exc_info=exc)
-                self.error = InternalError("the router failed to handle the request")
-                flow.outcome, suppress = Outcome.ROUTER_ERROR, True
-                flow.error = repr(exc)
-                if self.response is not None and self.response.prepared:
-                    cut_client(self.request)
-                else:
-                    flow.status = 500
-            if flow.outcome is Outcome.CLIENT_DISCONNECTED and flow.status is None:
-                flow.status = CLIENT_CLOSED_REQUEST
-        finally:
-            flow.t_end = time.monotonic()
-            self.events.on_complete(flow)
-        return suppress
-
-    def reject(self, error: RouterError) -> web.Response:
-        """Account for a request refused before routing and return its error response."""
-        self._end_unrouted(error.outcome, error.status, error.message)
-        return error_response(error, self.flow.id)
-
-    def answered(self, response: web.StreamResponse) -> web.StreamResponse:
-        """Account for a request a plugin answered itself, before any backend was chosen."""
-        status = response.status
-        self._end_unrouted(Outcome.OK if status < 400 else Outcome.REJECTED, status,
-                           None if status < 400 else "answered by a plugin")
-        response.headers[REQUEST_ID] = self.flow.id
-        return response
-
-    def abandon(self) -> None:
-        """Account for a request cancelled before routing (its client left mid-body)."""
-        if client_gone(self.request):
-            self._end_unrouted(Outcome.CLIENT_DISCONNECTED, CLIENT_CLOSED_REQUEST, None)
-        else:
-            self._end_unrouted(Outcome.CANCELLED, None, None)
-
-    def _end_unrouted(self, outcome: Outcome, status: int | None, error: str | None) -> None:
-        """`on_new` then `on_complete` at once, for a flow that never got a backend."""
-        flow = self.flow
-        flow.outcome, flow.status, flow.error = outcome, status, error
-        self.events.on_new(flow)
-        self._completed = True
-        flow.t_end = time.monotonic()
-        self.events.on_complete(flow)
-
-    def result(self) -> web.StreamResponse:
-        """What the handler returns once the lifecycle is over."""
-        if self.error is not None and (self.response is None or not self.response.prepared):
-            return error_response(self.error, self.flow.id)
-        if self.response is not None:
-            return self.response
-        # The client is gone and nothing was sent: aiohttp's write of this fails quietly.
-        return web.Response(status=CLIENT_CLOSED_REQUEST)
-
-
-def upstream_error(error: BaseException, backend: str, inbound: InboundRequest) -> Exception:
-    """Translate a failure before the backend's headers into our own exception."""
-    upload = inbound.upload
+def upstream_error(error: BaseException, backend: str, upload: UploadBody | None) -> Exception:
+    """Translate a failure of the backend's answer into our own exception."""
     if upload is not None and upload.error is not None:
         # The body stream failed on the client's side, not the backend's.
         return upload.error if isinstance(upload.error, RouterError) else ClientGone()
@@ -279,7 +169,7 @@ class BackendStatus(RouterError):
 
 
 async def forward(
-    request: web.Request,
+    to: web.Request | Collector,
     flow: RequestFlow,
     inbound: InboundRequest,
     session: aiohttp.ClientSession,
@@ -288,8 +178,10 @@ async def forward(
     headers: CIMultiDict[str],
     failover: Failover | None,
 ) -> None:
-    """`exchange` with failover: a backend failure before any byte reached the client is
-    retried on another backend while the body can be sent again."""
+    """`exchange` with failover: a backend failure before its answer started is retried on
+    another backend while the body can be sent again. The answer goes `to` the client's
+    connection, or into a `Collector`."""
+    sink: Sink = ClientSink(to, lifecycle) if isinstance(to, web.Request) else to
     if flow.prefill_backend is not None:
         await prefill(flow, inbound, session, path, headers)
     while True:
@@ -304,14 +196,14 @@ async def forward(
             and failover.alternatives(tried)
         )
         try:
-            await exchange(request, flow, inbound, session, lifecycle, path, headers,
+            await exchange(sink, flow, inbound, session, lifecycle.events, path, headers,
                            retry_status)
             return
         except RouterError as error:
             if (
                 failover is None
                 or error.outcome not in RETRIED_OUTCOMES
-                or lifecycle.response is not None
+                or flow.t_headers is not None
                 or len(flow.attempts) >= failover.max_retries
                 or not inbound.replayable
             ):
@@ -362,7 +254,7 @@ async def prefill(
                                 allow_redirects=False) as response:
             answer = await response.read()
     except (aiohttp.ClientError, TimeoutError) as error:
-        raise upstream_error(error, backend.id, inbound) from error
+        raise upstream_error(error, backend.id, inbound.upload) from error
     if response.status != 200:
         raise PrefillFailed(response.status, answer, backend.id)
     try:
@@ -391,16 +283,16 @@ class PrefillFailed(RouterError):
 
 
 async def exchange(
-    request: web.Request,
+    sink: Sink,
     flow: RequestFlow,
     inbound: InboundRequest,
     session: aiohttp.ClientSession,
-    lifecycle: Lifecycle,
+    events: RequestEvents,
     path: str,
     headers: CIMultiDict[str],
     retry_status: bool = False,
 ) -> None:
-    """Forward the request to `flow.backend` and stream the answer back to the client; with
+    """Forward the request to `flow.backend` and pass the answer to `sink` as it comes; with
     `retry_status`, a 502/503/504 answer raises `BackendStatus` instead (for a retry)."""
     assert flow.backend is not None
     if flow.trace_headers:
@@ -415,13 +307,13 @@ async def exchange(
         # A backend's redirect goes to the client as it is: the router never follows one to
         # a host discovery did not give it.
         upstream = await session.request(
-            request.method, flow.backend.url + path, data=data,
+            flow.method, flow.backend.url + path, data=data,
             headers=backend_headers(headers, flow.backend),
             timeout=backend_timeout(session, flow.backend), allow_redirects=False,
             skip_auto_headers=[name for name in AUTO_HEADERS if name not in headers] or None,
         )
     except (aiohttp.ClientError, TimeoutError) as error:
-        raise upstream_error(error, flow.backend.id, inbound) from error
+        raise upstream_error(error, flow.backend.id, inbound.upload) from error
     if retry_status and upstream.status in RETRIED_STATUSES:
         upstream.close()
         raise BackendStatus(upstream.status, flow.backend.id)
@@ -432,25 +324,14 @@ async def exchange(
     try:
         flow.t_headers = time.monotonic()
         flow.status = upstream.status
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=forward_headers(upstream.headers, NOT_FORWARDED_DOWN, flow.id),
-        )
-        response.headers[BACKEND_HEADER] = flow.backend.id
-        lifecycle.response = response
-        try:
-            await response.prepare(request)
-        except ConnectionError as error:
-            raise ClientGone() from error
+        write = await sink.start(flow, upstream)
         content = upstream.content
-        events = lifecycle.events
         while True:
             flow.reading_since = time.monotonic()
             try:
                 chunk = await content.readany()
             except (aiohttp.ClientError, TimeoutError) as error:
-                break_stream(request, flow, error)
+                sink.broken(flow, error)
                 return
             flow.reading_since = None
             if not chunk:
@@ -466,14 +347,11 @@ async def exchange(
                     kept = None
             flow.writing_since = time.monotonic()
             try:
-                await response.write(chunk)
+                await write(chunk)
             except ConnectionError as error:
                 raise ClientGone() from error
             flow.writing_since = None
-        try:
-            await response.write_eof()
-        except ConnectionError as error:
-            raise ClientGone() from error
+        await sink.end()
         upstream.release()
         released = True
         if kept is not None:
@@ -482,6 +360,103 @@ async def exchange(
         flow.tail = b"".join(chunk[-TAIL_BYTES:] for chunk in last_chunks)[-TAIL_BYTES:]
         if not released:
             upstream.close()
+
+
+Write = Callable[[bytes], Awaitable[None]]
+"""Passes one chunk of the answer on; a `ConnectionError` means the client is gone."""
+
+
+class Sink(Protocol):
+    """Where a backend's answer goes, once its status and headers arrived."""
+
+    async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
+        """Take the status and headers; return what each body chunk is passed to (the one
+        call per chunk on the streaming path: no wrapper around a client's write)."""
+        ...
+
+    async def end(self) -> None:
+        """The whole body was passed on."""
+        ...
+
+    def broken(self, flow: RequestFlow, error: BaseException) -> None:
+        """The backend failed after its answer started (`aiohttp.ClientError`, timeout)."""
+        ...
+
+
+class ClientSink:
+    """Streams the answer to the client: the backend's status and headers at once (the
+    response is the lifecycle's, for the handler's `result()`), then each chunk as it comes.
+    A broken client connection is `ClientGone`; a backend that breaks mid-answer cuts the
+    client's connection (`break_stream`)."""
+
+    __slots__ = ("request", "lifecycle")
+
+    def __init__(self, request: web.Request, lifecycle: Lifecycle) -> None:
+        self.request = request
+        self.lifecycle = lifecycle
+
+    async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
+        assert flow.backend is not None
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forward_headers(upstream.headers, NOT_FORWARDED_DOWN, flow.id),
+        )
+        response.headers[BACKEND_HEADER] = flow.backend.id
+        self.lifecycle.response = response
+        try:
+            await response.prepare(self.request)
+        except ConnectionError as error:
+            raise ClientGone() from error
+        return response.write
+
+    async def end(self) -> None:
+        assert self.lifecycle.response is not None
+        try:
+            await self.lifecycle.response.write_eof()
+        except ConnectionError as error:
+            raise ClientGone() from error
+
+    def broken(self, flow: RequestFlow, error: BaseException) -> None:
+        break_stream(self.request, flow, error)
+
+
+class Collector:
+    """Keeps the answer in memory, for a caller no client waits on (a batch line): its
+    status, headers and body, up to `limit` body bytes (`UpstreamError` past it). A backend
+    that breaks mid-answer raises the error it would have raised before its answer."""
+
+    __slots__ = ("limit", "status", "headers", "chunks", "size", "backend_id")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status: int | None = None
+        self.headers: CIMultiDictProxy[str] | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.backend_id = ""
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
+        assert flow.backend is not None
+        self.status, self.headers = upstream.status, upstream.headers
+        self.backend_id = flow.backend.id
+        return self.write
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise UpstreamError(f"backend {self.backend_id} answered over {self.limit} bytes")
+        self.chunks.append(chunk)
+
+    async def end(self) -> None:
+        pass
+
+    def broken(self, flow: RequestFlow, error: BaseException) -> None:
+        raise upstream_error(error, self.backend_id, None) from error
 
 
 def break_stream(request: web.Request, flow: RequestFlow, error: BaseException) -> None:

@@ -18,10 +18,11 @@ from openai.types import Batch
 
 from router.batch import Batches
 from router.cli import load_config
-from router.config import ConfigError
+from router.config import Config, ConfigError, StaticBackend
 from router.flow import Outcome
 from router.keys import BATCHES, EVENTS
 from router.testing import RunningEngine
+from router.testing.chaos import Fault, MisbehavingBackend
 
 from .conftest import CHAT, RouterUnderTest, StartRouter, config_for
 from .test_multipart import BOUNDARY, content_type
@@ -177,6 +178,84 @@ async def test_a_line_an_engine_fails_is_retried_on_the_other_engine(
     assert done.error_file_id is None and engines[1].state.completed == 10
     await router.settled(10)
     assert any(flow.attempts for flow in router.log.flows.values())
+
+
+async def test_a_line_answered_503_moves_to_the_other_engine_with_one_retry_event(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    engines[0].behaviour.fail_status = 503
+    router: RouterUnderTest = await start_batch_router(batch_concurrency=1)
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, [line(n) for n in range(4)])).id,
+                              finished)
+        assert_answers(await records(client, done.output_file_id), range(4))
+    await router.settled(4)
+    retried = [flow for flow in router.log.flows.values() if flow.attempts]
+    assert retried and len(retried) == engines[0].state.failures_injected
+    for flow in router.log.flows.values():
+        assert flow.backend is not None and flow.backend.url == engines[1].url
+        assert (flow.outcome, flow.status) == (Outcome.OK, 200)
+        expected = ["new", "retry", "response", "complete"] if flow.attempts else \
+            ["new", "response", "complete"]
+        assert router.log.events[flow.id] == expected
+    for flow in retried:
+        [attempt] = flow.attempts
+        assert attempt.backend.url == engines[0].url and attempt.outcome is Outcome.BACKEND_ERROR
+        assert attempt.error.endswith("answered 503")
+
+
+async def test_a_line_whose_backend_breaks_mid_answer_is_an_error_line_not_a_hang(
+    start_router: StartRouter, tmp_path: Path
+) -> None:
+    async with MisbehavingBackend([Fault.SHORT_BODY, Fault.STALL_MID_BODY]) as backend:
+        router = await start_router(Config(
+            static_backends=(StaticBackend(backend.url, (CHAT,)),), read_timeout=0.5,
+            enable_batch_api=True, file_storage_path=str(tmp_path / "files"),
+            batch_concurrency=1,  # one line at a time: line 0 meets the first fault
+        ))
+        async with sdk(router) as client:
+            done = await wait_for(client, (await submit(client, [line(0), line(1)])).id,
+                                  finished, timeout=10)
+            errors = await records(client, done.error_file_id)
+        assert done.status == "completed" and done.output_file_id is None
+        assert {custom_id: (record["response"], record["error"]["code"])
+                for custom_id, record in errors.items()} == {
+            "request-0": (None, "bad_gateway"), "request-1": (None, "gateway_timeout")}
+        assert [served.fault for served in backend.served] == [Fault.SHORT_BODY,
+                                                               Fault.STALL_MID_BODY]
+        await router.settled(2)
+    by_line = {number_of(flow.request_json): flow for flow in router.log.flows.values()}
+    assert (by_line[0].outcome, by_line[0].status) == (Outcome.BACKEND_ERROR, 502)
+    assert (by_line[1].outcome, by_line[1].status) == (Outcome.TIMEOUT, 504)
+    assert all(router.log.events[flow.id] == ["new", "response", "complete"]
+               for flow in by_line.values())
+
+
+async def test_a_line_answered_past_the_json_body_limit_is_an_error_line(
+    start_batch_router: Callable[..., Any]
+) -> None:
+    # A chat answer is some 360 bytes; the batch's own create request still fits.
+    router: RouterUnderTest = await start_batch_router(max_json_body_size=250)
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, [line(0)])).id, finished)
+        errors = await records(client, done.error_file_id)
+    assert errors["request-0"]["response"] is None
+    assert errors["request-0"]["error"]["code"] == "bad_gateway"
+    assert errors["request-0"]["error"]["message"].endswith("answered over 250 bytes")
+    await router.settled(1)  # the backend's connection was closed, not left in the pool
+    assert router.log.only().outcome is Outcome.BACKEND_ERROR
+
+
+async def test_a_line_goes_upstream_with_a_client_requests_headers_and_no_encoding_added(
+    router: RouterUnderTest, client: openai.AsyncOpenAI, engines: list[RunningEngine]
+) -> None:
+    await wait_for(client, (await submit(client, [line(0)])).id, finished)
+    await router.settled(1)
+    [sent] = [engine.state.last_headers for engine in engines if engine.state.last_headers]
+    assert sent["x-request-id"] == router.log.only().id
+    assert sent["Content-Type"] == "application/json"
+    # The router's session passes bytes through undecoded: no Accept-Encoding of aiohttp's.
+    assert "Accept-Encoding" not in sent and "User-Agent" not in sent
 
 
 class InFlight:

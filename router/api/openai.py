@@ -23,9 +23,10 @@ from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
     RATE_LIMITER, REWRITER, UPSTREAM_AUTH,
 )
+from router.lifecycle import Lifecycle
 from router.multipart import read_multipart_request
 from router.plugins import RequestRewriter
-from router.proxy import Failover, Lifecycle, forward, upstream_headers
+from router.proxy import Failover, forward, upstream_headers
 
 __all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
 

@@ -28,10 +28,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -41,19 +39,14 @@ from router.batch.files import (
     Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
     write_atomically,
 )
-from router.errors import BadRequest, InternalError, RouterError, TooManyRequests, UpstreamError
-from router.events import RequestEvents
-from router.flow import Attempt, Outcome, RequestFlow
+from router.errors import BadRequest, RouterError, TooManyRequests
+from router.flow import RequestFlow
 from router.inbound import InboundRequest, resolve_model
 from router.keys import (
     ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, REWRITER, UPSTREAM_AUTH,
 )
-from router.metrics import TAIL_BYTES
-from router.plugins import MAX_BODY
-from router.proxy import (
-    RETRIED_OUTCOMES, RETRIED_STATUSES, BackendStatus, Failover, backend_headers,
-    backend_timeout, prefill, same_again, upstream_error, upstream_headers,
-)
+from router.lifecycle import Lifecycle
+from router.proxy import Collector, Failover, forward, upstream_headers
 
 __all__ = ["Batch", "Batches", "ENDPOINTS"]
 
@@ -227,46 +220,6 @@ class LineResult:
                    error={"code": "internal_error", "message": f"the router failed: {error!r}"})
 
 
-class LineLifecycle:
-    """`router.proxy.Lifecycle` for a line, which has no client to answer: `on_new` on entry
-    (or at once for a line that ends before routing), then exactly one `on_complete`, with
-    the outcome its exception (if any) gives."""
-
-    def __init__(self, events: RequestEvents, flow: RequestFlow) -> None:
-        self.events = events
-        self.flow = flow
-        self.error: RouterError | None = None
-
-    async def __aenter__(self) -> LineLifecycle:
-        self.events.on_new(self.flow)
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool:
-        flow, suppress = self.flow, isinstance(exc, Exception)
-        if exc is None:
-            flow.outcome = flow.outcome or Outcome.OK
-        elif isinstance(exc, RouterError):
-            flow.outcome, flow.status, flow.error = exc.outcome, exc.status, exc.message
-            self.error = exc
-        elif isinstance(exc, Exception):
-            log.error("batch line %s failed in the router", flow.id, exc_info=exc)
-            self.error = InternalError("the router failed to handle the line")
-            flow.outcome, flow.status, flow.error = Outcome.ROUTER_ERROR, 500, repr(exc)
-        else:  # cancelled: the batch was, or the router stops
-            flow.outcome = Outcome.CANCELLED
-        flow.t_end = time.monotonic()
-        self.events.on_complete(flow)
-        return suppress
-
-    def end_unrouted(self, outcome: Outcome, status: int, error: str | None) -> None:
-        flow = self.flow
-        flow.outcome, flow.status, flow.error = outcome, status, error
-        self.events.on_new(flow)
-        flow.t_end = time.monotonic()
-        self.events.on_complete(flow)
-
-
 async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
     """Send `body` to `endpoint` as if a client had: admission, the rewriter, plugins, the
     routing policy with failover and the request events all apply; the answer is read whole."""
@@ -293,7 +246,7 @@ async def admit(admission: Admission) -> None:
 
 
 async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> LineResult:
-    lifecycle = LineLifecycle(app[EVENTS], flow)
+    lifecycle = Lifecycle(None, app[EVENTS], flow)
     chooser = app[CHOOSER]
     try:
         inbound = line_request(app, flow, body)
@@ -306,11 +259,10 @@ async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
         lifecycle.end_unrouted(error.outcome, error.status, error.message)
         return LineResult.failure(flow.id, error)
     if answer is not None:  # a plugin answered the line itself
-        status = answer.status
-        lifecycle.end_unrouted(Outcome.OK if status < 400 else Outcome.REJECTED, status,
-                               None if status < 400 else "answered by a plugin")
+        lifecycle.answered(answer)
         raw = answer.body if isinstance(answer, web.Response) else None
-        return LineResult(flow.id, status, parse_body(raw if isinstance(raw, bytes) else b""))
+        return LineResult(flow.id, answer.status,
+                          parse_body(raw if isinstance(raw, bytes) else b""))
     config = app[CONFIG]
     failover = Failover(
         lambda tried: chooser.choose_next(inbound, tried),
@@ -319,18 +271,17 @@ async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
         config.retry_backoff,
     )
     headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
-    raw = b""
+    collected = Collector(config.max_json_body_size)
     async with lifecycle:
-        raw = await forward_whole(flow, inbound, app[CLIENT_SESSION], lifecycle.events, headers,
-                                  failover, config.max_json_body_size)
+        await forward(collected, flow, inbound, app[CLIENT_SESSION], lifecycle, flow.endpoint,
+                      headers, failover)
     if lifecycle.error is not None:
         return LineResult.failure(flow.id, lifecycle.error)
     plugins = app[PLUGINS]
-    if plugins is not None and flow.keep_body and len(raw) <= MAX_BODY:
-        flow.response_body = raw
-        plugins.post_request(flow, raw)
-    assert flow.status is not None
-    return LineResult(flow.id, flow.status, parse_body(raw))
+    if plugins is not None and flow.response_body is not None:
+        plugins.post_request(flow, flow.response_body)
+    assert collected.status is not None
+    return LineResult(flow.id, collected.status, parse_body(collected.body))
 
 
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
@@ -345,79 +296,6 @@ def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
     raw = json.dumps(body).encode()
     flow.request_json, flow.request_body = body, raw
     return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
-
-
-async def forward_whole(
-    flow: RequestFlow,
-    inbound: InboundRequest,
-    session: aiohttp.ClientSession,
-    events: RequestEvents,
-    headers: CIMultiDict[str],
-    failover: Failover,
-    limit: int,
-) -> bytes:
-    """`router.proxy.forward` for a line: the same failover, the answer read whole. An answer
-    that failed once it had started is not retried, as for a client."""
-    if flow.prefill_backend is not None:
-        await prefill(flow, inbound, session, flow.endpoint, headers)
-    while True:
-        assert flow.backend is not None
-        tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
-        retry_status = (len(flow.attempts) < failover.max_retries
-                        and failover.alternatives(tried))
-        try:
-            return await fetch(flow, inbound, session, events, headers, retry_status, limit)
-        except RouterError as error:
-            if (error.outcome not in RETRIED_OUTCOMES or flow.t_headers is not None
-                    or len(flow.attempts) >= failover.max_retries):
-                raise
-            backend = failover.reroute(tried) or same_again(flow)
-            if backend is None:
-                raise
-            flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
-            log.warning("batch line %s: %s; retrying on backend %s (attempt %d)",
-                        flow.id, error.message, backend.id, len(flow.attempts) + 1)
-            flow.backend = backend
-            events.on_retry(flow)
-            await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
-
-
-async def fetch(
-    flow: RequestFlow,
-    inbound: InboundRequest,
-    session: aiohttp.ClientSession,
-    events: RequestEvents,
-    headers: CIMultiDict[str],
-    retry_status: bool,
-    limit: int,
-) -> bytes:
-    """One attempt on `flow.backend`: its whole answer (`router.proxy.exchange` without a
-    client); with `retry_status`, a 502/503/504 raises `BackendStatus` for a retry."""
-    backend = flow.backend
-    assert backend is not None
-    chunks: list[bytes] = []
-    try:
-        async with session.post(
-            backend.url + flow.endpoint, data=inbound.body,
-            headers=backend_headers(headers, backend), timeout=backend_timeout(session, backend),
-            allow_redirects=False,
-        ) as upstream:
-            if retry_status and upstream.status in RETRIED_STATUSES:
-                raise BackendStatus(upstream.status, backend.id)
-            flow.t_headers, flow.status = time.monotonic(), upstream.status
-            async for chunk in upstream.content.iter_any():
-                if flow.t_first_byte is None:
-                    flow.t_first_byte = time.monotonic()
-                    events.on_response(flow)
-                flow.bytes_down += len(chunk)
-                if flow.bytes_down > limit:
-                    raise UpstreamError(f"backend {backend.id} answered over {limit} bytes")
-                chunks.append(chunk)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        raise upstream_error(error, backend.id, inbound) from error
-    answer = b"".join(chunks)
-    flow.tail = answer[-TAIL_BYTES:]
-    return answer
 
 
 def parse_body(raw: bytes) -> object:
