@@ -15,7 +15,7 @@ from router.backends import parse_url
 from router.config import Config, ConfigError, StaticBackend, parse_size
 from router.config_file import file_tokens, read_config_file
 from router.discovery.external import load_external_providers, merge_aliases
-from router.discovery.kubernetes import K8sSettings, in_cluster_api_server
+from router.discovery.kubernetes import DISCOVERY_TYPES, K8sSettings, in_cluster_api_server
 from router.health import MODEL_TYPES
 from router.plugins import find_class
 from router.policies import POLICIES
@@ -206,10 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--k8s-namespace", default=None,
         help="namespace of the engine pods (default: the router pod's own)")
     add("--k8s-label-selector", default="",
-        help="label selector of the engine pods, e.g. app=vllm")
+        help="label selector of the engine pods (or services), e.g. app=vllm")
     add("--k8s-port", type=port_number, default=8000,
         help="engine port on the pods (default 8000; a pod annotation "
-             "router.vllm.ai/port overrides it)")
+             "router.vllm.ai/port overrides it); services: when they expose it")
+    add("--k8s-service-discovery-type", choices=list(DISCOVERY_TYPES), default="pod-ip",
+        help="what to watch: pod-ip (pods, routed at POD_IP:PORT) or service-name (services, "
+             "routed at http://NAME:PORT through the cluster DNS) (default pod-ip)")
     add("--k8s-kubeconfig", default=None,
         help="kubeconfig to use outside a cluster (default $KUBECONFIG)")
 
@@ -370,7 +373,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         try:
             k8s = K8sSettings(
                 namespace=args.k8s_namespace, label_selector=args.k8s_label_selector,
-                port=args.k8s_port,
+                port=args.k8s_port, discovery_type=args.k8s_service_discovery_type,
                 kubeconfig=args.k8s_kubeconfig or os.environ.get("KUBECONFIG") or None,
                 api_server=in_cluster_api_server(os.environ),
                 engine_api_key=args.backend_api_key or os.environ.get("VLLM_API_KEY") or None,

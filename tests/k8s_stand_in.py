@@ -1,19 +1,22 @@
-"""A Kubernetes API server stand-in for the pods of one namespace, on loopback.
+"""A Kubernetes API server stand-in for the pods and services of one namespace, on loopback.
 
-It speaks the wire format the real one does for `GET /api/v1/namespaces/{ns}/pods`:
+It speaks the wire format the real one does for `GET /api/v1/namespaces/{ns}/pods` and
+`.../services`, the same for both:
 
-- LIST: a `PodList` (`metadata.resourceVersion`, `items`), paged with `limit`/`continue`.
+- LIST: a `PodList` or `ServiceList` (`metadata.resourceVersion`, `items`), paged with
+  `limit`/`continue`.
 - WATCH (`?watch=1&resourceVersion=N`): a chunked `200` with one JSON event a line
   (`{"type": "ADDED"|"MODIFIED"|"DELETED"|"BOOKMARK"|"ERROR", "object": ...}`), replaying the
   history after N, ended cleanly after `timeoutSeconds`. A resourceVersion older than the
   compacted history gets an `ERROR` event with a `410` Status (what the real server sends), or
   with `gone_as_http_status` an HTTP 410.
-- Label selectors (equality: `a=b`, `a==b`, `a!=b`, `a`); a pod that stops matching the selector
-  is sent as DELETED, one that starts matching as ADDED, as the real watch cache does.
+- Label selectors (equality: `a=b`, `a==b`, `a!=b`, `a`); an object that stops matching the
+  selector is sent as DELETED, one that starts matching as ADDED, as the real watch cache does.
+- One resourceVersion sequence for every resource (etcd's revision), as on the real server.
 - A bearer token check (401 with a Status), or TLS with client certificates.
 
-Tests steer it: change pods, send bookmarks, compact the history, end or break the open watches,
-hold new watches at a gate, inject raw lines.
+Tests steer it: change pods or services (`resource="services"`), send bookmarks, compact the
+history, end or break the open watches, hold new watches at a gate, inject raw lines.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from typing import Any
 from aiohttp import web
 
 Pod = dict[str, Any]
+Service = dict[str, Any]
 
 PORT_ANNOTATION = "router.vllm.ai/port"
+RESOURCES = {"pods": "Pod", "services": "Service"}
+"""The resources served, with the kind of their objects."""
 
 
 def make_pod(
@@ -78,6 +84,38 @@ def make_pod(
     }
 
 
+def make_service(
+    name: str,
+    *,
+    port: int = 8000,
+    ports: list[dict[str, Any]] | None = None,
+    cluster_ip: str = "10.96.0.10",
+    labels: dict[str, str] | None = None,
+    selector: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> Service:
+    """A Service object as the API server returns it: one TCP port `http` unless `ports`."""
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "",
+            "uid": str(uuid.uuid4()),
+            "labels": {"app": "vllm", **(labels or {})},
+            "annotations": dict(annotations or {}),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "selector": selector if selector is not None else {"app": "vllm"},
+            "ports": ports if ports is not None else [
+                {"name": "http", "protocol": "TCP", "port": port, "targetPort": port}],
+        },
+        "status": {"loadBalancer": {}},
+    }
+
+
 def set_ready(pod: Pod, ready: bool) -> None:
     for condition in pod["status"]["conditions"]:
         if condition["type"] in ("Ready", "ContainersReady"):
@@ -94,11 +132,13 @@ class Seen:
     status: int
     at: float = field(default_factory=time.monotonic)
     authorization: str | None = None
+    resource: str = "pods"
 
 
 @dataclass
 class _Event:
     version: int
+    resource: str
     type: str
     new: Pod | None
     old: Pod | None
@@ -109,7 +149,8 @@ _BREAK = object()
 
 
 class _Watcher:
-    def __init__(self, selector: str, bookmarks: bool) -> None:
+    def __init__(self, resource: str, selector: str, bookmarks: bool) -> None:
+        self.resource = resource
         self.selector = selector
         self.bookmarks = bookmarks
         self.queue: asyncio.Queue[object] = asyncio.Queue()
@@ -153,7 +194,7 @@ def _line(obj: Any) -> bytes:
 
 
 class ApiServerStandIn:
-    """The pods of `namespace`, served over the real list/watch protocol."""
+    """The pods and services of `namespace`, served over the real list/watch protocol."""
 
     def __init__(self, namespace: str = "llm", token: str | None = "good-token",
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -161,7 +202,8 @@ class ApiServerStandIn:
         self.token = token
         """The bearer token required; None: no token check (e.g. client certificates)."""
         self.ssl_context = ssl_context
-        self.pods: dict[str, Pod] = {}
+        self.objects: dict[str, dict[str, Pod]] = {resource: {} for resource in RESOURCES}
+        """Per resource (`pods`, `services`), the objects by name."""
         self.version = 1000
         self.history: list[_Event] = []
         self.oldest = self.version
@@ -184,7 +226,8 @@ class ApiServerStandIn:
 
     async def start(self) -> str:
         app = web.Application()
-        app.router.add_get("/api/v1/namespaces/{namespace}/pods", self._pods_handler)
+        app.router.add_get("/api/v1/namespaces/{namespace}/{resource:pods|services}",
+                           self._handler)
         # handler_cancellation: a watch whose client went away ends, as on a real server.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1,
                                      handler_cancellation=True)
@@ -204,36 +247,47 @@ class ApiServerStandIn:
 
     # ------------------------------------------------------------------ steering
 
-    def _record(self, kind: str, new: Pod | None, old: Pod | None, deliver: bool = True) -> None:
+    @property
+    def pods(self) -> dict[str, Pod]:
+        return self.objects["pods"]
+
+    @property
+    def services(self) -> dict[str, Service]:
+        return self.objects["services"]
+
+    def _record(self, resource: str, kind: str, new: Pod | None, old: Pod | None,
+                deliver: bool = True) -> None:
         self.version += 1
         if new is not None:
             new["metadata"]["resourceVersion"] = str(self.version)
-        event = _Event(self.version, kind, copy.deepcopy(new), copy.deepcopy(old))
+        event = _Event(self.version, resource, kind, copy.deepcopy(new), copy.deepcopy(old))
         self.history.append(event)
         for watcher in self._watchers if deliver else ():
-            line = self._event_line(event, watcher.selector)
+            line = self._event_line(event, watcher)
             if line is not None:
                 watcher.queue.put_nowait(line)
 
-    def add(self, pod: Pod) -> None:
-        name = pod["metadata"]["name"]
-        assert name not in self.pods, name
-        pod["metadata"]["namespace"] = self.namespace
-        self.pods[name] = pod
-        self._record("ADDED", pod, None)
+    def add(self, obj: Pod, resource: str = "pods") -> None:
+        name = obj["metadata"]["name"]
+        assert name not in self.objects[resource], name
+        obj["metadata"]["namespace"] = self.namespace
+        self.objects[resource][name] = obj
+        self._record(resource, "ADDED", obj, None)
 
-    def change(self, name: str, mutate: Callable[[Pod], None], deliver: bool = True) -> None:
-        """Change a pod; `deliver=False` loses the event on its way to the open watches."""
-        old = copy.deepcopy(self.pods[name])
-        mutate(self.pods[name])
-        self._record("MODIFIED", self.pods[name], old, deliver)
+    def change(self, name: str, mutate: Callable[[Pod], None], deliver: bool = True,
+               resource: str = "pods") -> None:
+        """Change an object; `deliver=False` loses the event on its way to the open watches."""
+        objects = self.objects[resource]
+        old = copy.deepcopy(objects[name])
+        mutate(objects[name])
+        self._record(resource, "MODIFIED", objects[name], old, deliver)
 
-    def delete(self, name: str, deliver: bool = True) -> None:
-        old = self.pods.pop(name)
-        self._record("DELETED", old, old, deliver)
+    def delete(self, name: str, deliver: bool = True, resource: str = "pods") -> None:
+        old = self.objects[resource].pop(name)
+        self._record(resource, "DELETED", old, old, deliver)
 
     def bump(self) -> None:
-        """A change elsewhere (a pod the selector does not match): only the version moves."""
+        """A change elsewhere (an object the selector does not match): only the version moves."""
         self.version += 1
 
     def bookmark(self) -> None:
@@ -241,7 +295,7 @@ class ApiServerStandIn:
             if watcher.bookmarks:
                 watcher.queue.put_nowait(_line({
                     "type": "BOOKMARK",
-                    "object": {"kind": "Pod", "apiVersion": "v1",
+                    "object": {"kind": RESOURCES[watcher.resource], "apiVersion": "v1",
                                "metadata": {"resourceVersion": str(self.version)}},
                 }))
 
@@ -275,12 +329,17 @@ class ApiServerStandIn:
     def open_watches(self) -> int:
         return len(self._watchers)
 
-    def seen(self, kind: str) -> list[Seen]:
-        return [request for request in self.requests if request.kind == kind]
+    def seen(self, kind: str, resource: str | None = None) -> list[Seen]:
+        """The `list` or `watch` requests answered, of one resource or of all."""
+        return [request for request in self.requests if request.kind == kind
+                and resource in (None, request.resource)]
 
     # ------------------------------------------------------------------ protocol
 
-    def _event_line(self, event: _Event, selector: str) -> bytes | None:
+    def _event_line(self, event: _Event, watcher: _Watcher) -> bytes | None:
+        if event.resource != watcher.resource:
+            return None
+        selector = watcher.selector
         now, before = matches(event.new, selector), matches(event.old, selector)
         if event.type == "DELETED":
             return _line({"type": "DELETED", "object": event.new}) if before else None
@@ -296,52 +355,58 @@ class ApiServerStandIn:
         return _line({"type": "ERROR", "object": _status(
             410, "Expired", f"too old resource version: {self.oldest - 1} ({self.oldest})")})
 
-    async def _pods_handler(self, request: web.Request) -> web.StreamResponse:
+    async def _handler(self, request: web.Request) -> web.StreamResponse:
         params = dict(request.query)
         watch = params.get("watch") in ("1", "true")
         kind = "watch" if watch else "list"
+        resource = request.match_info["resource"]
         authorization = request.headers.get("Authorization")
+
+        def seen(status: int) -> None:
+            self.requests.append(Seen(kind, params, status, authorization=authorization,
+                                      resource=resource))
+
         if self.token is not None and authorization != f"Bearer {self.token}":
-            self.requests.append(Seen(kind, params, 401, authorization=authorization))
+            seen(401)
             return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
         if request.match_info["namespace"] != self.namespace:
-            self.requests.append(Seen(kind, params, 404, authorization=authorization))
+            seen(404)
             return web.json_response(_status(404, "NotFound", "namespace not found"),
                                      status=404)
         if watch:
-            return await self._watch(request, params, authorization)
+            return await self._watch(request, params, resource, seen)
         if self.list_status is not None:
-            self.requests.append(Seen(kind, params, self.list_status,
-                                      authorization=authorization))
+            seen(self.list_status)
             return web.json_response(
                 _status(self.list_status, "InternalError", "etcd is unhappy"),
                 status=self.list_status)
-        self.requests.append(Seen(kind, params, 200, authorization=authorization))
-        return self._list(params)
+        seen(200)
+        return self._list(params, resource)
 
-    def _list(self, params: dict[str, str]) -> web.Response:
+    def _list(self, params: dict[str, str], resource: str) -> web.Response:
         selector = params.get("labelSelector", "")
-        selected = [pod for name, pod in sorted(self.pods.items()) if matches(pod, selector)]
+        selected = [obj for name, obj in sorted(self.objects[resource].items())
+                    if matches(obj, selector)]
         start = int(params.get("continue") or 0)
         limit = int(params.get("limit") or 0) or len(selected) or 1
         page = selected[start:start + limit]
         metadata: dict[str, Any] = {"resourceVersion": str(self.version)}
         if start + limit < len(selected):
             metadata["continue"] = str(start + limit)
-        body = {"kind": "PodList", "apiVersion": "v1", "metadata": metadata,
+        body = {"kind": RESOURCES[resource] + "List", "apiVersion": "v1", "metadata": metadata,
                 "items": copy.deepcopy(page)}
         return web.json_response(body)
 
-    async def _watch(self, request: web.Request, params: dict[str, str],
-                     authorization: str | None) -> web.StreamResponse:
+    async def _watch(self, request: web.Request, params: dict[str, str], resource: str,
+                     seen: Callable[[int], None]) -> web.StreamResponse:
         await self.watch_gate.wait()
         version = int(params.get("resourceVersion") or self.version)
         gone = self.always_gone or version < self.oldest
         if gone and self.gone_as_http_status:
-            self.requests.append(Seen("watch", params, 410, authorization=authorization))
+            seen(410)
             return web.json_response(_status(410, "Gone", "too old resource version"),
                                      status=410)
-        self.requests.append(Seen("watch", params, 200, authorization=authorization))
+        seen(200)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -349,12 +414,12 @@ class ApiServerStandIn:
             await response.write(self._gone_line())
             await response.write_eof()
             return response
-        selector = params.get("labelSelector", "")
-        watcher = _Watcher(selector, params.get("allowWatchBookmarks") == "true")
+        watcher = _Watcher(resource, params.get("labelSelector", ""),
+                           params.get("allowWatchBookmarks") == "true")
         # Replay and register with no await between: no event falls in the gap.
         for event in self.history:
             if event.version > version:
-                line = self._event_line(event, selector)
+                line = self._event_line(event, watcher)
                 if line is not None:
                     watcher.queue.put_nowait(line)
         if self.end_watches_at_once:

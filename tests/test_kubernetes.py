@@ -1,8 +1,13 @@
 """Kubernetes discovery against an API server stand-in (tests/k8s_stand_in.py) on loopback,
-with fake vLLM engines as the pods' targets.
+with fake vLLM engines as the pods' and services' targets.
 
 Every pod has IP 127.0.0.1; its engine port comes from the `router.vllm.ai/port` annotation,
-the per-pod override a real fleet can use too (so no test depends on `--k8s-port` alone)."""
+the per-pod override a real fleet can use too (so no test depends on `--k8s-port` alone).
+
+Services (`--k8s-service-discovery-type service-name`) are reached by name: in the router's own
+namespace at `http://NAME:PORT`, as the pod's DNS search path resolves it. The one name that
+resolves to loopback here without a cluster DNS is `localhost`, so the service-mode tests route
+through a service named `localhost`: real name resolution, no stand-in resolver."""
 
 from __future__ import annotations
 
@@ -10,10 +15,14 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +43,11 @@ from router.discovery.kubernetes import (
     in_cluster_api_server,
     kubernetes_discovery,
     load_access,
-    pod_target,
 )
 from router.testing import RunningEngine, start_engine
-from router.testing.processes import free_port
-from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, set_ready
+from router.cli import parse_config
+from router.testing.processes import free_port, wait_until_healthy
+from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready
 
 NAMESPACE = "llm"
 SELECTOR = "app=vllm"
@@ -124,7 +133,8 @@ async def start(session: aiohttp.ClientSession) -> AsyncIterator[Start]:
 
     async def start(api: ApiServerStandIn, config: K8sSettings | None = None,
                     access: K8sAccess | None = None) -> Running:
-        access = access or K8sAccess(server=api.url, namespace=NAMESPACE, token=api.token)
+        access = access or K8sAccess(server=api.url, namespace=NAMESPACE, token=api.token,
+                                     home_namespace=NAMESPACE)
         pool = BackendPool()
         discovery = KubernetesDiscovery(pool, config or settings(), access, session)
         run = Running(discovery, pool, asyncio.create_task(discovery.run()))
@@ -442,6 +452,224 @@ async def test_api_server_gone_keeps_the_last_known_backends(
     assert not run.task.done()
 
 
+# --------------------------------------------------------------------------- service-name
+
+
+SERVICE = "localhost"
+"""A service name that resolves to 127.0.0.1 here (see the module docstring)."""
+
+
+def services(**overrides: Any) -> K8sSettings:
+    return settings(discovery_type="service-name", **overrides)
+
+
+async def test_service_that_appears_is_routed_by_name_and_leaves_when_deleted(
+    api: ApiServerStandIn, start: Start, llama: RunningEngine, caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = port_of(llama)
+    url = f"http://localhost:{port}"
+    api.add(make_pod("vllm-0", port=port))  # pods are not what this mode watches
+    api.add(make_service("gateway", port=port, labels={"app": "gateway"}), resource="services")
+    run = await start(api, services())
+    await eventually(lambda: api.open_watches == 1)
+    assert run.pool.backends == ()
+
+    api.add(make_service(SERVICE, port=port), resource="services")
+    await eventually(lambda: routed(run.pool) == {url: LLAMA})
+    assert "services=1 routable=1 backends=1" in repr(run.discovery)
+    [listed] = api.seen("list")
+    [watch] = api.seen("watch")
+    assert (listed.resource, watch.resource) == ("services", "services")
+    assert listed.params["labelSelector"] == watch.params["labelSelector"] == SELECTOR
+    assert watch.params["allowWatchBookmarks"] == "true"
+
+    api.delete(SERVICE, resource="services")
+    await eventually(lambda: run.pool.backends == (), timeout=1.0)
+    assert f"backend {url} removed (service localhost)" in messages(caplog)
+    assert len(api.seen("list")) == 1
+
+
+@pytest.mark.parametrize("gone_as", ["error_event", "http_status"])
+async def test_410_relists_services_and_drops_the_one_whose_deletion_was_missed(
+    gone_as: str, api: ApiServerStandIn, start: Start, llama: RunningEngine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api.gone_as_http_status = gone_as == "http_status"
+    api.add(make_service(SERVICE, port=port_of(llama)), resource="services")
+    run = await start(api, services())
+    await eventually(lambda: len(run.pool.backends) == 1 and api.open_watches == 1)
+
+    api.watch_gate.clear()
+    api.end_watches()
+    await eventually(lambda: api.open_watches == 0)
+    api.delete(SERVICE, resource="services")
+    api.compact()  # the DELETED event is gone from the history the next watch would replay
+    await asyncio.sleep(0.1)
+    assert len(run.pool.backends) == 1
+    api.watch_gate.set()
+
+    await eventually(lambda: run.pool.backends == ())
+    assert len(api.seen("list", "services")) == 2
+    statuses = [seen.status for seen in api.seen("watch", "services")]
+    assert statuses[:2] == [200, 410 if gone_as == "http_status" else 200]
+    assert api.seen("list", "pods") == api.seen("watch", "pods") == []
+    assert "service localhost is gone (not in the new service list)" in messages(caplog)
+    await eventually(lambda: api.open_watches == 1)
+
+
+async def test_service_watch_resumes_from_a_bookmark_without_a_relist(
+    api: ApiServerStandIn, start: Start, llama: RunningEngine,
+) -> None:
+    api.add(make_service(SERVICE, port=port_of(llama)), resource="services")
+    run = await start(api, services())
+    await eventually(lambda: len(run.pool.backends) == 1 and api.open_watches == 1)
+
+    for _ in range(3):
+        api.bump()
+    api.bookmark()
+    await eventually(lambda: run.discovery.resource_version == str(api.version))
+    api.compact()
+    api.end_watches()
+
+    await eventually(lambda: len(api.seen("watch")) == 2 and api.open_watches == 1)
+    assert api.seen("watch")[-1].params["resourceVersion"] == str(api.version)
+    assert len(api.seen("list")) == 1
+
+
+async def test_services_outside_the_router_s_namespace_get_qualified_names(
+    api: ApiServerStandIn, session: aiohttp.ClientSession,
+) -> None:
+    def engine_urls(config: K8sSettings, home: str | None) -> str:
+        access = K8sAccess(server=api.url, namespace=NAMESPACE, home_namespace=home)
+        return KubernetesDiscovery(BackendPool(), config, access, session).engine_urls
+
+    assert engine_urls(services(), NAMESPACE) == "http://NAME:PORT"
+    assert engine_urls(services(), "router") == "http://NAME.llm.svc:PORT"
+    assert engine_urls(services(), None) == "http://NAME.llm.svc:PORT"
+    assert engine_urls(settings(port=8000), "router") == "http://POD_IP:8000"
+
+
+def test_pod_ip_is_the_default_discovery_type() -> None:
+    flags = ["--service-discovery", "k8s", "--k8s-kubeconfig", "/nowhere"]
+    default = parse_config(flags).k8s
+    assert default is not None and default.discovery_type == "pod-ip"
+    chosen = parse_config([*flags, "--k8s-service-discovery-type", "service-name"]).k8s
+    assert chosen is not None and chosen.discovery_type == "service-name"
+    with pytest.raises(SystemExit):
+        parse_config([*flags, "--k8s-service-discovery-type", "endpoints"])
+
+
+# --------------------------------------------------------------------------- the real router
+
+
+@asynccontextmanager
+async def router_process(api: ApiServerStandIn, tmp_path: Path,
+                         *flags: str) -> AsyncIterator[str]:
+    """`python -m router` with Kubernetes discovery through a kubeconfig naming the stand-in."""
+    kubeconfig = tmp_path / "kubeconfig.json"
+    kubeconfig.write_text(json.dumps(_kubeconfig(api.url, {"token": "good-token"})))
+    environ = {key: value for key, value in os.environ.items()
+               if not key.startswith("KUBERNETES_") and key != "KUBECONFIG"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "router.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port),
+            "--service-discovery", "k8s", "--k8s-kubeconfig", str(kubeconfig),
+            "--k8s-label-selector", SELECTOR, "--no-access-log", *flags,
+            stdout=asyncio.subprocess.DEVNULL, stderr=stderr, env=environ,
+        )
+    try:
+        async with aiohttp.ClientSession() as client:
+            await wait_until_healthy(client, url, process)
+        yield url
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+async def backends(client: aiohttp.ClientSession, url: str) -> list[str]:
+    async with client.get(url + "/engines") as response:
+        assert response.status == 200
+        listing = await response.json()
+    return sorted(engine["url"] for engine in listing["engines"])
+
+
+async def _lists(client: aiohttp.ClientSession, url: str, expected: list[str]) -> bool:
+    return await backends(client, url) == expected
+
+
+async def chat(client: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with client.post(url + "/v1/chat/completions", json={
+        "model": LLAMA[0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+    }) as response:
+        return response.status, await response.json()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+MODES = {
+    # flags, the resource watched, the object that makes `engine` a backend and its host
+    "pod-ip-by-default": ((), "pods", lambda port: make_pod("vllm-0", port=port), "127.0.0.1"),
+    "service-name": (("--k8s-service-discovery-type", "service-name"), "services",
+                     lambda port: make_service(SERVICE, port=port), "localhost"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+async def test_router_routes_chat_to_what_it_discovers_and_drops_it_on_delete_and_on_410(
+    mode: str, api: ApiServerStandIn, llama: RunningEngine, tmp_path: Path,
+) -> None:
+    flags, resource, make, host = MODES[mode]
+    port = port_of(llama)
+    engine = f"http://{host}:{port}"
+    async with router_process(api, tmp_path, *flags) as url, \
+            aiohttp.ClientSession() as client:
+        await eventually(lambda: api.open_watches == 1, timeout=10.0)
+
+        # It appears while the router watches: a real chat request reaches its engine.
+        obj = make(port)
+        name = obj["metadata"]["name"]
+        api.add(obj, resource=resource)
+        await until(lambda: _lists(client, url, [engine]))
+        status, reply = await chat(client, url)
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"]
+        assert llama.state.completed == 1
+        assert llama.state.last_headers is not None
+        assert llama.state.last_headers["Host"] == f"{host}:{port}"
+
+        # Deleted: it leaves the pool, and the model with it.
+        api.delete(name, resource=resource)
+        await until(lambda: _lists(client, url, []))
+        status, reply = await chat(client, url)
+        assert status == 404, reply
+
+        # Back, then deleted while the event is lost; the 410 that follows makes the router
+        # list again, and the list no longer holds it.
+        api.add(make(port), resource=resource)
+        await until(lambda: _lists(client, url, [engine]))
+        api.delete(name, deliver=False, resource=resource)
+        await asyncio.sleep(0.1)
+        assert await backends(client, url) == [engine]
+        api.expire_watches()
+        await until(lambda: _lists(client, url, []))
+
+    assert len(api.seen("list")) == 2
+    assert {seen.resource for seen in api.requests} == {resource}
+
+
 # --------------------------------------------------------------------------- backoff
 
 
@@ -608,6 +836,31 @@ async def test_kubeconfig_json_gives_server_token_and_context_namespace(
     assert other.namespace == "elsewhere"
     chosen = await load_access(K8sSettings(kubeconfig=str(path), namespace="mine"))
     assert chosen.namespace == "mine"
+
+
+async def test_the_router_s_own_namespace_is_the_service_account_s_or_the_context_s(
+    tmp_path: Path, api: ApiServerStandIn,
+) -> None:
+    """Where short service names resolve: `service-name` discovery qualifies the others."""
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("good-token")
+    (account / "namespace").write_text("router\n")
+    in_cluster = await load_access(K8sSettings(api_server=api.url, namespace=NAMESPACE,
+                                               service_account_dir=str(account)))
+    assert (in_cluster.namespace, in_cluster.home_namespace) == (NAMESPACE, "router")
+    (account / "namespace").unlink()
+    unknown = await load_access(K8sSettings(api_server=api.url,
+                                            service_account_dir=str(account)))
+    assert (unknown.namespace, unknown.home_namespace) == ("default", None)
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_kubeconfig(api.url, {"token": "good-token"})))
+    chosen = await load_access(K8sSettings(kubeconfig=str(path), namespace="other"))
+    assert (chosen.namespace, chosen.home_namespace) == ("other", NAMESPACE)
+    path.write_text(json.dumps(_kubeconfig(api.url, {"token": "good-token"}, namespace=None)))
+    bare = await load_access(K8sSettings(kubeconfig=str(path)))
+    assert (bare.namespace, bare.home_namespace) == ("default", "default")
 
 
 async def test_kubeconfig_token_file_is_relative_to_the_kubeconfig(
@@ -786,62 +1039,13 @@ async def test_untrusted_api_server_certificate_is_logged_and_retried(
     assert tls_api.requests == []
 
 
-# --------------------------------------------------------------------------- pod rules
-
-
-def _pod(**changes: Any) -> Pod:
-    pod = make_pod("vllm-0", ip="10.1.2.3")
-    for path, value in changes.items():
-        where: Any = pod
-        *parents, leaf = path.split("__")
-        for key in parents:
-            where = where[key]
-        if value is None:
-            where.pop(leaf, None)
-        else:
-            where[leaf] = value
-    return pod
-
-
-@pytest.mark.parametrize(("pod", "url", "reason"), [
-    (_pod(), "http://10.1.2.3:8000", ""),
-    (_pod(status__podIP="fd00::5"), "http://[fd00::5]:8000", ""),
-    (_pod(metadata__annotations={"router.vllm.ai/port": "9000"}), "http://10.1.2.3:9000", ""),
-    (_pod(metadata__annotations={"router.vllm.ai/port": "http"}), None, "bad annotation"),
-    (_pod(metadata__annotations={"router.vllm.ai/port": "70000"}), None, "bad annotation"),
-    (_pod(status__phase="Pending"), None, "phase Pending"),
-    (_pod(status__phase="Succeeded"), None, "phase Succeeded"),
-    (_pod(status__conditions=None), None, "not Ready"),
-    (_pod(status__conditions=[{"type": "Ready", "status": "False"}]), None, "not Ready"),
-    (_pod(status__podIP=None), None, "no pod IP"),
-    (_pod(status__podIP="not-an-ip"), None, "not an IP address"),
-    (_pod(metadata__deletionTimestamp="2026-01-01T00:00:00Z"), None, "terminating"),
-    (_pod(status=None), None, "phase unknown"),
-])
-def test_pod_target_routes_only_running_ready_pods_with_an_ip(
-    pod: Pod, url: str | None, reason: str,
-) -> None:
-    target = pod_target(pod, K8sSettings(port=8000))
-    assert target.name == "vllm-0"
-    assert target.url == url
-    assert reason in target.reason and bool(target.reason) == bool(reason)
-
-
-def test_pod_target_labels_and_scheme() -> None:
-    both = _pod(metadata__labels={"model": "decode"},
-                metadata__annotations={LABELS_ANNOTATION: "prefill, decode,prefill"})
-    assert pod_target(both, K8sSettings()).labels == ("prefill", "decode")
-    assert pod_target(_pod(metadata__labels={"model": "decode"}),
-                      K8sSettings()).labels == ("decode",)
-    assert pod_target(_pod(), K8sSettings(port=8443, scheme="https")).url == \
-        "https://10.1.2.3:8443"
-    with pytest.raises(ValueError, match="metadata.name"):
-        pod_target({"metadata": {}}, K8sSettings())
+# --------------------------------------------------------------------------- settings
 
 
 @pytest.mark.parametrize(("field", "value"), [
     ("port", 0), ("port", 65536), ("scheme", "ftp"), ("namespace", " "), ("models_refresh", 0),
     ("model_fetch_timeout", float("inf")), ("watch_timeout", 0), ("retry_min", -1),
+    ("discovery_type", "endpoints"),
 ])
 def test_settings_refuse_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field.split("_")[0]):

@@ -23,12 +23,14 @@ import yaml
 
 __all__ = [
     "K8sConfigError", "K8sSettings", "K8sAccess", "Token", "SERVICE_ACCOUNT_DIR",
-    "in_cluster_api_server", "load_access", "read_access", "parse_kubeconfig",
+    "DISCOVERY_TYPES", "in_cluster_api_server", "load_access", "read_access", "parse_kubeconfig",
 ]
 
 log = logging.getLogger("router.k8s")
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DISCOVERY_TYPES = ("pod-ip", "service-name")
+"""What discovery watches: pods, routed at their IPs, or services, routed at their DNS names."""
 
 
 class K8sConfigError(ValueError):
@@ -43,9 +45,14 @@ class K8sSettings:
     """None: the router pod's own namespace (service account), else the kubeconfig context's,
     else `default`."""
     label_selector: str = ""
-    """As in `kubectl get pods -l`, e.g. `app=vllm,tier!=canary`; empty selects every pod."""
+    """As in `kubectl get pods -l`, e.g. `app=vllm,tier!=canary`; empty selects every pod (or
+    service)."""
     port: int = 8000
-    """The engine port on each pod (a pod's `router.vllm.ai/port` annotation overrides it)."""
+    """The engine port on each pod (a pod's `router.vllm.ai/port` annotation overrides it); for
+    services, see `router.discovery.k8s_targets`."""
+    discovery_type: str = "pod-ip"
+    """`pod-ip`: watch pods, route to `POD_IP:PORT`; `service-name`: watch services, route to
+    `NAME:PORT` through the cluster's DNS (`DISCOVERY_TYPES`)."""
     scheme: str = "http"
     kubeconfig: str | None = None
     """A kubeconfig path; when set it wins over the in-cluster service account."""
@@ -72,6 +79,9 @@ class K8sSettings:
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"k8s port must be between 1 and 65535, not {self.port}")
+        if self.discovery_type not in DISCOVERY_TYPES:
+            raise ValueError(f"k8s discovery_type must be one of {', '.join(DISCOVERY_TYPES)}, "
+                             f"not {self.discovery_type!r}")
         if self.scheme not in ("http", "https"):
             raise ValueError(f"k8s scheme must be http or https, not {self.scheme!r}")
         if self.namespace is not None and not self.namespace.strip():
@@ -109,6 +119,7 @@ class K8sAccess:
     server: str
     """Base URL without a trailing slash, e.g. `https://10.96.0.1:443`."""
     namespace: str
+    """The namespace watched."""
     ssl: ssl.SSLContext | bool = True
     """For aiohttp's `ssl=`: a context with the cluster CA (and client certificate); False only
     for `insecure-skip-tls-verify`."""
@@ -119,6 +130,9 @@ class K8sAccess:
     """The name to verify the server certificate against (kubeconfig `tls-server-name`)."""
     source: str = ""
     """Where the credentials came from, for log lines."""
+    home_namespace: str | None = None
+    """The router's own namespace, where a service's short name resolves: the service
+    account's, or with a kubeconfig its context's (else `default`); None: unknown."""
 
 
 async def load_access(settings: K8sSettings) -> K8sAccess:
@@ -143,14 +157,16 @@ def _in_cluster(settings: K8sSettings, api_server: str) -> K8sAccess:
     server = api_server.rstrip("/")
     token_path = account / "token"
     token = _read_token(token_path, "the service-account token")
-    namespace = settings.namespace or _read_optional(account / "namespace") or "default"
+    home = _read_optional(account / "namespace")
+    namespace = settings.namespace or home or "default"
     context: ssl.SSLContext | bool = True
     if server.startswith("https://"):
         # Plain http is only for a local proxy (`kubectl proxy`) and tests.
         context = _ssl_context(f"the service-account CA {account / 'ca.crt'}",
                                cafile=str(account / "ca.crt"))
     return K8sAccess(server=server, namespace=namespace, ssl=context, token=token,
-                     token_file=str(token_path), source=f"the service account in {account}")
+                     token_file=str(token_path), source=f"the service account in {account}",
+                     home_namespace=home)
 
 
 def _read_token(path: Path, what: str) -> str:
@@ -252,12 +268,13 @@ def _from_kubeconfig(settings: K8sSettings, kubeconfig: str) -> K8sAccess:
         if (cert_file or cert_data) or (key_file or key_data):
             assert isinstance(context_ssl, ssl.SSLContext)
             _load_client_cert(context_ssl, where, cert_file, cert_data, key_file, key_data)
-    namespace = settings.namespace or context.get("namespace") or "default"
+    home = str(context.get("namespace") or "default")
+    namespace = settings.namespace or home
     hostname = cluster.get("tls-server-name")
     return K8sAccess(
         server=server.rstrip("/"), namespace=str(namespace), ssl=context_ssl,
         token=str(token) if token else None, token_file=token_file,
-        server_hostname=str(hostname) if hostname else None, source=where,
+        server_hostname=str(hostname) if hostname else None, source=where, home_namespace=home,
     )
 
 

@@ -1,26 +1,30 @@
-"""Kubernetes discovery (`--service-discovery k8s`): the engine pods of one namespace that match a
-label selector, found by listing and watching pods through the API server's REST API.
+"""Kubernetes discovery (`--service-discovery k8s`): the engines of one namespace that match a
+label selector, found by listing and watching pods (`--k8s-service-discovery-type pod-ip`, the
+default) or services (`service-name`) through the API server's REST API. One watcher serves both
+kinds; what an object means for routing (its URL, labels, or why it is not routable) is in
+`router.discovery.k8s_targets`.
 
-A pod is a backend while all of these hold: phase `Running`, condition `Ready` is `True`,
-`status.podIP` is set, no `metadata.deletionTimestamp` (Terminating), and its engine has
-answered `GET /v1/models` (so a pod whose model is still loading, or whose models are unknown, is
-not routed). It leaves the pool at once on DELETED, NotReady, a lost IP or a deletion timestamp:
-every change calls `BackendPool.replace` with the full current set.
+A pod is a backend while it is `Running`, `Ready`, has `status.podIP` and is not Terminating; a
+service while it exists and has a port (a Service has no readiness of its own: the router's
+health probes and circuit breaker judge what answers behind it). Either way its engine must have
+answered `GET /v1/models` (so an engine whose model is still loading, or whose models are
+unknown, is not routed), and it leaves the pool at once when the object stops being routable or
+is DELETED: every change calls `BackendPool.replace` with the full current set.
 
-Per pod, two annotations refine what the flags say:
+Per pod or service, two annotations refine what the flags say:
 
-- `router.vllm.ai/port: "8000"`: the engine port of this pod, instead of `--k8s-port`.
+- `router.vllm.ai/port: "8000"`: the engine port, instead of `--k8s-port`.
 - `router.vllm.ai/labels: "prefill"`: the backend's labels (comma-separated), for the
-  disaggregated-prefill policy. Without it, the pod label `model` is the one label, as in
+  disaggregated-prefill policy. Without it, the label `model` is the one label, as in
   production-stack's router (label values cannot hold a list, hence an annotation).
 
-How the pod set stays right (USER-ASKS 7, 8): LIST gives the full set and a `resourceVersion`;
+How the set stays right (USER-ASKS 7, 8): LIST gives the full set and a `resourceVersion`;
 WATCH from there streams ADDED / MODIFIED / DELETED / BOOKMARK / ERROR events, one JSON object
 a line. A watch that the API server ends cleanly (`timeoutSeconds`) is resumed from the last
 resourceVersion, which bookmarks keep fresh. Everything else lists again, because events may
 have been lost: 410 Gone (the resourceVersion was compacted away, as an HTTP status or an ERROR
-event), a broken connection, an undecodable line, any other ERROR. A re-list replaces the pod
-set, so a pod whose DELETED event was missed goes too. Failures back off exponentially with
+event), a broken connection, an undecodable line, any other ERROR. A re-list replaces the set,
+so an object whose DELETED event was missed goes too. Failures back off exponentially with
 jitter; the first 410 re-lists at once. While the API server cannot be reached the last known
 set keeps serving (the health prober still ejects dead engines).
 
@@ -34,15 +38,13 @@ in a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import math
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -52,6 +54,7 @@ from aiohttp import web
 from router import __version__
 from router.backends import Backend, BackendPool
 from router.discovery.k8s_access import (
+    DISCOVERY_TYPES,
     SERVICE_ACCOUNT_DIR,
     K8sAccess,
     K8sConfigError,
@@ -62,21 +65,33 @@ from router.discovery.k8s_access import (
     parse_kubeconfig,
     read_access,
 )
+from router.discovery.k8s_targets import (
+    LABELS_ANNOTATION,
+    MODEL_LABEL,
+    PORT_ANNOTATION,
+    Target,
+    as_mapping,
+    backend_labels,
+    pod_target,
+    service_target,
+)
 
 __all__ = [
     "K8sSettings",
     "K8sAccess",
     "K8sConfigError",
     "KubernetesDiscovery",
-    "PodTarget",
+    "Target",
     "pod_target",
-    "pod_labels",
+    "service_target",
+    "backend_labels",
     "parse_kubeconfig",
     "in_cluster_api_server",
     "load_access",
     "read_access",
     "kubernetes_discovery",
     "SERVICE_ACCOUNT_DIR",
+    "DISCOVERY_TYPES",
     "PORT_ANNOTATION",
     "LABELS_ANNOTATION",
     "MODEL_LABEL",
@@ -84,94 +99,16 @@ __all__ = [
 
 log = logging.getLogger("router.k8s")
 
-PORT_ANNOTATION = "router.vllm.ai/port"
-"""Pod annotation: the engine port of this pod, overriding `K8sSettings.port`."""
-LABELS_ANNOTATION = "router.vllm.ai/labels"
-"""Pod annotation: the backend's labels, comma-separated (e.g. `prefill`)."""
-MODEL_LABEL = "model"
-"""Pod label read as the one backend label when the annotation is absent (production-stack)."""
-
 LIST_PAGE_SIZE = 500
 MAX_EVENT_BYTES = 16 * 1024 * 1024
-"""Longest watch line accepted; aiohttp's `readline` would stop at 128 KiB, which a pod with big
-annotations can pass."""
+"""Longest watch line accepted; aiohttp's `readline` would stop at 128 KiB, which an object with
+big annotations can pass."""
 PARSE_IN_THREAD_BYTES = 256 * 1024
-"""A pod list larger than this is decoded in a thread, so a big fleet does not stall requests."""
+"""A list larger than this is decoded in a thread, so a big fleet does not stall requests."""
 QUICK_END = 1.0
 """A watch that ends cleanly within this many seconds with no event counts as a failure (backoff),
 so an API server or proxy that closes every watch at once cannot cause a hot loop."""
 MAX_CONCURRENT_FETCHES = 16
-
-
-# --------------------------------------------------------------------------- pods
-
-
-@dataclass(frozen=True, slots=True)
-class PodTarget:
-    """What one pod means for routing: its engine URL when routable, else why not."""
-
-    name: str
-    url: str | None
-    reason: str = ""
-    """Why the pod is not routable; empty when it is."""
-    labels: tuple[str, ...] = ()
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def pod_labels(metadata: Mapping[str, Any]) -> tuple[str, ...]:
-    raw = _mapping(metadata.get("annotations")).get(LABELS_ANNOTATION)
-    if isinstance(raw, str):
-        return tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
-    value = _mapping(metadata.get("labels")).get(MODEL_LABEL)
-    return (value,) if isinstance(value, str) and value else ()
-
-
-def pod_target(pod: Mapping[str, Any], settings: K8sSettings) -> PodTarget:
-    """Whether a pod object (from a list or a watch event) is routable, and where.
-
-    Raises ValueError for an object without `metadata.name`."""
-    metadata = _mapping(pod.get("metadata"))
-    status = _mapping(pod.get("status"))
-    name = metadata.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError("a pod object without metadata.name")
-    labels = pod_labels(metadata)
-
-    def not_routable(reason: str) -> PodTarget:
-        return PodTarget(name, None, reason, labels)
-
-    if metadata.get("deletionTimestamp"):
-        return not_routable("terminating (deletionTimestamp is set)")
-    phase = status.get("phase")
-    if phase != "Running":
-        return not_routable(f"phase {phase or 'unknown'}")
-    conditions = status.get("conditions")
-    if not any(
-        isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (conditions if isinstance(conditions, list) else ())
-    ):
-        return not_routable("not Ready")
-    ip = status.get("podIP")
-    if not isinstance(ip, str) or not ip:
-        return not_routable("no pod IP")
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return not_routable(f"pod IP {ip!r} is not an IP address")
-    port = settings.port
-    annotated = _mapping(metadata.get("annotations")).get(PORT_ANNOTATION)
-    if annotated is not None:
-        try:
-            port = int(str(annotated))
-        except ValueError:
-            port = 0
-        if not 1 <= port <= 65535:
-            return not_routable(f"bad annotation {PORT_ANNOTATION}={annotated!r}")
-    host = f"[{address}]" if address.version == 6 else str(address)
-    return PodTarget(name, f"{settings.scheme}://{host}:{port}", "", labels)
 
 
 # --------------------------------------------------------------------------- the watch
@@ -246,7 +183,8 @@ def _short(error: BaseException) -> str:
 
 
 class KubernetesDiscovery:
-    """Keeps `pool` equal to the routable engine pods. Run `run()` as a task; cancel it to stop.
+    """Keeps `pool` equal to the routable engine pods or services (`settings.discovery_type`).
+    Run `run()` as a task; cancel it to stop.
 
     `session` is owned by the caller (see `kubernetes_discovery`) and serves both the API server
     calls and the engines' `/v1/models`."""
@@ -262,20 +200,27 @@ class KubernetesDiscovery:
         """The last resourceVersion seen (list, event or bookmark)."""
         self.synced = asyncio.Event()
         """Set once the first LIST has been applied."""
-        self._pods_url = f"{access.server}/api/v1/namespaces/{quote(self.namespace, safe='')}/pods"
+        self.kind = "service" if settings.discovery_type == "service-name" else "pod"
+        """What is watched, as the API and the log lines name it (plural: `kind + "s"`)."""
+        self._service_namespace = None if access.namespace == access.home_namespace \
+            else access.namespace
+        """For `service_target`: None where short service names resolve (the router's own
+        namespace), else the namespace that qualifies them."""
+        self._url = (f"{access.server}/api/v1/namespaces/{quote(self.namespace, safe='')}/"
+                     f"{self.kind}s")
         self._token = Token(access, settings.token_reload)
-        self._pods: dict[str, PodTarget] = {}
-        """Every pod the selector matches, by name, routable or not."""
+        self._objects: dict[str, Target] = {}
+        """Every pod or service the selector matches, by name, routable or not."""
         self._models: dict[str, tuple[str, ...]] = {}
-        """Models per engine URL, for routable pods whose engine answered."""
+        """Models per engine URL, for routable objects whose engine answered."""
         self._owners: dict[str, str] = {}
-        """The pod whose engine gave `_models[url]`: a new pod on a reused IP asks again."""
+        """The object whose engine gave `_models[url]`: a new pod on a reused IP asks again."""
         self._learning: dict[str, asyncio.Task[None]] = {}
         """Per engine URL whose models are unknown: the task asking until it answers."""
         self._backends: dict[str, Backend] = {}
         """What the pool was last given, by URL."""
         self._names: dict[str, str] = {}
-        """Pod name per published URL, for log lines."""
+        """Pod or service name per published URL, for log lines."""
         self._failures = 0
         self._last_failure = -math.inf
         self._failing = False
@@ -315,8 +260,8 @@ class KubernetesDiscovery:
                 version, events = await self._watch(version)
             except _Gone as gone:
                 delay = self._next_delay(first_free=True)
-                log.info("resourceVersion %s is too old (%s): listing pods again%s",
-                         self.resource_version, gone, _after(delay))
+                log.info("resourceVersion %s is too old (%s): listing %ss again%s",
+                         self.resource_version, gone, self.kind, _after(delay))
                 version = None
             except Exception as error:  # whatever it was, the loop goes on: list again
                 delay = self._next_delay()
@@ -324,10 +269,11 @@ class KubernetesDiscovery:
                 version = None
             else:
                 if events or time.monotonic() - opened >= QUICK_END:
-                    log.debug("the pod watch ended; resuming at resourceVersion %s", version)
+                    log.debug("the %s watch ended; resuming at resourceVersion %s", self.kind,
+                              version)
                     continue
                 delay = self._next_delay()
-                log.warning("the pod watch ended at once; resuming%s", _after(delay))
+                log.warning("the %s watch ended at once; resuming%s", self.kind, _after(delay))
             if delay:
                 await asyncio.sleep(delay)
 
@@ -350,7 +296,7 @@ class KubernetesDiscovery:
         # "Answers again" is worth a line after the API failed us, not after a broken stream.
         self._failing = not isinstance(error, (_WatchBroken, aiohttp.ClientPayloadError))
         self._watching = False
-        where = f"pods in namespace {self.namespace}"
+        where = f"{self.kind}s in namespace {self.namespace}"
         then = f"; listing again{_after(delay)}"
         if isinstance(error, _ApiError) and error.status == 401:
             self._token.expire()
@@ -358,8 +304,9 @@ class KubernetesDiscovery:
                       "%s: check the token%s", self.access.source, error.message, where, then)
         elif isinstance(error, _ApiError) and error.status == 403:
             log.error("the kubernetes API forbids reading %s (HTTP 403: %s): grant get, list "
-                      "and watch on pods to the router's service account (see "
-                      "docs/deploy/kubernetes/rbac.yaml)%s", where, error.message, then)
+                      "and watch on %ss to the router's service account (see "
+                      "docs/deploy/kubernetes/rbac.yaml)%s", where, error.message, self.kind,
+                      then)
         elif isinstance(error, _ApiError):
             log.warning("the kubernetes API answered HTTP %d (%s) when asked for %s%s",
                         error.status, error.message, where, then)
@@ -367,9 +314,9 @@ class KubernetesDiscovery:
             log.error("cannot verify the kubernetes API server %s: %s%s", self.access.server,
                       _short(error), then)
         elif isinstance(error, _WatchBroken):
-            log.warning("the pod watch broke: %s%s", error, then)
+            log.warning("the %s watch broke: %s%s", self.kind, error, then)
         elif isinstance(error, aiohttp.ClientPayloadError):
-            log.warning("the pod watch broke off: %s%s", _short(error), then)
+            log.warning("the %s watch broke off: %s%s", self.kind, _short(error), then)
         elif isinstance(error, TimeoutError):
             log.warning("the kubernetes API at %s did not answer in time%s",
                         self.access.server, then)
@@ -392,12 +339,12 @@ class KubernetesDiscovery:
         return params
 
     async def _list(self) -> str:
-        """LIST the pods (in pages) and make them the pod set; returns the resourceVersion."""
+        """LIST the objects (in pages) and make them the set; returns the resourceVersion."""
         items: list[Any] = []
         params = self._query(limit=str(LIST_PAGE_SIZE))
         while True:
             async with self.session.get(
-                self._pods_url, params=params, headers=await self._headers(),
+                self._url, params=params, headers=await self._headers(),
                 ssl=self.access.ssl, server_hostname=self.access.server_hostname,
                 timeout=self._list_timeout, allow_redirects=False,
             ) as response:
@@ -410,26 +357,26 @@ class KubernetesDiscovery:
                 else:
                     body = json.loads(raw)
             except (ValueError, RecursionError):
-                raise _ApiError(200, "the pod list is not JSON") from None
+                raise _ApiError(200, f"the {self.kind} list is not JSON") from None
             if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-                raise _ApiError(200, "the answer is not a pod list")
+                raise _ApiError(200, f"the answer is not a {self.kind} list")
             items.extend(body["items"])
-            metadata = _mapping(body.get("metadata"))
+            metadata = as_mapping(body.get("metadata"))
             more = metadata.get("continue")
             if not more:
                 break
             params = {**params, "continue": str(more)}
         version = metadata.get("resourceVersion")
         if not isinstance(version, str) or not version:
-            raise _ApiError(200, "the pod list has no metadata.resourceVersion")
+            raise _ApiError(200, f"the {self.kind} list has no metadata.resourceVersion")
         if self._failing:
             log.info("the kubernetes API answers again")
             self._failing = False
         self._replace_all(items)
         self.resource_version = version
-        log.info("listed %d pods in namespace %s (%d routable) at resourceVersion %s",
-                 len(self._pods), self.namespace, sum(1 for p in self._pods.values() if p.url),
-                 version)
+        log.info("listed %d %ss in namespace %s (%d routable) at resourceVersion %s",
+                 len(self._objects), self.kind, self.namespace,
+                 sum(1 for target in self._objects.values() if target.url), version)
         self.synced.set()
         return version
 
@@ -440,15 +387,15 @@ class KubernetesDiscovery:
                              timeoutSeconds=str(self.settings.watch_timeout))
         events = 0
         async with self.session.get(
-            self._pods_url, params=params, headers=await self._headers(),
+            self._url, params=params, headers=await self._headers(),
             ssl=self.access.ssl, server_hostname=self.access.server_hostname,
             timeout=self._watch_client_timeout, allow_redirects=False,
         ) as response:
             if response.status != 200:
                 raise await _api_error(response)
             if not self._watching:
-                log.info("watching pods in namespace %s from resourceVersion %s",
-                         self.namespace, version)
+                log.info("watching %ss in namespace %s from resourceVersion %s",
+                         self.kind, self.namespace, version)
                 self._watching = True
             lines = _Lines(MAX_EVENT_BYTES)
             async for chunk in response.content.iter_any():
@@ -488,76 +435,78 @@ class KubernetesDiscovery:
                 log.warning("skipped a watch event of unknown type %r", kind)
         except Exception:  # one bad event must not end the watch
             log.exception("skipped a %s event that could not be applied", kind)
-        new_version = _mapping(obj.get("metadata")).get("resourceVersion")
+        new_version = as_mapping(obj.get("metadata")).get("resourceVersion")
         if isinstance(new_version, str) and new_version:
             version = self.resource_version = new_version
         return version
 
-    # ----------------------------------------------------------------- the pod set
+    # ----------------------------------------------------------------- the set
 
-    def _target(self, pod: Any) -> PodTarget | None:
+    def _target(self, obj: Any) -> Target | None:
+        obj = as_mapping(obj)
         try:
-            return pod_target(pod if isinstance(pod, dict) else {}, self.settings)
+            if self.kind == "service":
+                return service_target(obj, self.settings, self._service_namespace)
+            return pod_target(obj, self.settings)
         except ValueError as error:
-            log.warning("skipped a pod: %s", error)
+            log.warning("skipped a %s: %s", self.kind, error)
             return None
 
     def _replace_all(self, items: list[Any]) -> None:
-        fresh: dict[str, PodTarget] = {}
+        fresh: dict[str, Target] = {}
         for item in items:
             target = self._target(item)
             if target is not None:
                 fresh[target.name] = target
-        for name, old in self._pods.items():
+        for name, old in self._objects.items():
             if name not in fresh and old.url:
                 # The USER-ASKS 8 case: its DELETED event was lost; the list tells.
-                log.info("pod %s is gone (not in the new pod list)", name)
+                log.info("%s %s is gone (not in the new %s list)", self.kind, name, self.kind)
         for name, target in fresh.items():
-            self._log_transition(self._pods.get(name), target)
-        self._pods = fresh
+            self._log_transition(self._objects.get(name), target)
+        self._objects = fresh
         self._sync()
 
-    def _upsert(self, pod: dict[str, Any]) -> None:
-        target = self._target(pod)
+    def _upsert(self, obj: dict[str, Any]) -> None:
+        target = self._target(obj)
         if target is None:
             return
-        self._log_transition(self._pods.get(target.name), target)
-        self._pods[target.name] = target
+        self._log_transition(self._objects.get(target.name), target)
+        self._objects[target.name] = target
         self._sync()
 
-    def _delete(self, pod: dict[str, Any]) -> None:
-        name = _mapping(pod.get("metadata")).get("name")
+    def _delete(self, obj: dict[str, Any]) -> None:
+        name = as_mapping(obj.get("metadata")).get("name")
         if not isinstance(name, str):
             log.warning("skipped a DELETED event without metadata.name")
             return
-        old = self._pods.pop(name, None)
+        old = self._objects.pop(name, None)
         if old is not None and old.url:
-            log.info("pod %s was deleted", name)
+            log.info("%s %s was deleted", self.kind, name)
         self._sync()
 
-    @staticmethod
-    def _log_transition(old: PodTarget | None, new: PodTarget) -> None:
+    def _log_transition(self, old: Target | None, new: Target) -> None:
         was_routable = old is not None and old.url is not None
         if new.url and not was_routable:
-            log.info("pod %s is Ready at %s", new.name, new.url)
+            log.info("%s %s is routable at %s", self.kind, new.name, new.url)
         elif was_routable and not new.url:
-            log.info("pod %s is no longer routable: %s", new.name, new.reason)
+            log.info("%s %s is no longer routable: %s", self.kind, new.name, new.reason)
         elif was_routable and old is not None and new.url != old.url:
-            log.info("pod %s moved from %s to %s", new.name, old.url, new.url)
+            log.info("%s %s moved from %s to %s", self.kind, new.name, old.url, new.url)
         elif not new.url and (old is None or old.reason != new.reason):
-            log.debug("pod %s is not routable: %s", new.name, new.reason)
+            log.debug("%s %s is not routable: %s", self.kind, new.name, new.reason)
 
-    def _wanted(self) -> dict[str, PodTarget]:
-        """Routable pods by engine URL, in name order (the first pod wins a shared URL)."""
-        wanted: dict[str, PodTarget] = {}
-        for name in sorted(self._pods):
-            target = self._pods[name]
+    def _wanted(self) -> dict[str, Target]:
+        """Routable objects by engine URL, in name order (the first wins a shared URL)."""
+        wanted: dict[str, Target] = {}
+        for name in sorted(self._objects):
+            target = self._objects[name]
             if target.url is not None and target.url not in wanted:
                 wanted[target.url] = target
         return wanted
 
     def _sync(self) -> None:
-        """Drop what belongs to pods that left, ask new ones for their models, publish."""
+        """Drop what belongs to objects that left, ask new ones for their models, publish."""
         wanted = self._wanted()
         for url in [url for url in self._learning if url not in wanted]:
             self._learning.pop(url).cancel()
@@ -571,8 +520,8 @@ class KubernetesDiscovery:
                     self._learn(url, target.name), name=f"k8s-models {target.name}")
         self._publish(wanted)
 
-    def _publish(self, wanted: dict[str, PodTarget]) -> None:
-        """Give the pool the routable pods whose models are known, if that set changed."""
+    def _publish(self, wanted: dict[str, Target]) -> None:
+        """Give the pool the routable objects whose models are known, if that set changed."""
         backends: dict[str, Backend] = {}
         for url, target in wanted.items():
             models = self._models.get(url)
@@ -590,15 +539,15 @@ class KubernetesDiscovery:
             return
         names = {url: wanted[url].name for url in backends}
         for url in self._backends.keys() - backends.keys():
-            log.info("backend %s removed (pod %s)", url, self._names.get(url, "?"))
+            log.info("backend %s removed (%s %s)", url, self.kind, self._names.get(url, "?"))
         for url, backend in backends.items():
             old = self._backends.get(url)
             labels = f", labels {', '.join(backend.labels)}" if backend.labels else ""
             if old is None:
-                log.info("backend %s added (pod %s): %s%s", url, names[url],
+                log.info("backend %s added (%s %s): %s%s", url, self.kind, names[url],
                          ", ".join(backend.models), labels)
             elif old is not backend:
-                log.info("backend %s (pod %s) now serves %s%s", url, names[url],
+                log.info("backend %s (%s %s) now serves %s%s", url, self.kind, names[url],
                          ", ".join(backend.models), labels)
         self._backends = backends
         self._names = names
@@ -606,7 +555,7 @@ class KubernetesDiscovery:
 
     # ----------------------------------------------------------------- models
 
-    async def _learn(self, url: str, pod: str) -> None:
+    async def _learn(self, url: str, name: str) -> None:
         """Ask a new engine for its models until it answers; then it is routed."""
         delay = min(1.0, self.settings.models_refresh)
         failures = 0
@@ -618,10 +567,11 @@ class KubernetesDiscovery:
                 except _ModelsError as error:
                     failures += 1
                     if failures == 1:
-                        log.info("pod %s is Ready but %s/v1/models failed (%s): not routed "
-                                 "until it answers", pod, url, error)
+                        log.info("%s %s is routable but %s/v1/models failed (%s): not routed "
+                                 "until it answers", self.kind, name, url, error)
                     else:
-                        log.debug("pod %s: %s/v1/models failed again: %s", pod, url, error)
+                        log.debug("%s %s: %s/v1/models failed again: %s", self.kind, name, url,
+                                  error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.models_refresh)
         finally:
@@ -684,11 +634,21 @@ class KubernetesDiscovery:
         if changed:
             self._publish(wanted)
 
+    @property
+    def engine_urls(self) -> str:
+        """The shape of the engine URLs, for the start-up log line."""
+        if self.kind == "pod":
+            return f"{self.settings.scheme}://POD_IP:{self.settings.port}"
+        host = "NAME" if self._service_namespace is None \
+            else f"NAME.{self._service_namespace}.svc"
+        return f"{self.settings.scheme}://{host}:PORT"
+
     def __repr__(self) -> str:
-        routable = sum(1 for target in self._pods.values() if target.url)
+        routable = sum(1 for target in self._objects.values() if target.url)
         state = "watching" if self._watching else "listing"
         return (f"<KubernetesDiscovery {self.namespace}/{self.settings.label_selector or '*'} "
-                f"pods={len(self._pods)} routable={routable} backends={len(self._backends)} "
+                f"{self.kind}s={len(self._objects)} routable={routable} "
+                f"backends={len(self._backends)} "
                 f"rv={self.resource_version} {state}>")
 
 
@@ -705,18 +665,17 @@ def kubernetes_discovery(
 
     async def discovery(app: web.Application) -> AsyncIterator[None]:
         access = await load_access(settings)
-        log.info("kubernetes discovery: pods in namespace %s%s, engines on port %d, via %s (%s)",
-                 access.namespace,
-                 f" matching {settings.label_selector!r}" if settings.label_selector else "",
-                 settings.port, access.server, access.source)
         if access.ssl is False or (isinstance(access.ssl, ssl.SSLContext)
                                    and access.ssl.verify_mode == ssl.CERT_NONE):
             log.warning("the kubernetes API server's certificate is not verified "
                         "(insecure-skip-tls-verify)")
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-            task = asyncio.create_task(
-                KubernetesDiscovery(pool, settings, access, session).run(),
-                name="kubernetes-discovery")
+            watcher = KubernetesDiscovery(pool, settings, access, session)
+            log.info("kubernetes discovery: %ss in namespace %s%s, engines at %s, via %s (%s)",
+                     watcher.kind, access.namespace,
+                     f" matching {settings.label_selector!r}" if settings.label_selector else "",
+                     watcher.engine_urls, access.server, access.source)
+            task = asyncio.create_task(watcher.run(), name="kubernetes-discovery")
             try:
                 yield
             finally:
