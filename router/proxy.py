@@ -187,14 +187,18 @@ async def forward(
     while True:
         assert flow.backend is not None
         tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
-        # A retryable status is only turned into a retry when one can happen: otherwise the
-        # backend's own answer goes to the client untouched.
-        retry_status = (
-            failover is not None
-            and len(flow.attempts) < failover.max_retries
-            and inbound.replayable
-            and failover.alternatives(tried)
-        )
+
+        def retry_status(tried: set[str] = tried) -> bool:
+            # A retryable status is only turned into a retry when one can happen: otherwise
+            # the backend's own answer goes to the client untouched. Asked only when the
+            # status is retryable (it consults the policy's candidates).
+            return (
+                failover is not None
+                and len(flow.attempts) < failover.max_retries
+                and inbound.replayable
+                and failover.alternatives(tried)
+            )
+
         try:
             await exchange(sink, flow, inbound, session, lifecycle.events, path, headers,
                            retry_status)
@@ -290,10 +294,10 @@ async def exchange(
     events: RequestEvents,
     path: str,
     headers: CIMultiDict[str],
-    retry_status: bool = False,
+    retry_status: Callable[[], bool] | None = None,
 ) -> None:
-    """Forward the request to `flow.backend` and pass the answer to `sink` as it comes; with
-    `retry_status`, a 502/503/504 answer raises `BackendStatus` instead (for a retry)."""
+    """Forward the request to `flow.backend` and pass the answer to `sink` as it comes; a
+    502/503/504 answer raises `BackendStatus` instead (for a retry) when `retry_status()`."""
     assert flow.backend is not None
     if flow.trace_headers:
         headers.update(flow.trace_headers)
@@ -314,13 +318,14 @@ async def exchange(
         )
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, flow.backend.id, inbound.upload) from error
-    if retry_status and upstream.status in RETRIED_STATUSES:
+    if upstream.status in RETRIED_STATUSES and retry_status is not None and retry_status():
         upstream.close()
         raise BackendStatus(upstream.status, flow.backend.id)
     released = False
     # The last chunks, kept by reference (no copy per chunk): `usage` is in the last ones.
     last_chunks: deque[bytes] = deque(maxlen=3)
     kept: list[bytes] | None = [] if flow.keep_body else None
+    last = b""
     try:
         flow.t_headers = time.monotonic()
         flow.status = upstream.status
@@ -345,13 +350,18 @@ async def exchange(
                 kept.append(chunk)
                 if flow.bytes_down > MAX_BODY:
                     kept = None
+            if content.at_eof():  # the last chunk: it goes with the end of the body
+                last = chunk
+                break
             flow.writing_since = time.monotonic()
             try:
                 await write(chunk)
             except ConnectionError as error:
                 raise ClientGone() from error
             flow.writing_since = None
-        await sink.end()
+        flow.writing_since = time.monotonic()
+        await sink.end(last)
+        flow.writing_since = None
         upstream.release()
         released = True
         if kept is not None:
@@ -374,8 +384,9 @@ class Sink(Protocol):
         call per chunk on the streaming path: no wrapper around a client's write)."""
         ...
 
-    async def end(self) -> None:
-        """The whole body was passed on."""
+    async def end(self, last: bytes) -> None:
+        """Pass on `last`, the body's last chunk (or b""), and end the body: one write for
+        both, where a separate end of a chunked body would cost a system call of its own."""
         ...
 
     def broken(self, flow: RequestFlow, error: BaseException) -> None:
@@ -387,9 +398,12 @@ class ClientSink:
     """Streams the answer to the client: the backend's status and headers at once (the
     response is the lifecycle's, for the handler's `result()`), then each chunk as it comes.
     A broken client connection is `ClientGone`; a backend that breaks mid-answer cuts the
-    client's connection (`break_stream`)."""
+    client's connection (`break_stream`).
 
-    __slots__ = ("request", "lifecycle")
+    An answer whose whole body came with its headers (a typical JSON answer) is sent in one
+    write, headers and body together: nothing is waited for, one system call is saved."""
+
+    __slots__ = ("request", "lifecycle", "status", "reason", "headers")
 
     def __init__(self, request: web.Request, lifecycle: Lifecycle) -> None:
         self.request = request
@@ -397,23 +411,40 @@ class ClientSink:
 
     async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
         assert flow.backend is not None
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=forward_headers(upstream.headers, NOT_FORWARDED_DOWN, flow.id),
-        )
-        response.headers[BACKEND_HEADER] = flow.backend.id
+        self.status, self.reason = upstream.status, upstream.reason
+        self.headers = forward_headers(upstream.headers, NOT_FORWARDED_DOWN, flow.id)
+        self.headers[BACKEND_HEADER] = flow.backend.id
+        if upstream.content.is_eof():  # the whole answer is here: `end` sends it at once
+            return self._start_and_write
+        return await self._stream()
+
+    async def _stream(self) -> Write:
+        response = web.StreamResponse(status=self.status, reason=self.reason,
+                                      headers=self.headers)
+        await self._prepare(response)
+        return response.write
+
+    async def _start_and_write(self, chunk: bytes) -> None:
+        write = await self._stream()
+        await write(chunk)
+
+    async def _prepare(self, response: web.StreamResponse) -> None:
         self.lifecycle.response = response
         try:
             await response.prepare(self.request)
         except ConnectionError as error:
             raise ClientGone() from error
-        return response.write
 
-    async def end(self) -> None:
-        assert self.lifecycle.response is not None
+    async def end(self, last: bytes) -> None:
+        response = self.lifecycle.response
         try:
-            await self.lifecycle.response.write_eof()
+            if response is None:  # headers and body in one write (aiohttp's Response)
+                response = web.Response(status=self.status, reason=self.reason,
+                                        headers=self.headers, body=last)
+                await self._prepare(response)
+                await response.write_eof()
+            else:
+                await response.write_eof(last)
         except ConnectionError as error:
             raise ClientGone() from error
 
@@ -452,8 +483,9 @@ class Collector:
             raise UpstreamError(f"backend {self.backend_id} answered over {self.limit} bytes")
         self.chunks.append(chunk)
 
-    async def end(self) -> None:
-        pass
+    async def end(self, last: bytes) -> None:
+        if last:
+            await self.write(last)
 
     def broken(self, flow: RequestFlow, error: BaseException) -> None:
         raise upstream_error(error, self.backend_id, None) from error
