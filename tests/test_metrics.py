@@ -22,8 +22,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import __version__
@@ -31,7 +32,9 @@ from router.backends import Backend, BackendPool
 from router.flow import Attempt, Outcome, RequestFlow
 from router.health import HealthTracker
 from router.keys import METRICS
-from router.metrics import Metrics, Usage, error_kind, find_usage, usage_of
+from router.metrics import (
+    Families, Metrics, Usage, error_kind, find_usage, usage_of,
+)
 from router.stats.requests import RequestStats
 from router.testing import RunningEngine
 
@@ -500,6 +503,47 @@ def test_cost_per_request_of_the_metrics_subscriber(capsys: pytest.CaptureFixtur
               f"{with_usage:.1f} µs with usage in the tail ({parse:.1f} µs of it the parse), "
               f"{without_usage:.1f} µs without; one cached Counter.inc() here: {inc:.2f} µs "
               f"(so {with_usage / inc:.0f} incs' worth)")
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["plain", "prometheus_client"])
+def test_plain_families_expose_what_prometheus_client_would(multiprocess: bool) -> None:
+    """The plain counters and histograms (and, under --workers, the prometheus_client ones
+    behind the same interface) render the same samples as prometheus_client's own objects
+    fed the same values: bucket edges (a value equal to a bound counts in that bucket),
+    cumulative counts, +Inf, _count, _sum; and forgetting a server drops its series."""
+    buckets = (0.1, 1, 5)
+    values = [0.05, 0.1, 0.1000001, 1, 3, 5, 7, 1e9]
+    registry = CollectorRegistry()
+    families = Families(registry, multiprocess)
+    counter = families.counter("c_total", "doc", ["server", "k"])
+    histogram = families.histogram("h_seconds", "doc", ["server"], buckets)
+    families.register()
+    reference = CollectorRegistry()
+    ref_counter = PromCounter("c_total", "doc", ["server", "k"], registry=reference)
+    ref_histogram = PromHistogram("h_seconds", "doc", ["server"], buckets=buckets,
+                                  registry=reference)
+    for server in ("a", "b"):
+        for value in values:
+            histogram.record((server,), value)
+            ref_histogram.labels(server).observe(value)
+        counter.record((server, "x"), 2.5)
+        ref_counter.labels(server, "x").inc(2.5)
+
+    def exposed(registry: CollectorRegistry) -> dict[tuple[str, tuple[Any, ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples if not sample.name.endswith("_created")
+        }
+
+    ours, theirs = exposed(registry), exposed(reference)
+    assert ours == theirs
+    assert ours["h_seconds_bucket", (("le", "0.1"), ("server", "a"))] == 2.0
+    counter.forget({"a"})
+    histogram.forget({"a"})
+    assert {labels for _, labels in exposed(registry)} == {
+        labels for _, labels in theirs if ("server", "b") in labels}
+    assert counter.servers() == histogram.servers() == {"b"}
 
 
 # --- a real router on loopback ----------------------------------------------------------------
