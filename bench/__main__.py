@@ -12,7 +12,9 @@ and clients that leave mid-answer (RSS drift, in-flight and open fds back to sta
 Prints a table and the issue-5 targets (met / not met), writes `bench/results/latest.json`.
 
 Examples: `python -m bench --quick`, `python -m bench --only chat,sse --duration 5`,
-`python -m bench --soak-minutes 1`, `python -m bench --experiments uvloop`.
+`python -m bench --soak-minutes 1`, `python -m bench --experiments uvloop`,
+`python -m bench --only chat,sse --extensions plugin,otel` (the cost of an idle plugin and of
+tracing, in µs per request over the router).
 """
 
 from __future__ import annotations
@@ -32,17 +34,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from bench import clients
 from bench.load import chat_body, run_load, wrk_path
 from bench.procs import Proc, free_port, machine_busy, python_module, raise_fd_limit
-from bench.report import evaluate_targets, print_report
+from bench.report import evaluate_targets, extension_costs, print_report
 from bench.targets import (
-    CHAT, DEFAULT_TARGETS, ENGINE_MODELS, EXPERIMENTS, SLOW, TARGETS, Target, available_targets,
-    executable, router_argv, start_router,
+    CHAT, DEFAULT_TARGETS, ENGINE_MODELS, EXPERIMENTS, EXTENSIONS, SLOW, TARGETS, Target,
+    available_targets, executable, router_argv, start_otlp_sink, start_router,
 )
 from bench.targets import target as find_target
 
@@ -80,6 +82,9 @@ class Row:
     rounds: int = 1
     cpu_us_min: float = 0.0
     cpu_us_max: float = 0.0
+    cpu_us_rounds: list[float] = field(default_factory=list)
+    """CPU µs per request of each round, in order (to compare targets round by round)."""
+    warmup_requests: int = 0
 
 
 # ----------------------------------------------------------------------------- setup
@@ -210,8 +215,10 @@ def measure(target: Target, proc: Proc, url: str, engines: Sequence[Sequence[Pro
             loadgen_pin: str | None = None) -> Row:
     body = chat_body(CHAT, WORKLOADS[workload])
     endpoint = url + "/v1/chat/completions"
+    warmup_requests = 0
     if args.warmup > 0:
-        run_load(endpoint, body, concurrency, args.warmup, args.loadgen, loadgen_pin)
+        warmup_requests = run_load(endpoint, body, concurrency, args.warmup, args.loadgen,
+                                   loadgen_pin).requests
     proc.reset_peak()
     cpu0, eng0, gen0 = proc.cpu_seconds(), group_cpu(engines), loadgen_cpu()
     busy0, total0 = machine_busy()
@@ -237,6 +244,7 @@ def measure(target: Target, proc: Proc, url: str, engines: Sequence[Sequence[Pro
         other_busy=round(max(0.0, share * NPROC - ours / wall), 3),
         peak_rss_mb=round(proc.peak_rss_kib() / 1024, 1),
         cpu_us_min=round(cpu / requests * 1e6, 1), cpu_us_max=round(cpu / requests * 1e6, 1),
+        cpu_us_rounds=[round(cpu / requests * 1e6, 1)], warmup_requests=warmup_requests,
     )
 
 
@@ -255,7 +263,8 @@ def median_row(rows: list[Row]) -> Row:
         else:
             merged[key] = value
     cpus = [row.cpu_us_per_request for row in rows]
-    merged.update(rounds=len(rows), cpu_us_min=min(cpus), cpu_us_max=max(cpus))
+    merged.update(rounds=len(rows), cpu_us_min=min(cpus), cpu_us_max=max(cpus),
+                  cpu_us_rounds=cpus, warmup_requests=sum(r.warmup_requests for r in rows))
     return Row(**merged)
 
 
@@ -270,14 +279,23 @@ def side_by_side(args: argparse.Namespace, log_dir: Path, report: dict[str, obje
     procs: dict[str, Proc] = {}
     started: list[Proc] = [proc for group in engines for proc in group]
     with running(started):
+        sink = None
+        if any(target.otlp for target in targets):
+            sink = start_otlp_sink(log_dir)
+            started.append(sink)
+            sink.wait_http()
         launched: list[tuple[Target, Proc]] = []
         for target in targets:  # start them all, then check each: their startups overlap
             if target.start is None:
                 continue
             try:
-                proc = target.start(urls, log_dir)
+                if target.otlp:
+                    assert sink is not None
+                    proc = target.start(urls, log_dir, sink.url)
+                else:
+                    proc = target.start(urls, log_dir)
             except OSError as error:
-                if target.kind in ("ours", "floor"):
+                if target.kind in ("ours", "floor", "extension"):
                     raise
                 skipped[target.name] = f"did not start: {error}"
                 continue
@@ -289,7 +307,7 @@ def side_by_side(args: argparse.Namespace, log_dir: Path, report: dict[str, obje
                 problem = check_target(proc.url, True, timeout=5)
             if problem is not None:
                 message = f"did not answer right: {problem}\n{proc.log_tail()}"
-                if target.kind in ("ours", "floor"):
+                if target.kind in ("ours", "floor", "extension"):
                     raise RuntimeError(f"{target.name} {message}")
                 skipped[target.name] = message
                 print(f"skipping {target.name}: {message}", flush=True)
@@ -311,6 +329,9 @@ def side_by_side(args: argparse.Namespace, log_dir: Path, report: dict[str, obje
                     continue
                 for concurrency in args.concurrency:
                     for target in present:
+                        if (args.smoke and target.kind == "extension"
+                                and concurrency != args.concurrency[0]):
+                            continue  # a smoke run only checks that they work
                         proc = procs[target.name]
                         url = urls[0] if target.name == "direct" else proc.url
                         row = measure(target, proc, url, engines, workload, concurrency, args)
@@ -319,6 +340,43 @@ def side_by_side(args: argparse.Namespace, log_dir: Path, report: dict[str, obje
         rows.extend(median_row(group) for group in runs.values())
         if "upload" in args.only:
             upload_all(args, procs, urls, report)
+        if sink is not None:
+            report["otlp_sink"] = exported_spans(sink, procs, runs)
+
+
+def exported_spans(sink: Proc, procs: dict[str, Proc],
+                   runs: dict[tuple[str, int, str], list[Row]]) -> dict[str, object]:
+    """What the traced routers exported: they are stopped first (a router exports the spans
+    still queued when it stops), then the sink is asked. No span at all is a failure: the
+    figures of `router+otel` would then not include the cost of exporting."""
+    traced = [name for name in procs if TARGETS.get(name) and TARGETS[name].otlp]
+    for name in traced:
+        procs[name].stop(timeout=40)  # the SDK gives up on an export after 30 s
+    requests = sum(row.requests + row.warmup_requests
+                   for (_, _, name), group in runs.items() if name in traced for row in group)
+    requests += 2 * len(traced)  # the start-up checks
+    try:
+        with urllib.request.urlopen(sink.url + "/stats", timeout=10) as response:
+            received = json.loads(response.read())
+    except (OSError, ValueError) as error:
+        received = {"spans": 0, "error": repr(error)}
+    spans = int(received.get("spans", 0))
+    result: dict[str, object] = {
+        **received, "targets": traced, "requests": requests, "expected_spans": 2 * requests,
+        "sink_cpu_s": round(sink.cpu_seconds(), 2),
+        "ok": spans > 0,
+    }
+    if spans == 0:
+        result["problem"] = ("FAILED: the OTLP sink received no span: router+otel did not "
+                             "export, its figures do not include tracing's full cost")
+    elif spans < 2 * requests:
+        result["problem"] = (f"{2 * requests - spans} fewer spans than 2 per request "
+                             "(SERVER + CLIENT): the SDK dropped some (queue full) or the run "
+                             "was cut")
+    print(f"otlp sink: {spans} spans in {received.get('exports', 0)} exports for {requests} "
+          f"requests through {', '.join(traced) or '-'} (2 spans per request expected)"
+          + (f" -- {result['problem']}" if "problem" in result else ""), flush=True)
+    return result
 
 
 def upload_all(args: argparse.Namespace, procs: dict[str, Proc], urls: list[str],
@@ -356,9 +414,10 @@ def upload_all(args: argparse.Namespace, procs: dict[str, Proc], urls: list[str]
             file.unlink(missing_ok=True)
     for name in procs:
         if name not in uploads:
-            uploads[name] = {"skipped": "the bare floor reads whole bodies; the Rust routers "
-                             "have no streamed multipart route" if name != "bare+uvloop"
-                             else "as bare"}
+            uploads[name] = {"skipped": "as bare" if name == "bare+uvloop" else
+                             "as router" if name.startswith("router+") else
+                             "the bare floor reads whole bodies; the Rust routers have no "
+                             "streamed multipart route"}
 
 
 def streams(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
@@ -479,7 +538,7 @@ def soak(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> 
 
 
 def print_row(row: Row) -> None:
-    print(f"{row.workload:5} c={row.concurrency:<3} {row.target:14} {row.rps:8.0f} req/s  "
+    print(f"{row.workload:5} c={row.concurrency:<3} {row.target:19} {row.rps:8.0f} req/s  "
           f"p50 {row.p50_ms:7.2f}  p99 {row.p99_ms:7.2f} ms  cpu {row.cpu_us_per_request:6.0f}"
           f" us/req  rss {row.peak_rss_mb:5.0f} MB  busy tgt {row.target_busy:4.2f} eng "
           f"{row.engines_busy:4.2f} other {row.other_busy:4.2f}"
@@ -505,6 +564,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra targets: 'uvloop' (router and bare on uvloop), 'lean' (the router with "
              "in-memory patches modelling proposed changes, see bench/experiments.py), or "
              "router+PATCH[+PATCH...]")
+    add("--extensions", default="",
+        help=f"the router with a feature on, priced in us per request over the router: "
+             f"{','.join(EXTENSIONS)} or all (targets "
+             f"{', '.join(EXTENSIONS.values())}; 'plugin' loads one idle plugin, 'otel' "
+             "traces every request to a loopback OTLP sink)")
     add("--duration", type=float, default=8.0, help="seconds per measurement (default 8)")
     add("--rounds", type=int, default=2,
         help="rounds of all measurements, interleaved; the table shows medians (default 2)")
@@ -544,6 +608,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             ("--streams", 20), ("--stream-seconds", 0.6),
                             ("--stream-tokens", 3), ("--soak-minutes", 0.05),
                             ("--concurrency", "1,4"), ("--targets", "direct,bare,router"),
+                            ("--extensions", "plugin,otel"),
                             ("--soak-concurrency", 8), ("--rounds", 1)):
             if flag not in given:
                 setattr(args, flag[2:].replace("-", "_"), value)
@@ -555,6 +620,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for experiment in filter(None, args.experiments.split(",")):
         extra = EXPERIMENTS.get(experiment, (experiment,))
         names += [n for n in extra if n not in names]
+    extensions = [e for e in args.extensions.split(",") if e]
+    if extensions == ["all"]:
+        extensions = list(EXTENSIONS)
+    for extension in extensions:
+        if extension not in EXTENSIONS:
+            parser.error(f"--extensions: unknown extension {extension!r} (choose among "
+                         f"{','.join(EXTENSIONS)} or all)")
+        if EXTENSIONS[extension] not in names:
+            names.append(EXTENSIONS[extension])
     for name in names:
         try:
             find_target(name)
@@ -574,6 +648,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--streams-targets: unknown target {name!r}")
         if name == "direct":
             parser.error("--streams-targets: direct is not a proxy")
+        if name in EXTENSIONS.values():
+            parser.error(f"--streams-targets: {name} is measured on chat and SSE only")
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     if args.loadgen == "auto":
         args.loadgen = "wrk" if wrk_path() else "python"
@@ -631,6 +707,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     rows = report.get("rows", [])
     assert isinstance(rows, list)
     report["rows"] = [asdict(row) for row in rows]
+    report["extension_costs"] = extension_costs(report)
     report["targets"] = evaluate_targets(report)
     return report
 

@@ -1,10 +1,14 @@
-"""The side-by-side table and the issue-5 targets, judged on the figures of one run."""
+"""The side-by-side table, the cost of the extensions and the issue-5 targets, judged on the
+figures of one run."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
-__all__ = ["evaluate_targets", "print_report"]
+from bench.targets import EXTENSIONS
+
+__all__ = ["evaluate_targets", "extension_costs", "print_report"]
 
 THROUGHPUT_C = 64
 """The concurrency at which CPU per request is judged (many requests, steady state)."""
@@ -127,13 +131,44 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def extension_costs(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each `--extensions` target costs per request over `router`, workload by workload.
+
+    The cost is the median over rounds of the difference between the two in the same round
+    (they run one after the other, so the machine's noise hits both alike); with one round,
+    the plain difference. The spread of those differences says how far to trust it."""
+    rows = _rows(report)
+    out = []
+    for name in EXTENSIONS.values():
+        for (target, workload, concurrency), row in rows.items():
+            router = rows.get(("router", workload, concurrency))
+            if target != name or router is None:
+                continue
+            ours, base = row.get("cpu_us_rounds") or [], router.get("cpu_us_rounds") or []
+            paired = [a - b for a, b in zip(ours, base)]
+            if not paired:
+                paired = [row["cpu_us_per_request"] - router["cpu_us_per_request"]]
+            out.append({
+                "target": name, "workload": workload, "concurrency": concurrency,
+                "cpu_us_added": round(statistics.median(paired), 1),
+                "cpu_us_added_min": round(min(paired), 1),
+                "cpu_us_added_max": round(max(paired), 1),
+                "cpu_us": row["cpu_us_per_request"], "router_cpu_us": router["cpu_us_per_request"],
+                "p50_ms_added": round(row["p50_ms"] - router["p50_ms"], 3),
+                "p99_ms_added": round(row["p99_ms"] - router["p99_ms"], 3),
+                "rps_ratio": round(row["rps"] / router["rps"], 3) if router["rps"] else None,
+                "errors": row["errors"], "rounds": len(paired),
+            })
+    return out
+
+
 def print_report(report: dict[str, Any]) -> None:
     rows = report.get("rows", [])
     machine = report.get("machine", {})
     print(f"\n=== side by side ({machine.get('nproc')} cores, {machine.get('cpu_model')}, "
           f"Python {machine.get('python')}; load: {rows[0]['loadgen'] if rows else '-'}) ===")
     if rows:
-        print(f"{'workload':8} {'c':>3} {'target':14} {'req/s':>8} {'p50 ms':>8} "
+        print(f"{'workload':8} {'c':>3} {'target':19} {'req/s':>8} {'p50 ms':>8} "
               f"{'p99 ms':>8} {'CPU us/req':>10} {'x floor':>7} {'RSS MB':>7} "
               f"{'tgt':>5} {'eng':>5} {'other':>5} {'err':>4}")
         floor = {(r["workload"], r["concurrency"]): r["cpu_us_per_request"]
@@ -143,7 +178,7 @@ def print_report(report: dict[str, Any]) -> None:
             ratio = f"{r['cpu_us_per_request'] / base:.2f}" if base else "-"
             if r["target"] == "direct":
                 ratio = "(eng)"
-            print(f"{r['workload']:8} {r['concurrency']:>3} {r['target']:14} {r['rps']:8.0f} "
+            print(f"{r['workload']:8} {r['concurrency']:>3} {r['target']:19} {r['rps']:8.0f} "
                   f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['cpu_us_per_request']:10.0f} "
                   f"{ratio:>7} {r['peak_rss_mb']:7.0f} {r['target_busy']:5.2f} "
                   f"{r['engines_busy']:5.2f} {r['other_busy']:5.2f} {r['errors']:4d}")
@@ -152,6 +187,24 @@ def print_report(report: dict[str, Any]) -> None:
     skipped = report.get("skipped_targets") or {}
     for name, reason in skipped.items():
         print(f"not measured: {name}: {reason.splitlines()[0]}")
+    costs = report.get("extension_costs") or []
+    sink = report.get("otlp_sink")
+    if costs or sink:
+        print("\n=== cost of extensions (CPU of the router's process tree; median over rounds "
+              "of the difference with router in the same round) ===")
+    for cost in costs:
+        spread = (f" (rounds {cost['cpu_us_added_min']:+.0f}..{cost['cpu_us_added_max']:+.0f})"
+                  if cost["rounds"] > 1 else "")
+        print(f"{cost['target']:19} {cost['workload']:5} c={cost['concurrency']:<3} "
+              f"{cost['cpu_us_added']:+5.0f} µs/request over router{spread}: "
+              f"{cost['cpu_us']:.0f} vs {cost['router_cpu_us']:.0f} µs; p50 "
+              f"{cost['p50_ms_added']:+.2f} ms, req/s x{cost['rps_ratio'] or 0:.2f}"
+              + (f"  ERRORS {cost['errors']}" if cost["errors"] else ""))
+    if sink:
+        verdict = sink.get("problem") or "ok"
+        print(f"tracing: the OTLP sink received {sink['spans']} spans in "
+              f"{sink.get('exports', 0)} exports for {sink['requests']} requests "
+              f"({sink['expected_spans']} expected): {verdict}")
     print("\n=== issue 5 targets ===")
     for item in report.get("targets", []):
         print(f"[{item['status']:>12}] {item['target']}: {item['measured']}")

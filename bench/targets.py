@@ -6,7 +6,11 @@
 - `sglang-router`, `vllm-router` (Rust, from PyPI) and `nginx` (Debian's nginx-light) when
   installed: references;
 - with `--experiments`: `bare+uvloop`, and `router+PATCH...`, the router with in-memory
-  patches that model proposed changes (`bench.experiments`).
+  patches that model proposed changes (`bench.experiments`);
+- with `--extensions`: the router with a feature turned on, to price it per request:
+  `router+plugin` and `router+plugin-async` (one idle plugin, `bench.idle_plugin`, sync or
+  async), `router+otel` (tracing every request to a loopback OTLP/HTTP sink,
+  `bench.otlp_sink`, which the benchmark starts and whose URL `start` then receives).
 
 All listen on 127.0.0.1 and route round robin over the same engines.
 """
@@ -22,8 +26,8 @@ from pathlib import Path
 
 from bench.procs import Proc, free_port, python_module
 
-__all__ = ["Target", "TARGETS", "available_targets", "executable", "target", "CHAT", "WHISPER",
-           "SLOW"]
+__all__ = ["Target", "TARGETS", "EXTENSIONS", "available_targets", "executable", "target",
+           "start_otlp_sink", "CHAT", "WHISPER", "SLOW"]
 
 CHAT = "bench-llm"
 WHISPER = "bench-whisper"
@@ -49,11 +53,15 @@ def has_module(name: str) -> bool:
 class Target:
     name: str
     kind: str
-    """`direct`, `floor`, `ours` or `reference`."""
+    """`direct`, `floor`, `ours`, `reference`, `experiment` or `extension`."""
     available: Callable[[], str | None]
     """None when it can run here, else why not."""
-    start: Callable[[Sequence[str], Path], Proc] | None
-    """Start it in front of these engine URLs; None for `direct` (no process of its own)."""
+    start: Callable[..., Proc] | None
+    """`start(engine_urls, log_dir)`: start it in front of these engines; None for `direct`
+    (no process of its own). A target with `otlp` is started as `start(engine_urls, log_dir,
+    otlp_url)`."""
+    otlp: bool = False
+    """It exports spans: it needs the benchmark's OTLP sink (`start_otlp_sink`)."""
 
 
 def _always() -> str | None:
@@ -80,10 +88,11 @@ def router_argv(port: int, engines: Sequence[str], models: Sequence[str] | None 
 
 
 def start_router(engines: Sequence[str], log_dir: Path, name: str = "router",
-                 patches: Sequence[str] = (), models: Sequence[str] | None = None) -> Proc:
-    """Our router; with `patches`, run through `bench.experiments` (see there)."""
+                 patches: Sequence[str] = (), models: Sequence[str] | None = None,
+                 extra: Sequence[str] = ()) -> Proc:
+    """Our router (with `extra` flags); with `patches`, run through `bench.experiments`."""
     port = free_port()
-    args = router_argv(port, engines, models)
+    args = router_argv(port, engines, models, extra)
     argv = (python_module("bench.experiments", ",".join(patches), *args) if patches
             else python_module("router", *args))
     return Proc.start(name, argv, log_dir, url=f"http://127.0.0.1:{port}")
@@ -165,12 +174,52 @@ def start_nginx(engines: Sequence[str], log_dir: Path) -> Proc:
     return Proc.start("nginx", argv, log_dir, url=f"http://127.0.0.1:{port}")
 
 
+def _needs_otel() -> str | None:
+    """Why `router+otel` cannot run here (the SDK, its OTLP/HTTP exporter and, for the sink,
+    the OTLP protobuf messages), or None."""
+    from router.tracing import sdk_missing
+
+    missing = sdk_missing("http")
+    if missing is None:
+        try:
+            found = has_module("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
+        except ImportError:
+            found = False
+        missing = None if found else "opentelemetry.proto"
+    return (None if missing is None
+            else f"OpenTelemetry is not installed ({missing} missing; pip install '.[otel]')")
+
+
+IDLE_PLUGIN = "bench.idle_plugin:IdlePlugin"
+IDLE_ASYNC_PLUGIN = "bench.idle_plugin:IdleAsyncPlugin"
+
+
+def start_otlp_sink(log_dir: Path) -> Proc:
+    port = free_port()
+    return Proc.start("otlp-sink", python_module("bench.otlp_sink", "--port", str(port)),
+                      log_dir, url=f"http://127.0.0.1:{port}")
+
+
+def start_traced_router(engines: Sequence[str], log_dir: Path, otlp_url: str) -> Proc:
+    return start_router(engines, log_dir, "router+otel",
+                        extra=["--otel-endpoint", otlp_url + "/v1/traces"])
+
+
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
         Target("direct", "direct", _always, None),
         Target("bare", "floor", _always, start_bare),
         Target("router", "ours", _always, start_router),
+        # Measured right after the router in every round: the same noise, a fair difference.
+        Target("router+plugin", "extension", _always,
+               lambda engines, log_dir: start_router(
+                   engines, log_dir, "router+plugin", extra=["--callbacks", IDLE_PLUGIN])),
+        Target("router+plugin-async", "extension", _always,
+               lambda engines, log_dir: start_router(
+                   engines, log_dir, "router+plugin-async",
+                   extra=["--callbacks", IDLE_ASYNC_PLUGIN])),
+        Target("router+otel", "extension", _needs_otel, start_traced_router, otlp=True),
         Target("sglang-router", "reference", _needs("sglang-router"), start_sglang),
         Target("vllm-router", "reference", _needs("vllm-router"), start_vllm),
         Target("nginx", "reference", _needs("nginx"), start_nginx),
@@ -180,6 +229,12 @@ TARGETS: dict[str, Target] = {
 }
 DEFAULT_TARGETS = ("direct", "bare", "router", "sglang-router", "vllm-router", "nginx")
 LEAN = ("nometrics", "notimeout", "orjson")
+EXTENSIONS = {
+    "plugin": "router+plugin",
+    "plugin-async": "router+plugin-async",
+    "otel": "router+otel",
+}
+"""`--extensions NAME`: the router with that feature on, priced against `router`."""
 EXPERIMENTS = {
     "uvloop": ("bare+uvloop", "router+uvloop"),
     "lean": (*(f"router+{name}" for name in LEAN), "router+" + "+".join(LEAN)),

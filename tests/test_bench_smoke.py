@@ -1,7 +1,8 @@
 """`make bench` works: a smoke run of every section, a few seconds, no timing asserted.
 
 The figures come from `make bench` (docs/benchmarks.md); this only checks that the benchmark
-starts its processes, drives every workload through the router without errors, writes its
+starts its processes, drives every workload through the router without errors (also with an
+idle plugin and with tracing, whose spans must reach the benchmark's OTLP sink), writes its
 JSON and stops everything it started. Without wrk (CI) it uses its Python client.
 """
 
@@ -13,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bench.targets import target as bench_target
+from router import tracing
 
 TIMEOUT = 120
 
@@ -37,6 +41,20 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
                 assert row["errors"] == 0, row
                 assert row["cpu_us_per_request"] > 0 or target == "direct", row
 
+    costs = {(c["target"], c["workload"]): c for c in report["extension_costs"]}
+    for extension in ("router+plugin", "router+otel"):
+        if extension in report["skipped_targets"]:
+            assert extension == "router+otel", report["skipped_targets"]
+            continue
+        for workload in ("chat", "sse"):
+            row = rows[extension, workload, 1]
+            assert row["requests"] > 0 and row["errors"] == 0, row
+            assert costs[extension, workload]["router_cpu_us"] > 0
+    assert "µs/request over router" in done.stdout
+    if "router+otel" not in report["skipped_targets"]:
+        sink = report["otlp_sink"]
+        assert sink["ok"] and sink["spans"] >= sink["requests"], sink
+
     upload = report["upload"]["router"]
     assert upload["status"] == 200 and upload["intact"], upload
 
@@ -59,3 +77,18 @@ def test_bench_rejects_unknown_sections_and_targets(argv: list[str]) -> None:
                           text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 2
     assert "unknown" in done.stderr
+
+
+def test_bench_skips_tracing_without_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "sdk_missing", lambda protocol: "opentelemetry.sdk")
+    reason = bench_target("router+otel").available()
+    assert reason is not None and "opentelemetry.sdk" in reason
+    assert bench_target("router+plugin").available() is None
+
+
+def test_bench_rejects_unknown_extensions() -> None:
+    done = subprocess.run([sys.executable, "-m", "bench", "--extensions", "plugin,nope"],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2
+    assert "unknown extension 'nope'" in done.stderr
