@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +27,31 @@ class Gatekeeper:
         return None
 
 
+class Sluggish:
+    """A sync event method slower than the inline budget (a blocking call, say)."""
+
+    delay = 0.3
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def on_complete(self, flow: RequestFlow) -> None:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(0.01 if len(self.threads) == 1 else self.delay)
+
+
+class Blocking:
+    """Declares itself blocking: its sync methods never run on the event loop."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def on_new(self, flow: RequestFlow) -> None:
+        self.threads.append(threading.current_thread().name)
+
+
 class BodyWatcher:
     """Async post_request: receives the whole response body."""
 
@@ -39,7 +65,7 @@ class BodyWatcher:
 
 
 class EventCounter:
-    """Sync event methods (they run in the plugin threads)."""
+    """Sync event methods (fast: they run on the event loop)."""
 
     def __init__(self) -> None:
         self.seen: list[str] = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import aiohttp
@@ -14,7 +16,9 @@ from router.keys import PLUGINS
 from router.testing import RunningEngine
 
 from .conftest import CHAT, RouterUnderTest, StartRouter, config_for
-from .plugin_examples import BodyWatcher, EventCounter, Gatekeeper, ProductionStackStyle
+from .plugin_examples import (
+    Blocking, BodyWatcher, EventCounter, Gatekeeper, ProductionStackStyle, Sluggish,
+)
 
 BODY = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -47,8 +51,36 @@ async def test_a_plugin_refuses_a_request_before_routing(
     await router.settled(2)
     refused = [f for f in router.log.flows.values() if f.status == 403]
     assert refused[0].outcome is Outcome.REJECTED and refused[0].backend is None
-    # The sync method ran in a plugin thread, not on the event loop.
-    assert all(name.startswith("plugin") for name in plugin(router, Gatekeeper).threads)
+    # A fast sync method runs on the event loop: a thread hand-off would cost more than it.
+    assert plugin(router, Gatekeeper).threads == {threading.current_thread().name}
+
+
+async def test_a_slow_sync_plugin_moves_to_the_plugin_threads_after_one_call(
+    start_router: StartRouter, engines: list[RunningEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    router = await start_router(config_for(engines, callbacks=(
+        "tests.plugin_examples:Sluggish", "tests.plugin_examples:Blocking")))
+    loop_thread = threading.current_thread().name
+    for _ in range(3):
+        assert (await post(router, BODY))[0] == 200
+    await router.settled(3)
+    sluggish = plugin(router, Sluggish)
+    for _ in range(100):  # the threaded calls end after the requests
+        if len(sluggish.threads) == 3 and len(plugin(router, Blocking).threads) == 3:
+            break
+        await asyncio.sleep(0.02)
+    # First call on the loop, measured over the budget; the next ones in the threads.
+    assert sluggish.threads[0] == loop_thread
+    assert all(name.startswith("plugin") for name in sluggish.threads[1:])
+    assert "runs in the plugin threads from now on" in caplog.text
+    # `blocking = True`: in the threads from the first call.
+    assert all(name.startswith("plugin") for name in plugin(router, Blocking).threads)
+    # While a threaded call sleeps, the loop serves other requests at once.
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(router.url + "/health") as response:
+            assert response.status == 200
+    assert time.monotonic() - started < Sluggish.delay
 
 
 async def test_a_body_plugin_sees_the_whole_stream_without_slowing_it(
