@@ -1,9 +1,9 @@
 """Plugins that do nothing, for `router+plugin` and `router+plugin-async`: what loading a
 plugin costs per request before the plugin does any work of its own.
 
-`--callbacks bench.idle_plugin:IdlePlugin` (sync methods: each call is a hand-off to the
-plugin threads) or `bench.idle_plugin:IdleAsyncPlugin` (async methods: each call is a task
-on the event loop). Both define the three request events and `pre_request`, the methods a
+`--callbacks bench.idle_plugin:IdlePlugin` (sync methods: fast, so each call runs on the
+event loop, timed) or `bench.idle_plugin:IdleAsyncPlugin` (async methods: each call is a
+task on the event loop). Both define the three request events and `pre_request`, the methods a
 typical plugin has; `pre_request` is awaited by the request, the events are not.
 """
 
