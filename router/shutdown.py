@@ -24,13 +24,8 @@ class Drain:
         self._live: dict[asyncio.Task[object], RequestFlow | None] = {}
         self._emptied = asyncio.Event()
 
-    def enter(self, task: asyncio.Task[object]) -> None:
-        self._live[task] = None
-
-    def attach(self, task: asyncio.Task[object], flow: RequestFlow) -> None:
-        """The flow of a running request, once it has one."""
-        if task in self._live:
-            self._live[task] = flow
+    def enter(self, task: asyncio.Task[object], flow: RequestFlow | None = None) -> None:
+        self._live[task] = flow
 
     def leave(self, task: asyncio.Task[object]) -> None:
         self._live.pop(task, None)

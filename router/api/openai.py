@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -44,7 +44,6 @@ JSON_ENDPOINTS = (
 )
 MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("router.api")
 
@@ -67,29 +66,35 @@ async def read_inbound(
 
 
 async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
+    """The handler of every proxied endpoint (bound to its route by `add_routes`): the drain
+    tracks it, then the rate limit and admission let it in (or refuse it)."""
     app = request.app
     flow = RequestFlow(id=request_id(request), endpoint=endpoint, method=request.method)
     task = asyncio.current_task()
-    if task is not None:
-        app[DRAIN].attach(task, flow)
-    lifecycle = Lifecycle(request, app[EVENTS], flow)
-    admission = app[ADMISSION]
+    assert task is not None
+    drain = app[DRAIN]
+    drain.enter(task, flow)
     try:
-        limiter = app[RATE_LIMITER]
-        if limiter is not None:
-            limiter.take(client_key(request))
-        if admission is not None:
-            await admission.acquire()
-    except RouterError as error:
-        return lifecycle.reject(error)
-    except asyncio.CancelledError:
-        lifecycle.abandon()
-        raise
-    try:
-        return await admitted(request, endpoint, multipart, flow, lifecycle)
+        lifecycle = Lifecycle(request, app[EVENTS], flow)
+        admission = app[ADMISSION]
+        try:
+            limiter = app[RATE_LIMITER]
+            if limiter is not None:
+                limiter.take(client_key(request))
+            if admission is not None:
+                await admission.acquire()
+        except RouterError as error:
+            return lifecycle.reject(error)
+        except asyncio.CancelledError:
+            lifecycle.abandon()
+            raise
+        try:
+            return await admitted(request, endpoint, multipart, flow, lifecycle)
+        finally:
+            if admission is not None:
+                admission.release()
     finally:
-        if admission is not None:
-            admission.release()
+        drain.leave(task)
 
 
 def client_key(request: web.Request) -> str:
@@ -186,20 +191,6 @@ def rewrite(
     return None if result == original else result
 
 
-def proxy_handler(endpoint: str, multipart: bool) -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        drain = request.app[DRAIN]
-        task = asyncio.current_task()
-        assert task is not None
-        drain.enter(task)
-        try:
-            return await proxy(request, endpoint, multipart)
-        finally:
-            drain.leave(task)
-
-    return handle
-
-
 async def list_models(request: web.Request) -> web.Response:
     """The union of the backends' models, with aliases (their `root` is the served model)."""
     pool = request.app[POOL]
@@ -217,7 +208,9 @@ async def list_models(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     for endpoint in JSON_ENDPOINTS:
-        app.router.add_post(endpoint, proxy_handler(endpoint, multipart=False))
+        app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
+                                                        multipart=False))
     for endpoint in MULTIPART_ENDPOINTS:
-        app.router.add_post(endpoint, proxy_handler(endpoint, multipart=True))
+        app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
+                                                        multipart=True))
     app.router.add_get("/v1/models", list_models)
