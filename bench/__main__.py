@@ -44,7 +44,8 @@ from bench.procs import Proc, free_port, machine_busy, python_module, raise_fd_l
 from bench.report import evaluate_targets, extension_costs, print_report
 from bench.targets import (
     CHAT, DEFAULT_TARGETS, ENGINE_MODELS, EXPERIMENTS, EXTENSIONS, SLOW, TARGETS, Target,
-    available_targets, executable, router_argv, start_otlp_sink, start_router,
+    available_targets, executable, router_argv, start_canned_engines, start_otlp_sink,
+    start_router,
 )
 from bench.targets import target as find_target
 
@@ -452,11 +453,15 @@ def streams(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) 
 
 
 def workers(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
-    """`--workers 1` against `--workers 2`, on non-streamed chat at the highest concurrency.
+    """`--workers 1` against `--workers 2`, at the highest concurrency, with the router as the
+    bottleneck (the issue's condition), pinned with taskset to 1 and then 2 cores.
 
-    The router must be the bottleneck: with 4 cores or more, the router is pinned (taskset)
-    to 1 and then 2 cores and the engines and wrk to the others. With fewer cores nothing can
-    be set apart, so the run only shows throughput and CPU per request of both, unpinned."""
+    With 4 cores or more the engines and wrk get the other cores, and both chat and SSE are
+    measured. On 2 or 3 cores nothing can be set apart, so the engines are made cheap instead:
+    one nginx worker answering every request with the same canned chat completion (tens of µs
+    a request, against the router's hundreds), wrk unpinned; non-streamed chat only, since a
+    canned stream would come in one piece. Without nginx or taskset there: both run unpinned
+    in front of the fake engines, which shows throughput and CPU but cannot show scaling."""
     done = subprocess.run(python_module("router", "--help"), capture_output=True, text=True)
     if "--workers" not in done.stdout:
         report["workers"] = {"measured": False,
@@ -467,49 +472,70 @@ def workers(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) 
         report["workers"] = {"measured": False, "reason": "--workers exists; not measured in "
                              "a smoke run"}
         return
-    pinned = NPROC >= 4 and shutil.which("taskset") is not None
+    taskset = shutil.which("taskset") is not None
+    workloads: tuple[str, ...]
+    if NPROC >= 4 and taskset:
+        mode, workloads = "pinned", ("chat", "sse")
+    elif NPROC >= 2 and taskset and executable("nginx"):
+        mode, workloads = "canned", ("chat",)
+    else:
+        mode, workloads = "unpinned", ("chat", "sse")
     concurrency = max(args.concurrency)
-    rest = f"2-{NPROC - 1}"
-    engine_pin = ["taskset", "-c", rest] if pinned else []
-    urls, engines = start_engines(log_dir, 2, max(1, args.engine_procs), args.engine_uvloop,
-                                  prefix=engine_pin)
-    results: dict[str, object] = {}
-    with running([proc for group in engines for proc in group]):
-        for count in (1, 2):
-            port = free_port()
-            argv = python_module("router", *router_argv(port, urls),
-                                 "--workers", str(count))
-            if pinned:
-                argv = ["taskset", "-c", "0" if count == 1 else "0,1", *argv]
-            proc = Proc.start(f"router-workers{count}", argv, log_dir,
-                              url=f"http://127.0.0.1:{port}")
-            with running([proc]):
-                problem = check_target(proc.url, False, timeout=60)
-                if problem is not None:
-                    raise RuntimeError(f"router --workers {count}: {problem}\n"
-                                       f"{proc.log_tail()}")
-                target = Target(f"router-w{count}", "ours", lambda: None, None)
-                rows = [measure(target, proc, proc.url, engines, workload, concurrency, args,
-                                loadgen_pin=rest if pinned else None)
-                        for _ in range(args.rounds) for workload in ("chat", "sse")]
-                for row in rows:
+    rest = f"2-{NPROC - 1}" if mode == "pinned" else None
+    if mode == "canned":
+        urls, canned = start_canned_engines(2, log_dir)
+        engines = [[canned]]
+    else:
+        urls, engines = start_engines(log_dir, 2, max(1, args.engine_procs), args.engine_uvloop,
+                                      prefix=["taskset", "-c", rest] if rest else [])
+    routers: dict[int, Proc] = {}
+    for count in (1, 2):
+        port = free_port()
+        argv = python_module("router", *router_argv(port, urls, models=[CHAT] * len(urls)),
+                             "--workers", str(count))
+        if mode != "unpinned":
+            argv = ["taskset", "-c", "0" if count == 1 else "0,1", *argv]
+        routers[count] = Proc.start(f"router-workers{count}", argv, log_dir,
+                                    url=f"http://127.0.0.1:{port}")
+    rows: dict[int, list[Row]] = {1: [], 2: []}
+    # Both run side by side (the idle one costs nothing) and are measured in turn, round by
+    # round: the machine's speed drifts by 20 % and more over minutes here, and a ratio of
+    # two figures taken seconds apart is far steadier than one of figures minutes apart.
+    with running([proc for group in engines for proc in group] + list(routers.values())):
+        for count, proc in routers.items():
+            problem = check_target(proc.url, False, timeout=60)
+            if problem is not None:
+                raise RuntimeError(f"router --workers {count}: {problem}\n{proc.log_tail()}")
+        for _ in range(args.rounds):
+            for workload in workloads:
+                for count, proc in routers.items():
+                    target = Target(f"router-w{count}", "ours", lambda: None, None)
+                    row = measure(target, proc, proc.url, engines, workload, concurrency, args,
+                                  loadgen_pin=rest)
                     print_row(row)
-                results[f"workers{count}"] = {
-                    workload: asdict(median_row([r for r in rows if r.workload == workload]))
-                    for workload in ("chat", "sse")}
-    w1, w2 = results["workers1"], results["workers2"]
-    assert isinstance(w1, dict) and isinstance(w2, dict)
-    scaling = {w: round(w2[w]["rps"] / max(1e-9, w1[w]["rps"]), 3) for w in ("chat", "sse")}
+                    rows[count].append(row)
+    results = {f"workers{count}": {
+        workload: asdict(median_row([r for r in rows[count] if r.workload == workload]))
+        for workload in workloads} for count in (1, 2)}
+    by_round = {workload: [round(two.rps / max(1e-9, one.rps), 3)
+                           for one, two in zip(rows[1], rows[2]) if one.workload == workload]
+                for workload in workloads}
+    scaling = {workload: statistics.median(ratios) for workload, ratios in by_round.items()}
+    how = {
+        "pinned": "router pinned to 1 then 2 cores, engines and wrk on the others",
+        "canned": ("router pinned to core 0, then 0-1; in front of a canned nginx engine "
+                   "(non-streamed chat), wrk unpinned"),
+        "unpinned": (f"{NPROC} cores and no nginx or taskset: unpinned in front of the fake "
+                     "engines, which are then the limit; these figures cannot show scaling"),
+    }[mode]
     report["workers"] = {
-        "measured": pinned, "pinned": pinned, "scaling": scaling["chat"],
-        "scaling_by_workload": scaling, "concurrency": concurrency, **results,
-        "reason": "" if pinned else (
-            f"{NPROC} cores: the router cannot be pinned apart from the engines and the load "
-            "generator (needs 4), so these unpinned figures cannot show scaling"),
+        "measured": mode != "unpinned", "mode": mode, "how": how, "scaling": scaling["chat"],
+        "scaling_by_workload": scaling,
+        "scaling_rounds": by_round, "concurrency": concurrency, **results,
+        "reason": "" if mode != "unpinned" else how,
     }
-    print(f"workers: 2 vs 1 worker, throughput x{scaling['chat']:.2f} (chat), "
-          f"x{scaling['sse']:.2f} (sse){'' if pinned else ' -- unpinned, not conclusive'}",
-          flush=True)
+    figures = ", ".join(f"x{value:.2f} ({workload})" for workload, value in scaling.items())
+    print(f"workers: 2 vs 1 worker, throughput {figures}; {how}", flush=True)
 
 
 def soak(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:

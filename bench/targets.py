@@ -17,6 +17,7 @@ All listen on 127.0.0.1 and route round robin over the same engines.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 from bench.procs import Proc, free_port, python_module
 
 __all__ = ["Target", "TARGETS", "EXTENSIONS", "available_targets", "executable", "target",
-           "start_otlp_sink", "CHAT", "WHISPER", "SLOW"]
+           "start_otlp_sink", "start_canned_engines", "CHAT", "WHISPER", "SLOW"]
 
 CHAT = "bench-llm"
 WHISPER = "bench-whisper"
@@ -172,6 +173,57 @@ def start_nginx(engines: Sequence[str], log_dir: Path) -> Proc:
     argv = [str(executable("nginx")), "-p", str(directory), "-c", str(conf),
             "-e", str(directory / "nginx-error.log")]
     return Proc.start("nginx", argv, log_dir, url=f"http://127.0.0.1:{port}")
+
+
+CANNED_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    server {{
+{listens}
+        keepalive_requests 10000000;
+        location / {{
+            default_type application/json;
+            return 200 '{answer}';
+        }}
+    }}
+}}
+"""
+
+
+def canned_chat_answer() -> str:
+    """A 64-token chat completion shaped like the fake engine's (same size, ~740 bytes)."""
+    content = " ".join(f"tok{index}" for index in range(64))
+    return json.dumps({
+        "id": "chatcmpl-canned", "object": "chat.completion", "created": 1, "model": CHAT,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content,
+                                             "tool_calls": []},
+                     "logprobs": None, "finish_reason": "stop", "stop_reason": None}],
+        "usage": {"prompt_tokens": 20, "total_tokens": 84, "completion_tokens": 64},
+    }, separators=(",", ":"))
+
+
+def start_canned_engines(count: int, log_dir: Path) -> tuple[list[str], Proc]:
+    """`count` engine URLs served by one nginx worker that answers every request with the
+    same chat completion: an engine that costs next to nothing (tens of µs per request), so
+    that on a small machine the router, not its engines, is what limits throughput."""
+    directory = log_dir / "canned-engine"
+    directory.mkdir(exist_ok=True)
+    ports = [free_port() for _ in range(count)]
+    listens = "\n".join(f"        listen 127.0.0.1:{port};" for port in ports)
+    conf = directory / "nginx.conf"
+    conf.write_text(CANNED_CONF.format(dir=directory, listens=listens,
+                                       answer=canned_chat_answer()))
+    argv = [str(executable("nginx")), "-p", str(directory), "-c", str(conf),
+            "-e", str(directory / "nginx-error.log")]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    return urls, Proc.start("canned-engine", argv, log_dir, url=urls[0])
 
 
 def _needs_otel() -> str | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.__main__ import check_target, running
+from bench.targets import CHAT, executable, start_canned_engines, start_router
 from bench.targets import target as bench_target
 from router import tracing
 
@@ -92,3 +94,16 @@ def test_bench_rejects_unknown_extensions() -> None:
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 2
     assert "unknown extension 'nope'" in done.stderr
+
+
+@pytest.mark.skipif(executable("nginx") is None, reason="nginx is not installed")
+def test_canned_engine_serves_chat_through_the_router(tmp_path: Path) -> None:
+    """The `workers` section's cheap engine on small machines: one nginx answering the same
+    chat completion on several ports, which the router must take as a real engine's."""
+    urls, canned = start_canned_engines(2, tmp_path)
+    with running([canned]):
+        for url in urls:
+            assert check_target(url, False, timeout=30) is None
+        router = start_router(urls, tmp_path, models=[CHAT] * len(urls))
+        with running([router]):
+            assert check_target(router.url, False, timeout=60) is None
