@@ -12,6 +12,9 @@ router is reported and skipped, the run goes on):
 - `notimeout`: no `asyncio.timeout` around reading a JSON body: what skipping the timer when
   the body has already arrived with the headers (nearly always for chat) saves.
 - `orjson`: `orjson.loads` for the request body (when orjson is installed).
+- `gcfreeze`: once the app has started, `gc.freeze()` (what exists then is never scanned
+  again) and a young generation ten times larger: fewer, no longer, collections, the
+  usual remedy when GC pauses show in a service's latency tail.
 """
 
 from __future__ import annotations
@@ -88,6 +91,32 @@ def _orjson() -> str | None:
     shim = types.SimpleNamespace(loads=orjson.loads, dumps=json.dumps,
                                  JSONDecodeError=json.JSONDecodeError)
     inbound.json = shim  # type: ignore[assignment]
+    return None
+
+
+@patch("gcfreeze")
+def _gcfreeze() -> str | None:
+    import gc
+
+    from aiohttp import web
+
+    from router import server
+
+    make_app = getattr(server, "make_app", None)
+    if make_app is None:
+        return "router.server.make_app not found"
+
+    async def freeze(app: web.Application) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(7000, 10, 10)
+
+    def make_frozen_app(*args: object, **kwargs: object) -> web.Application:
+        app: web.Application = make_app(*args, **kwargs)
+        app.on_startup.append(freeze)
+        return app
+
+    server.make_app = make_frozen_app
     return None
 
 
