@@ -125,7 +125,7 @@ def start_vllm(engines: Sequence[str], log_dir: Path) -> Proc:
     return Proc.start("vllm-router", argv, log_dir, url=f"http://127.0.0.1:{port}")
 
 
-NGINX_CONF = """\
+NGINX_HEAD = """\
 worker_processes 1;
 worker_rlimit_nofile 65536;
 daemon off;
@@ -133,6 +133,10 @@ master_process on;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 20000; }}
+"""
+"""One worker (like the single-process Python targets), in the foreground, files in {dir}."""
+
+NGINX_CONF = NGINX_HEAD + """\
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
@@ -165,23 +169,23 @@ def start_nginx(engines: Sequence[str], log_dir: Path) -> Proc:
     """nginx with one worker (like the single-process Python targets), no buffering either
     way (a streaming proxy), keep-alive to the engines, no access log."""
     port = free_port()
-    directory = log_dir / "nginx"
-    directory.mkdir(exist_ok=True)
     servers = "\n".join(f"        server {url.split('://', 1)[1]};" for url in engines)
+    return run_nginx("nginx", NGINX_CONF, log_dir, f"http://127.0.0.1:{port}",
+                     servers=servers, port=port)
+
+
+def run_nginx(name: str, template: str, log_dir: Path, url: str, **values: object) -> Proc:
+    """nginx on the config `template` filled with `values` (and `dir`, its own directory)."""
+    directory = log_dir / name
+    directory.mkdir(exist_ok=True)
     conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=directory, servers=servers, port=port))
+    conf.write_text(template.format(dir=directory, **values))
     argv = [str(executable("nginx")), "-p", str(directory), "-c", str(conf),
             "-e", str(directory / "nginx-error.log")]
-    return Proc.start("nginx", argv, log_dir, url=f"http://127.0.0.1:{port}")
+    return Proc.start(name, argv, log_dir, url=url)
 
 
-CANNED_CONF = """\
-worker_processes 1;
-daemon off;
-master_process on;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+CANNED_CONF = NGINX_HEAD + """\
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
@@ -213,17 +217,11 @@ def start_canned_engines(count: int, log_dir: Path) -> tuple[list[str], Proc]:
     """`count` engine URLs served by one nginx worker that answers every request with the
     same chat completion: an engine that costs next to nothing (tens of µs per request), so
     that on a small machine the router, not its engines, is what limits throughput."""
-    directory = log_dir / "canned-engine"
-    directory.mkdir(exist_ok=True)
     ports = [free_port() for _ in range(count)]
     listens = "\n".join(f"        listen 127.0.0.1:{port};" for port in ports)
-    conf = directory / "nginx.conf"
-    conf.write_text(CANNED_CONF.format(dir=directory, listens=listens,
-                                       answer=canned_chat_answer()))
-    argv = [str(executable("nginx")), "-p", str(directory), "-c", str(conf),
-            "-e", str(directory / "nginx-error.log")]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    return urls, Proc.start("canned-engine", argv, log_dir, url=urls[0])
+    return urls, run_nginx("canned-engine", CANNED_CONF, log_dir, urls[0], listens=listens,
+                           answer=canned_chat_answer())
 
 
 def _needs_otel() -> str | None:
