@@ -1,0 +1,1 @@
+"""End-to-end tests against real vLLM engines (`make e2e`)."""
