@@ -15,6 +15,7 @@ router is reported and skipped, the run goes on):
 - `gcfreeze`: once the app has started, `gc.freeze()` (what exists then is never scanned
   again) and a young generation ten times larger: fewer, no longer, collections, the
   usual remedy when GC pauses show in a service's latency tail.
+- `gcfreezeonly`: `gc.freeze()` once the app has started, thresholds unchanged.
 """
 
 from __future__ import annotations
@@ -94,8 +95,17 @@ def _orjson() -> str | None:
     return None
 
 
+@patch("gcfreezeonly")
+def _gcfreezeonly() -> str | None:
+    return _freeze(threshold=None)
+
+
 @patch("gcfreeze")
 def _gcfreeze() -> str | None:
+    return _freeze(threshold=7000)
+
+
+def _freeze(threshold: int | None) -> str | None:
     import gc
 
     from aiohttp import web
@@ -109,7 +119,8 @@ def _gcfreeze() -> str | None:
     async def freeze(app: web.Application) -> None:
         gc.collect()
         gc.freeze()
-        gc.set_threshold(7000, 10, 10)
+        if threshold is not None:
+            gc.set_threshold(threshold, 10, 10)
 
     def make_frozen_app(*args: object, **kwargs: object) -> web.Application:
         app: web.Application = make_app(*args, **kwargs)
