@@ -67,33 +67,36 @@ async def read_inbound(
 
 async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
     """The handler of every proxied endpoint (bound to its route by `add_routes`): the drain
-    tracks it, then the rate limit and admission let it in (or refuse it)."""
+    tracks it, then the rate limit and admission let it in and its body is read (or any of
+    them refuses it, before a backend is chosen)."""
     app = request.app
     flow = RequestFlow(id=request_id(request), endpoint=endpoint, method=request.method)
     task = asyncio.current_task()
     assert task is not None
     drain = app[DRAIN]
     drain.enter(task, flow)
+    admission = app[ADMISSION]
+    admitted_in = False
     try:
         lifecycle = Lifecycle(request, app[EVENTS], flow)
-        admission = app[ADMISSION]
         try:
             limiter = app[RATE_LIMITER]
             if limiter is not None:
                 limiter.take(client_key(request))
             if admission is not None:
                 await admission.acquire()
+                admitted_in = True
+            inbound = await read_inbound(request, multipart, flow)
         except RouterError as error:
             return lifecycle.reject(error)
         except asyncio.CancelledError:
             lifecycle.abandon()
             raise
-        try:
-            return await admitted(request, endpoint, multipart, flow, lifecycle)
-        finally:
-            if admission is not None:
-                admission.release()
+        return await admitted(request, endpoint, inbound, flow, lifecycle)
     finally:
+        if admitted_in:
+            assert admission is not None
+            admission.release()
         drain.leave(task)
 
 
@@ -109,17 +112,10 @@ def client_key(request: web.Request) -> str:
 
 
 async def admitted(
-    request: web.Request, endpoint: str, multipart: bool, flow: RequestFlow,
+    request: web.Request, endpoint: str, inbound: InboundRequest, flow: RequestFlow,
     lifecycle: Lifecycle,
 ) -> web.StreamResponse:
     app = request.app
-    try:
-        inbound = await read_inbound(request, multipart, flow)
-    except RouterError as error:
-        return lifecycle.reject(error)
-    except asyncio.CancelledError:
-        lifecycle.abandon()
-        raise
     try:
         flow.request, flow.request_json, flow.request_body = request, inbound.json, inbound.body
         plugins = app[PLUGINS]
