@@ -26,8 +26,8 @@ from router.flow import Outcome
 from router.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
-    FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, REWRITER, STATS,
-    UPSTREAM_AUTH, BATCHES,
+    FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, RETRY_BUDGET, REWRITER,
+    STATS, UPSTREAM_AUTH, BATCHES,
 )
 from router import multiprocess_metrics
 from router.metrics import Metrics
@@ -35,10 +35,12 @@ from router.multiprocess_metrics import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
 from router.proxy import UpstreamAuth, cut_client
+from router.retries import RetryBudget
 from router.routing import BackendChooser
 from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
+from router.timeouts import ProxyTimeout
 from router.tracing import make_tracer
 
 __all__ = ["make_app", "mounted"]
@@ -53,13 +55,16 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         limit=config.max_upstream_connections,
         keepalive_timeout=config.upstream_keepalive,
     )
-    # No total timeout: streams may run for hours; connect and per-read limits catch a dead
-    # or stalled backend instead.
-    timeout = aiohttp.ClientTimeout(
+    # No total timeout: streams may run for hours. Each phase has its own bound instead
+    # (router.timeouts): connecting, waiting for the answer (a non-streamed generation
+    # answers only when done), the head once started, and each silence of the body.
+    timeout = ProxyTimeout(
         total=None,
         connect=config.connect_timeout,
         sock_connect=config.connect_timeout,
-        sock_read=config.read_timeout,
+        sock_read=config.response_timeout,
+        body_read=config.read_timeout,
+        head=config.response_head_timeout,
     )
     async with aiohttp.ClientSession(
         connector=connector,
@@ -192,6 +197,7 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[DRAIN] = Drain()
     app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
+    app[RETRY_BUDGET] = RetryBudget(config.retry_budget_percent, config.retry_budget_min)
     app[POOL] = pool
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats

@@ -150,8 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="start two built-in demo engines in-process and route to them")
     add("--connect-timeout", type=positive_float, default=5.0,
         help="seconds to connect to a backend (default 5)")
+    add("--response-timeout", type=positive_float, default=1800.0,
+        help="seconds from a request sent to the first byte of the backend's answer; a "
+             "non-streamed answer comes only when generated; never retried (default 1800)")
+    add("--response-head-timeout", type=positive_float, default=30.0,
+        help="seconds from the first byte of a backend's response head to its end "
+             "(default 30)")
     add("--read-timeout", type=positive_float, default=600.0,
-        help="seconds to wait for a backend's first byte and between chunks (default 600)")
+        help="seconds a backend's answer may go silent once it started, e.g. between two "
+             "chunks of a stream (default 600)")
     add("--max-body-size", type=size, default="2GiB",
         help="largest multipart (audio) body (default 2GiB)")
     add("--max-json-body-size", type=size, default="64MiB",
@@ -300,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
              "started (default 2)")
     add("--retry-backoff", type=non_negative_float, default=0.05,
         help="seconds before the first retry, doubled for each next one (default 0.05)")
+    add("--retry-budget-percent", type=non_negative_float, default=20.0,
+        help="retries in flight at most this percent of the requests in flight, or "
+             "--retry-budget-min, whichever is more (default 20)")
+    add("--retry-budget-min", type=non_negative_int, default=3,
+        help="retries in flight always allowed, whatever the load (default 3)")
     return parser
 
 
@@ -480,6 +492,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         demo=args.demo,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,
+        response_timeout=args.response_timeout,
+        response_head_timeout=args.response_head_timeout,
         max_body_size=args.max_body_size,
         max_json_body_size=args.max_json_body_size,
         max_upstream_connections=args.max_upstream_connections,
@@ -534,4 +548,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         otel_secure=args.otel_secure,
         max_retries=args.max_retries,
         retry_backoff=args.retry_backoff,
+        retry_budget_percent=args.retry_budget_percent,
+        retry_budget_min=args.retry_budget_min,
     )

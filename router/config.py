@@ -59,9 +59,14 @@ class Config:
     demo_engines: int = 2
     connect_timeout: float = 5.0
     """Seconds to open a TCP connection to a backend (a pool slot wait included)."""
+    response_timeout: float = 1800.0
+    """Seconds from the request sent to the first byte of the backend's answer: vLLM sends a
+    non-streamed answer's head only when generation ends. Not retried when it runs out."""
+    response_head_timeout: float = 30.0
+    """Seconds from the first byte of the response head to its end (a trickling head)."""
     read_timeout: float = 600.0
-    """Seconds to wait for the backend's first byte and for each next chunk; streams have no
-    total limit."""
+    """Seconds the backend's answer may go silent once its head started (between two
+    chunks); streams have no total limit."""
     max_body_size: int = 2 * GIB
     """Largest multipart (audio) request body."""
     max_json_body_size: int = 64 * MIB
@@ -183,6 +188,10 @@ class Config:
     max_retries: int = 2
     retry_backoff: float = 0.05
     """Seconds before the first retry; doubled for each next one."""
+    retry_budget_percent: float = 20.0
+    """Retries in flight may be at most this share of the requests in flight..."""
+    retry_budget_min: int = 3
+    """...or this many, whichever is more (Envoy's `min_retry_concurrency`)."""
 
 
 SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

@@ -23,8 +23,10 @@ __all__ = [
     "RequestTimeout",
     "TooManyRequests",
     "NoBackendAvailable",
+    "BackendUnreachable",
     "UpstreamError",
     "UpstreamTimeout",
+    "ResponseHeadTimeout",
     "error_response",
     "error_body",
 ]
@@ -107,6 +109,11 @@ class NoBackendAvailable(RouterError):
     outcome = Outcome.BACKEND_ERROR
 
 
+class BackendUnreachable(NoBackendAvailable):
+    """The chosen backend refused the connection or did not accept it in time: nothing of
+    the request reached it (so another backend may take it)."""
+
+
 class UpstreamError(RouterError):
     """The backend failed before the response started (reset, invalid HTTP)."""
 
@@ -117,12 +124,20 @@ class UpstreamError(RouterError):
 
 
 class UpstreamTimeout(RouterError):
-    """The backend sent nothing within the read timeout."""
+    """The backend did not answer within the response timeout, or its answer went silent
+    for longer than the read timeout."""
 
     status = 504
     error_type = "upstream_timeout"
     code = "gateway_timeout"
     outcome = Outcome.TIMEOUT
+
+
+class ResponseHeadTimeout(UpstreamTimeout):
+    """The backend began its response head and did not finish it within the head timeout:
+    a broken (or hostile) upstream, not a busy one, so it counts as a backend error."""
+
+    outcome = Outcome.BACKEND_ERROR
 
 
 def error_body(status: int, message: str, error_type: str, code: str | int | None) -> bytes:

@@ -184,6 +184,12 @@ ROUTER_SIDE = frozenset({Outcome.REJECTED, Outcome.ROUTER_ERROR})
 def classify(flow: RequestFlow) -> Verdict:
     """What a completed request says about the health of `flow.backend`."""
     outcome, status = flow.outcome, flow.status
+    if outcome is Outcome.TIMEOUT and flow.t_headers is None:
+        # The engine took the request and did not answer within --response-timeout: a long
+        # generation or a long queue, which says it is busy, not broken (the prober catches
+        # a dead one). Counted, it would open busy engines' breakers and pile their load on
+        # the others exactly when there is none to spare.
+        return Verdict.NEUTRAL
     if outcome in BACKEND_FAULTS:
         return Verdict.FAILURE
     if outcome in ROUTER_SIDE:

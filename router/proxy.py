@@ -23,13 +23,17 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from router.errors import NoBackendAvailable, RouterError, UpstreamError, UpstreamTimeout
+from router.errors import (
+    BackendUnreachable, ResponseHeadTimeout, RouterError, UpstreamError, UpstreamTimeout,
+)
 from router.backends import Backend
 from router.events import RequestEvents
 from router.flow import Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest, UploadBody
 from router.metrics import TAIL_BYTES
 from router.plugins import MAX_BODY
+from router.retries import RetryBudget
+from router.timeouts import HeadTimeout, ProxyTimeout
 
 if TYPE_CHECKING:
     from router.lifecycle import Lifecycle
@@ -115,13 +119,16 @@ def backend_headers(headers: CIMultiDict[str], backend: Backend) -> CIMultiDict[
 
 
 def backend_timeout(session: aiohttp.ClientSession, backend: Backend) -> aiohttp.ClientTimeout:
-    """The session's timeouts, with the backend's own read timeout when it has one."""
+    """The session's timeouts (a `ProxyTimeout`); a backend with a read timeout of its own (an
+    external provider's `timeout`) has it for the wait for its answer and for the body."""
     timeout = session.timeout
     if backend.read_timeout is None:
         return timeout
-    return aiohttp.ClientTimeout(
+    head = timeout.head if isinstance(timeout, ProxyTimeout) else None
+    return ProxyTimeout(
         total=timeout.total, connect=timeout.connect, sock_connect=timeout.sock_connect,
         sock_read=backend.read_timeout, ceil_threshold=timeout.ceil_threshold,
+        body_read=backend.read_timeout, head=head,
     )
 
 
@@ -131,7 +138,9 @@ def upstream_error(error: BaseException, backend: str, upload: UploadBody | None
         # The body stream failed on the client's side, not the backend's.
         return upload.error if isinstance(upload.error, RouterError) else ClientGone()
     if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-        return NoBackendAvailable(f"backend {backend} is unreachable: {error}")
+        return BackendUnreachable(f"backend {backend} is unreachable: {error}")
+    if isinstance(error, HeadTimeout):
+        return ResponseHeadTimeout(f"backend {backend}: {error}")
     if isinstance(error, TimeoutError):
         return UpstreamTimeout(f"backend {backend} did not answer in time")
     return UpstreamError(f"backend {backend} failed: {error!r}")
@@ -148,9 +157,10 @@ class Failover:
     max_retries: int
     backoff: float
     """Seconds before the first retry, doubled for each next one."""
+    budget: RetryBudget
+    """The application's: retries at most a share of the requests in flight."""
 
 
-RETRIED_OUTCOMES = (Outcome.BACKEND_ERROR, Outcome.TIMEOUT)
 RETRIED_STATUSES = frozenset({502, 503, 504})
 """Backend answers worth another backend: a gateway in front of it failed, or it is
 overloaded or shutting down (vLLM answers 503 while draining)."""
@@ -168,6 +178,12 @@ class BackendStatus(RouterError):
         self.status = status
 
 
+RETRIED_ERRORS = (BackendUnreachable, BackendStatus)
+"""Failures no engine can have started work on: no connection was made, or the engine
+answered "not me". Anything else happened after the request was sent (a timeout, a reset,
+a broken answer): the engine may be generating it, so it is never sent to another one."""
+
+
 async def forward(
     to: web.Request | Collector,
     flow: RequestFlow,
@@ -178,49 +194,58 @@ async def forward(
     headers: CIMultiDict[str],
     failover: Failover | None,
 ) -> None:
-    """`exchange` with failover: a backend failure before its answer started is retried on
-    another backend while the body can be sent again. The answer goes `to` the client's
-    connection, or into a `Collector`."""
+    """`exchange` with failover: a request no backend can have started (`RETRIED_ERRORS`)
+    is retried on another backend while the body can be sent again and the retry budget
+    allows. The answer goes `to` the client's connection, or into a `Collector`."""
     sink: Sink = ClientSink(to, lifecycle) if isinstance(to, web.Request) else to
     if flow.prefill_backend is not None:
         await prefill(flow, inbound, session, path, headers)
-    while True:
-        assert flow.backend is not None
-        tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
+    if failover is None:
+        await exchange(sink, flow, inbound, session, lifecycle.events, path, headers)
+        return
+    ticket = failover.budget.ticket()
+    try:
+        while True:
+            assert flow.backend is not None
+            tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
 
-        def retry_status(tried: set[str] = tried) -> bool:
-            # A retryable status is only turned into a retry when one can happen: otherwise
-            # the backend's own answer goes to the client untouched. Asked only when the
-            # status is retryable (it consults the policy's candidates).
-            return (
-                failover is not None
-                and len(flow.attempts) < failover.max_retries
-                and inbound.replayable
-                and failover.alternatives(tried)
-            )
+            def retry_status(tried: set[str] = tried) -> bool:
+                # A retryable status is only turned into a retry when one can happen:
+                # otherwise the backend's own answer goes to the client untouched. Asked
+                # only when the status is retryable (it consults the policy's candidates).
+                return (
+                    len(flow.attempts) < failover.max_retries
+                    and inbound.replayable
+                    and ticket.allows_retry()
+                    and failover.alternatives(tried)
+                )
 
-        try:
-            await exchange(sink, flow, inbound, session, lifecycle.events, path, headers,
-                           retry_status)
-            return
-        except RouterError as error:
-            if (
-                failover is None
-                or error.outcome not in RETRIED_OUTCOMES
-                or flow.t_headers is not None
-                or len(flow.attempts) >= failover.max_retries
-                or not inbound.replayable
-            ):
-                raise
-            backend = failover.reroute(tried) or same_again(flow)
-            if backend is None:
-                raise
-            flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
-            log.warning("request %s: %s; retrying on backend %s (attempt %d)",
-                        flow.id, error.message, backend.id, len(flow.attempts) + 1)
-            flow.backend = backend
-            lifecycle.events.on_retry(flow)
-            await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
+            try:
+                await exchange(sink, flow, inbound, session, lifecycle.events, path, headers,
+                               retry_status)
+                return
+            except RETRIED_ERRORS as error:
+                if (
+                    flow.t_headers is not None
+                    or len(flow.attempts) >= failover.max_retries
+                    or not inbound.replayable
+                ):
+                    raise
+                if not ticket.retry():
+                    log.warning("request %s: %s; not retried: the retry budget is spent (%r)",
+                                flow.id, error.message, failover.budget)
+                    raise
+                backend = failover.reroute(tried) or same_again(flow)
+                if backend is None:
+                    raise
+                flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
+                log.warning("request %s: %s; retrying on backend %s (attempt %d)",
+                            flow.id, error.message, backend.id, len(flow.attempts) + 1)
+                flow.backend = backend
+                lifecycle.events.on_retry(flow)
+                await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
+    finally:
+        ticket.close()
 
 
 def same_again(flow: RequestFlow) -> Backend | None:

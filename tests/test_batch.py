@@ -170,7 +170,8 @@ async def test_a_line_an_engine_fails_is_retried_on_the_other_engine(
     start_batch_router: Callable[..., Any], engines: list[RunningEngine]
 ) -> None:
     engines[0].behaviour.fail_status = 503
-    router: RouterUnderTest = await start_batch_router()
+    # Half of the 8 lines in flight fail at once: a budget this size lets all of them retry.
+    router: RouterUnderTest = await start_batch_router(retry_budget_percent=100)
     async with sdk(router) as client:
         done = await wait_for(client, (await submit(client, [line(n) for n in range(10)])).id,
                               finished)

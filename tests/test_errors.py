@@ -244,10 +244,10 @@ async def test_backend_that_breaks_before_its_headers_is_a_502(
         await server.wait_closed()
 
 
-async def test_backend_silent_past_read_timeout_is_a_504(
+async def test_backend_silent_past_response_timeout_is_a_504(
     start_router: StartRouter, engine: RunningEngine
 ) -> None:
-    router = await start_router(config_for([engine], read_timeout=0.3))
+    router = await start_router(config_for([engine], response_timeout=0.3))
     engine.behaviour.first_token_delay = 5.0
     started = time.monotonic()
     reply = await call("POST", router.url + "/v1/chat/completions", headers=JSON,

@@ -218,8 +218,6 @@ def test_bad_breaker_settings_are_refused(threshold: int, cooldown: float) -> No
     (Outcome.BACKEND_ERROR, 502, Verdict.FAILURE),
     (Outcome.BACKEND_ERROR, 503, Verdict.FAILURE),  # connection refused
     (Outcome.BACKEND_ERROR, 200, Verdict.FAILURE),  # broke mid-stream
-    (Outcome.TIMEOUT, 504, Verdict.FAILURE),
-    (Outcome.TIMEOUT, 200, Verdict.FAILURE),
     (Outcome.OK, 400, Verdict.NEUTRAL),  # prompt longer than the context
     (Outcome.OK, 404, Verdict.NEUTRAL),
     (Outcome.OK, 429, Verdict.NEUTRAL),
@@ -235,8 +233,19 @@ def test_classify(outcome: Outcome, status: int | None, verdict: Verdict) -> Non
     assert classify(make_flow(A, outcome, status)) is verdict
 
 
+def test_a_timeout_waiting_for_the_answer_is_neutral_but_a_silent_stream_is_a_failure() -> None:
+    waited = make_flow(A, Outcome.TIMEOUT, 504)  # no head within --response-timeout: busy
+    assert classify(waited) is Verdict.NEUTRAL
+    silent = make_flow(A, Outcome.TIMEOUT, 200)  # the answer started, then went silent
+    silent.t_headers = 1.0
+    assert classify(silent) is Verdict.FAILURE
+    trickled = make_flow(A, Outcome.BACKEND_ERROR, 504)  # a head past its own deadline
+    assert classify(trickled) is Verdict.FAILURE
+
+
 @pytest.mark.parametrize(("outcome", "status"), [
-    (Outcome.OK, 500), (Outcome.OK, 503), (Outcome.BACKEND_ERROR, 502), (Outcome.TIMEOUT, 504),
+    (Outcome.OK, 500), (Outcome.OK, 503), (Outcome.BACKEND_ERROR, 502),
+    (Outcome.BACKEND_ERROR, 504),
 ])
 def test_backend_failures_open_the_breaker(
     tracker: HealthTracker, outcome: Outcome, status: int
@@ -310,7 +319,7 @@ def test_half_open_backend_takes_exactly_one_trial_request(
 def test_failed_trial_reopens_the_breaker(tracker: HealthTracker, clock: Clock) -> None:
     open_breaker(tracker)
     clock.advance(COOLDOWN)
-    finish(tracker, start(tracker), Outcome.TIMEOUT, 504)
+    finish(tracker, start(tracker), Outcome.BACKEND_ERROR, 502)
     health = tracker.state(A.id)
     assert (health.breaker, health.opened_at) == ("open", clock.now)
     assert not tracker.available(A)
@@ -402,7 +411,7 @@ def test_on_retry_from_a_trial_reopens_and_the_new_half_open_backend_gets_the_tr
     open_breaker(tracker, B)
     clock.advance(COOLDOWN)
     flow = start(tracker, A)
-    retry(tracker, flow, B, Outcome.TIMEOUT)
+    retry(tracker, flow, B, Outcome.BACKEND_ERROR)
     assert tracker.state(A.id).breaker == "open"
     assert tracker.state(B.id).trial_in_flight
     assert not tracker.available(B)

@@ -21,7 +21,7 @@ from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
-    RATE_LIMITER, REWRITER, UPSTREAM_AUTH,
+    RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
 )
 from router.lifecycle import Lifecycle
 from router.multipart import read_multipart_request
@@ -141,6 +141,7 @@ async def admitted(
                 lambda tried: bool(chooser.candidates(inbound.model, tried)),
                 config.max_retries,
                 config.retry_backoff,
+                app[RETRY_BUDGET],
             )
         else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
             query = request.rel_url.without_query_params("id").query_string

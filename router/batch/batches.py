@@ -43,7 +43,8 @@ from router.errors import BadRequest, RouterError, TooManyRequests
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, resolve_model
 from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, REWRITER, UPSTREAM_AUTH,
+    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, RETRY_BUDGET, REWRITER,
+    UPSTREAM_AUTH,
 )
 from router.lifecycle import Lifecycle
 from router.proxy import Collector, Failover, forward, upstream_headers
@@ -269,6 +270,7 @@ async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
         lambda tried: bool(chooser.candidates(inbound.model, tried)),
         config.max_retries,
         config.retry_backoff,
+        app[RETRY_BUDGET],
     )
     headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
     collected = Collector(config.max_json_body_size)
