@@ -181,7 +181,8 @@ class BackendStatus(RouterError):
 RETRIED_ERRORS = (BackendUnreachable, BackendStatus)
 """Failures no engine can have started work on: no connection was made, or the engine
 answered "not me". Anything else happened after the request was sent (a timeout, a reset,
-a broken answer): the engine may be generating it, so it is never sent to another one."""
+a broken answer): the engine may be generating it, so it is never sent to another one.
+Only a status retry is subject to the retry budget."""
 
 
 async def forward(
@@ -195,8 +196,9 @@ async def forward(
     failover: Failover | None,
 ) -> None:
     """`exchange` with failover: a request no backend can have started (`RETRIED_ERRORS`)
-    is retried on another backend while the body can be sent again and the retry budget
-    allows. The answer goes `to` the client's connection, or into a `Collector`."""
+    is retried on another backend while the body can be sent again (and, after a 502/503/504
+    answer, while the retry budget allows). The answer goes `to` the client's connection, or
+    into a `Collector`."""
     sink: Sink = ClientSink(to, lifecycle) if isinstance(to, web.Request) else to
     if flow.prefill_backend is not None:
         await prefill(flow, inbound, session, path, headers)
@@ -212,13 +214,20 @@ async def forward(
             def retry_status(tried: set[str] = tried) -> bool:
                 # A retryable status is only turned into a retry when one can happen:
                 # otherwise the backend's own answer goes to the client untouched. Asked
-                # only when the status is retryable (it consults the policy's candidates).
-                return (
+                # only when the status is retryable (it consults the policy's candidates);
+                # the budget is asked last, as it counts a refusal.
+                if not (
                     len(flow.attempts) < failover.max_retries
                     and inbound.replayable
-                    and ticket.allows_retry()
                     and failover.alternatives(tried)
-                )
+                ):
+                    return False
+                if ticket.retry():
+                    return True
+                log.warning("request %s: the retry budget is spent (%r): the answer of "
+                            "backend %s goes to the client", flow.id, failover.budget,
+                            flow.backend.id if flow.backend else None)
+                return False
 
             try:
                 await exchange(sink, flow, inbound, session, lifecycle.events, path, headers,
@@ -231,10 +240,8 @@ async def forward(
                     or not inbound.replayable
                 ):
                     raise
-                if not ticket.retry():
-                    log.warning("request %s: %s; not retried: the retry budget is spent (%r)",
-                                flow.id, error.message, failover.budget)
-                    raise
+                # A status retry took its share of the budget in `retry_status`; a failed
+                # connection reached no engine and costs none, so it takes none.
                 backend = failover.reroute(tried) or same_again(flow)
                 if backend is None:
                     raise

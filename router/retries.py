@@ -1,7 +1,8 @@
 """The retry budget: retries at most a fraction of the requests in flight (Envoy's
-`retry_budget`), so that a bad minute (every engine answering 503, connections refused)
-cannot turn each client request into `--max-retries` more and multiply the load on a fleet
-that has none to spare.
+`retry_budget`), so that a bad minute (every engine answering 503) cannot turn each client
+request into `--max-retries` more and multiply the requests a fleet with no room to spare
+must turn away. It applies to retries after a 502/503/504 answer: a connection that failed
+reached no engine, and its retry is the failover that keeps clients from noticing a dead one.
 
 One `RetryBudget` per application. Every request that may fail over holds one `Ticket` while
 it runs; the ticket holds a retry slot from its first retry until it ends. A retry is allowed
@@ -55,10 +56,6 @@ class Ticket:
         self.budget = budget
         self.retrying = False
         self.closed = False
-
-    def allows_retry(self) -> bool:
-        """Whether the budget lets this request retry now (takes nothing)."""
-        return self.budget.allows(self.retrying)
 
     def retry(self) -> bool:
         """Take a retry slot (kept until `close`), or count a refusal: whether it may retry."""

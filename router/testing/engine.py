@@ -69,6 +69,8 @@ class EngineBehaviour:
     chunk_padding: int = 0
     """Bytes of SSE comment (`: xxx`) added to every event: a big, fast stream on demand."""
     health_status: int = 200
+    record_request_ids: bool = False
+    """Keep the `x-request-id` of every proxied request in `EngineState.request_ids`."""
     kv_cache_usage: float | None = None
     num_requests_waiting: int = 0
 
@@ -105,6 +107,8 @@ class EngineState:
     last_path: str | None = None
     """Path and query string of the last proxied request."""
     last_json: JsonDict | None = None
+    request_ids: list[str] = field(default_factory=list)
+    """With `record_request_ids`: every proxied request's `x-request-id`, in arrival order."""
 
 
 ENGINE_STATE = web.AppKey("engine_state", EngineState)
@@ -380,6 +384,8 @@ def _proxied(handler: Handler) -> Handler:
         state.open += 1
         state.last_headers = request.headers
         state.last_path = request.path_qs
+        if request.app[ENGINE_BEHAVIOUR].record_request_ids:
+            state.request_ids.append(request.headers.get("x-request-id", ""))
         try:
             fail_status = _injected_failure(request)
             if fail_status is not None:

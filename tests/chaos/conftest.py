@@ -50,6 +50,7 @@ SETTLE_TIMEOUT = 10.0
 # Timeouts short enough that faults resolve fast, long enough for a busy 2-core machine.
 CHAOS_SETTINGS: dict[str, Any] = dict(
     read_timeout=0.5,
+    response_timeout=0.5,
     connect_timeout=0.5,
     upstream_keepalive=0.3,
     cb_cooldown=0.2,
@@ -106,6 +107,15 @@ def scales() -> list[Any]:
     A function, so the mark is made when test modules are imported, after `pytest_configure`
     registered it."""
     return [pytest.param(SHORT, id="short"), pytest.param(LONG, id="long", marks=pytest.mark.chaos)]
+
+
+def served_by(router: RouterUnderTest, result: ClientResult) -> str | None:
+    """The backend that last had the request: the answer says so, the router's own error
+    (no `x-router-backend`) does not, its flow does."""
+    if result.backend is not None:
+        return result.backend
+    flow = router.log.flows.get(result.request_id)
+    return None if flow is None or flow.backend is None else flow.backend.id
 
 
 def chaos_config(urls: Iterable[str], **overrides: Any) -> Config:

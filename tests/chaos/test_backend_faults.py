@@ -20,7 +20,8 @@ from router.testing.chaos import (
 
 from ..conftest import CHAT, StartRouter
 from .conftest import (
-    CHAOS_SETTINGS, Scale, Scenario, chaos_config, expect_kinds, id_of, scales, traffic,
+    CHAOS_SETTINGS, Scale, Scenario, chaos_config, expect_kinds, id_of, scales, served_by,
+    traffic,
 )
 
 READ_TIMEOUT = CHAOS_SETTINGS["read_timeout"]
@@ -52,9 +53,10 @@ ENGINE_FAULTS: dict[str, Callable[[Scale], EngineFault]] = {
         {"hang_after_headers": True}, {Kind.CUT}, {Kind.CUT},
         count=lambda engine: engine.state.hangs),
     # The first token comes after the read timeout: a stream (headers already sent) is cut;
-    # a JSON answer (nothing sent yet) is retried on the other engine, so never ends here.
-    "first_token_past_read_timeout": lambda scale: EngineFault(
-        {"first_token_delay": READ_TIMEOUT * 3}, {Kind.CUT}, set(),
+    # a JSON answer comes past the response timeout: a 504, never sent to the other engine
+    # (this one is still generating it).
+    "first_token_past_the_timeouts": lambda scale: EngineFault(
+        {"first_token_delay": READ_TIMEOUT * 3}, {Kind.CUT}, {Kind.ERROR},
         count=lambda engine: engine.state.started),
     "burst_of_500": lambda scale: EngineFault(
         _burst(500, scale), {Kind.ERROR, Kind.COMPLETE}, {Kind.ERROR, Kind.COMPLETE},
@@ -94,7 +96,7 @@ async def test_engine_faults_under_traffic(
         scenario.results += results
 
         def allowed(result: ClientResult) -> set[Kind]:
-            if result.backend != id_of(faulty):
+            if served_by(router, result) != id_of(faulty):
                 return COMPLETE
             return spec.stream if result.stream else spec.json
 
@@ -161,8 +163,9 @@ async def test_misbehaving_backend_beside_a_good_engine(
     scale: Scale, start_router: StartRouter, engine: RunningEngine, scenario: Scenario,
     rng: random.Random,
 ) -> None:
-    """With a good engine beside it, faults before the headers are retried there (the
-    client never notices); faults after them cut that client's answer, and only that one."""
+    """With a good engine beside it, a fault before the headers is that client's 502/504:
+    the request was sent, the backend may be working on it, so it is not sent to the good
+    engine. Faults after the headers cut that client's answer, and only that one."""
     faults = [rng.choice(FAULTS) for _ in range(scale.requests * scale.rounds * 2)]
     async with MisbehavingBackend(faults) as backend:
         router = await start_router(chaos_config([backend.url, engine.url]))
@@ -176,6 +179,8 @@ async def test_misbehaving_backend_beside_a_good_engine(
                 fault = backend.fault_of(result.request_id)
                 if fault in AFTER_HEADERS:
                     return {Kind.CUT}
+                if fault in BEFORE_HEADERS:
+                    return {Kind.ERROR}
                 return COMPLETE
 
             expect_kinds(results, allowed)

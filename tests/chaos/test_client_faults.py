@@ -103,9 +103,10 @@ async def test_clients_leaving(
     scenario: Scenario, rng: random.Random,
 ) -> None:
     # Answers begin late (0.6 s) and stream slowly, so a leaving client (at most 0.2 s or 8
-    # events in) always leaves first, with room for a busy loop; the read timeout is not
-    # what this scenario is about.
-    router = await start_router(chaos_config([e.url for e in engines], read_timeout=2.0))
+    # events in) always leaves first, with room for a busy loop; the timeouts are not what
+    # this scenario is about.
+    router = await start_router(chaos_config([e.url for e in engines], read_timeout=2.0,
+                                             response_timeout=2.0))
     for engine in engines:
         engine.behaviour.headers_delay = 0.6
         engine.behaviour.token_delay = 0.02

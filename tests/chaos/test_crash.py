@@ -2,8 +2,9 @@
 
 The doomed engine runs in a child process (`router.testing.chaos.EngineProcess`) beside an
 in-process engine. Killed streams must end cut (never complete-looking, never hanging), the
-requests that arrive while it is dead or that it took to its grave before answering must be
-served by the other engine, and once it is back it must get traffic again."""
+requests that arrive while it is dead must be served by the other engine, those it took to
+its grave before answering get a 502 (sent once, never twice), and once it is back it must
+get traffic again."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from router.testing.chaos import ClientResult, EngineProcess, Kind, call
 from ..conftest import MODELS, StartRouter
 from .conftest import (
     CHAOS_SETTINGS, Scale, Scenario, bounded_gather, chaos_config, chat_body,
-    expect_kinds, id_of, scales, traffic,
+    expect_kinds, id_of, scales, served_by, traffic,
 )
 
 READ_TIMEOUT = CHAOS_SETTINGS["read_timeout"]
@@ -67,7 +68,9 @@ async def test_engine_killed_mid_stream_and_before_headers(
             dead = await traffic(router, rng, f"{tag}-dead", scale.requests,
                                  concurrency=scale.concurrency, timeout=10)
             expect_kinds(dead, lambda r: {Kind.COMPLETE})
-            # 3. Killed while computing its first answer (nothing sent): retried elsewhere.
+            # 3. Killed while computing its first answer: the request was sent and no answer
+            # came. The router cannot tell a dead engine from one still generating behind a
+            # broken connection, so those clients get a 502 and the request goes nowhere else.
             await doomed.start()
             await doomed.configure(token_delay=0.0, headers_delay=5.0)
             async with aiohttp.ClientSession() as session:
@@ -82,8 +85,9 @@ async def test_engine_killed_mid_stream_and_before_headers(
                 await doomed.kill()
                 scenario.fault("engine_sigkill_before_headers")
                 early = await waiting
-            expect_kinds(early, lambda r: {Kind.COMPLETE})
-            assert all(r.backend == id_of(engine) for r in early)
+            expect_kinds(early, lambda r: {Kind.ERROR} if served_by(router, r) == doomed_id
+                         else {Kind.COMPLETE})
+            assert {r.status for r in early if r.kind is Kind.ERROR} == {502}
             # 4. Back again: the router sends it traffic once its breaker lets a trial through.
             await doomed.start()
             await doomed.configure(headers_delay=0.0, token_delay=0.0)
