@@ -38,10 +38,11 @@ class Backend:
     provider's `Authorization` (always set for one) and custom headers. Secrets: kept out of
     `repr` and `/engines`."""
     read_timeout: float | None = None
-    """Seconds to the first byte and between chunks for this backend; None: --read-timeout."""
+    """Seconds to the first byte and between chunks for this backend; None:
+    --response-timeout and --read-timeout."""
     max_retries: int = 0
-    """Retries on this same backend of an attempt that failed before the answer started. An
-    external provider is one backend: failover to another has nowhere to go."""
+    """Retries on this same backend of an attempt that could not reach it. An external
+    provider is one backend: failover to another has nowhere to go."""
     model_type: str | None = None
     """With `--static-backend-health-checks`: probe with a minimal request of this type."""
 

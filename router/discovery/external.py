@@ -8,7 +8,7 @@ external_providers:
     api_base: https://api.openai.com  # request paths (/v1/chat/completions) go after it
     api_key_env_var: OPENAI_API_KEY   # the default
     timeout: 30                       # seconds to the first byte and between chunks
-    max_retries: 3                    # same-provider retries before the answer started
+    max_retries: 3                    # same-provider retries when it cannot be reached
     custom_headers: {OpenAI-Organization: org-123}
     models:
       - id: gpt-4o
@@ -91,7 +91,8 @@ class ExternalProvider:
     api_key: str = field(repr=False)
     type: str = "openai"
     timeout: float | None = None
-    """Seconds to the first byte and between two chunks; None: the router's --read-timeout."""
+    """Seconds to the first byte and between two chunks; None: the router's
+    --response-timeout and --read-timeout."""
     max_retries: int = DEFAULT_MAX_RETRIES
     custom_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """Values may be secrets too (an Azure `api-key`): kept out of `repr`."""
