@@ -61,6 +61,12 @@ BAD_FLAGS = {
     "zero-connect-timeout": (["--demo", "--connect-timeout", "0"], "--connect-timeout"),
     "negative-read-timeout": (["--demo", "--read-timeout", "-5"], "--read-timeout"),
     "word-read-timeout": (["--demo", "--read-timeout", "soon"], "--read-timeout"),
+    "zero-response-timeout": (["--demo", "--response-timeout", "0"], "--response-timeout"),
+    "zero-response-head-timeout": (
+        ["--demo", "--response-head-timeout", "0"], "--response-head-timeout",
+    ),
+    "negative-retry-budget": (["--demo", "--retry-budget-percent", "-1"], "--retry-budget-percent"),
+    "fractional-retry-budget-min": (["--demo", "--retry-budget-min", "1.5"], "--retry-budget-min"),
     "zero-stats-window": (["--demo", "--request-stats-window", "0"], "--request-stats-window"),
     # aiohttp cannot schedule an infinite connect timeout: every request would be a 500.
     "infinite-connect-timeout": (["--demo", "--connect-timeout", "inf"], "--connect-timeout"),
@@ -118,6 +124,15 @@ def test_production_stack_flags_build_the_config() -> None:
         max_body_size=2 * GIB,
         max_json_body_size=64 * MIB,
     )
+
+
+def test_timeout_and_retry_budget_flags_build_the_config() -> None:
+    config = parse_config(["--demo", "--response-timeout", "900", "--response-head-timeout",
+                           "10", "--read-timeout", "60", "--retry-budget-percent", "50",
+                           "--retry-budget-min", "0"])
+    assert (config.response_timeout, config.response_head_timeout, config.read_timeout) == (
+        900.0, 10.0, 60.0)
+    assert (config.retry_budget_percent, config.retry_budget_min) == (50.0, 0)
 
 
 def test_flag_defaults_are_the_config_defaults() -> None:
