@@ -41,9 +41,19 @@ class RouterError(Exception):
     headers: dict[str, str] = {}
     """Extra response headers (`Retry-After`, `WWW-Authenticate`)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        """What the client reads: our words, a backend named by its id, never an address or
+        a header value."""
+        self.detail = detail
+        """What only the log reads besides `message` (the underlying failure, e.g. aiohttp's
+        own words), already free of header values and addresses."""
+
+    @property
+    def logged(self) -> str:
+        """The message with its detail, for the log and the access line."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
 
 class InternalError(RouterError):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
@@ -126,15 +128,48 @@ def backend_timeout(session: aiohttp.ClientSession, backend: Backend) -> aiohttp
 
 
 def upstream_error(error: BaseException, backend: str, upload: UploadBody | None) -> Exception:
-    """Translate a failure of the backend's answer into our own exception."""
+    """Translate a failure of the backend's answer into our own exception: a message in our
+    words naming the backend by its id, and aiohttp's account of it for the log only."""
     if upload is not None and upload.error is not None:
         # The body stream failed on the client's side, not the backend's.
         return upload.error if isinstance(upload.error, RouterError) else ClientGone()
+    detail = failure_detail(error)
     if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-        return NoBackendAvailable(f"backend {backend} is unreachable: {error}")
+        return NoBackendAvailable(f"backend {backend} is unreachable", detail)
     if isinstance(error, TimeoutError):
-        return UpstreamTimeout(f"backend {backend} did not answer in time")
-    return UpstreamError(f"backend {backend} failed: {error!r}")
+        return UpstreamTimeout(f"backend {backend} did not answer in time", detail)
+    if isinstance(error, aiohttp.ClientResponseError):
+        return UpstreamError(f"backend {backend} sent an invalid response", detail)
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return UpstreamError(f"backend {backend} closed the connection before answering",
+                             detail)
+    return UpstreamError(f"backend {backend} failed", detail)
+
+
+QUOTED_BYTES = re.compile(r":(?:\s|\\n)*(?:b['\"]|\\n|$)|\n")
+"""Where aiohttp's message stops being its own words: the offending bytes it quotes after a
+colon (a header value the backend sent), or the next line."""
+
+
+def failure_detail(error: BaseException) -> str:
+    """The failure's class and aiohttp's own words, at most 200 characters, for the log.
+
+    Never `repr()` or `str()` of a `ClientResponseError`: they hold the backend's address and
+    the whole `RequestInfo`, every header sent upstream (the backend key, a provider's key,
+    the client's cookies) included. Nor the address of a failed connect (`strerror` names it),
+    nor the bytes aiohttp quotes from a malformed answer."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        text = error.message
+    elif isinstance(error, aiohttp.ClientConnectorError):
+        number = error.os_error.errno
+        text = os.strerror(number) if isinstance(number, int) and number > 0 else ""
+    elif isinstance(error, OSError):
+        text = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else ""
+    else:
+        text = str(error)
+    text = QUOTED_BYTES.split(text, 1)[0].rstrip(": ")[:200]
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name
 
 
 @dataclass(frozen=True)
@@ -215,9 +250,9 @@ async def forward(
             backend = failover.reroute(tried) or same_again(flow)
             if backend is None:
                 raise
-            flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
+            flow.attempts.append(Attempt(flow.backend, error.logged, error.outcome))
             log.warning("request %s: %s; retrying on backend %s (attempt %d)",
-                        flow.id, error.message, backend.id, len(flow.attempts) + 1)
+                        flow.id, error.logged, backend.id, len(flow.attempts) + 1)
             flow.backend = backend
             lifecycle.events.on_retry(flow)
             await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
@@ -496,7 +531,7 @@ def break_stream(request: web.Request, flow: RequestFlow, error: BaseException) 
     signal left is to cut the client's connection before the end of the body."""
     timed_out = isinstance(error, TimeoutError)
     flow.outcome = Outcome.TIMEOUT if timed_out else Outcome.BACKEND_ERROR
-    flow.error = f"backend failed mid-stream: {error!r}"
+    flow.error = f"backend failed mid-stream ({failure_detail(error)})"
     log.warning("request %s: %s", flow.id, flow.error)
     cut_client(request)
 
