@@ -409,7 +409,8 @@ async def test_hanging_backends_are_cut_by_the_timeout_concurrently(
     backends = [Backend(str(server.make_url("")), MODELS) for server in hanging]
     healthy = backend_for(engine)
     scraper = scraper_for([*backends, healthy], session, timeout=0.3)
-    assert repr(scraper) == "<EngineScraper backends=4 interval=10.0s timeout=0.3s>"
+    assert repr(scraper) == ("<EngineScraper backends=4 interval=10.0s timeout=0.3s "
+                             "max_size=16777216>")
     started = time.monotonic()
     await scraper.scrape_once()
     elapsed = time.monotonic() - started
