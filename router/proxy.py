@@ -487,24 +487,21 @@ class Collector:
     closed) at the limit, never read on. A backend that breaks mid-answer raises the error
     it would have raised before its answer."""
 
-    __slots__ = ("limit", "status", "headers", "_body", "backend_id", "flow_id")
+    __slots__ = ("limit", "status", "headers", "chunks", "size", "backend_id", "flow_id")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status: int | None = None
         self.headers: CIMultiDictProxy[str] | None = None
-        self._body = bytearray()  # one buffer: no list of chunks joined into a second copy
+        # Joined once at the end: one buffer grown chunk by chunk fragments the heap.
+        self.chunks: list[bytes] = []
+        self.size = 0
         self.backend_id = ""
         self.flow_id = ""
 
     @property
-    def body(self) -> bytearray:
-        """The answer so far (not copied: read it, do not keep it past the collector)."""
-        return self._body
-
-    @property
-    def size(self) -> int:
-        return len(self._body)
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
 
     async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
         assert flow.backend is not None
@@ -516,9 +513,10 @@ class Collector:
         return self.write
 
     async def write(self, chunk: bytes) -> None:
-        if len(self._body) + len(chunk) > self.limit:
+        if self.size + len(chunk) > self.limit:
             self._too_large()
-        self._body += chunk
+        self.size += len(chunk)
+        self.chunks.append(chunk)
 
     def _too_large(self) -> None:
         error = AnswerTooLarge(f"backend {self.backend_id}", self.limit)

@@ -300,7 +300,7 @@ def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
     return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
 
 
-async def parse_answer(raw: bytearray) -> object:
+async def parse_answer(raw: bytes) -> object:
     """`parse_body` of a backend's answer, which may be big (up to --batch-max-answer-size):
     parsed in steps, so the event loop is never held for long."""
     try:

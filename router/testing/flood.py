@@ -24,6 +24,8 @@ class FloodState:
     cut: int = 0
     """Answers whose reader closed the connection (or went away) before their end."""
     cut_event: asyncio.Event = field(default_factory=asyncio.Event)
+    paused: bool = False
+    """While set, every answer is one `FILLER` line (a baseline before the flood)."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,10 @@ _ANSWER = web.AppKey("flood_answer", _Answer)
 
 async def _flood(request: web.Request) -> web.StreamResponse:
     state, answer = request.app[FLOOD_STATE], request.app[_ANSWER]
-    state.requests += 1
     await request.read()
+    if state.paused:
+        return web.Response(body=FILLER, content_type="text/plain")
+    state.requests += 1
     response = web.StreamResponse(headers={"Content-Type": "text/plain"})
     if answer.declare_length and answer.total is not None:
         response.content_length = answer.total
