@@ -27,14 +27,14 @@ from router.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, REWRITER, STATS,
-    UPSTREAM_AUTH, BATCHES,
+    UPSTREAM_AUTH, BATCHES, PREFILL_HOP,
 )
 from router import multiprocess_metrics
 from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
-from router.proxy import UpstreamAuth, cut_client
+from router.proxy import PrefillHop, UpstreamAuth, cut_client
 from router.routing import BackendChooser
 from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
@@ -86,6 +86,7 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             loops.append(EngineScraper(
                 app[ENGINE_STATS], pool, session,
                 config.engine_stats_interval, config.engine_stats_timeout,
+                config.engine_stats_max_size,
             ).run())
         if config.health_check_interval > 0:
             loops.append(HealthProber(
@@ -192,6 +193,7 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[DRAIN] = Drain()
     app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
+    app[PREFILL_HOP] = PrefillHop(config.prefill_timeout, config.prefill_max_answer_size)
     app[POOL] = pool
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats

@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
              "routed at http://NAME:PORT through the cluster DNS) (default pod-ip)")
     add("--k8s-kubeconfig", default=None,
         help="kubeconfig to use outside a cluster (default $KUBECONFIG)")
+    add("--k8s-max-answer-size", type=size, default="16MiB",
+        help="largest list page, watch event or engine /v1/models answer read (default "
+             "16MiB)")
 
     batch = parser.add_argument_group("Batch and Files APIs")
     add = batch.add_argument
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
              "restarts (default /tmp/vllm_files)")
     add("--batch-concurrency", type=positive_int, default=8,
         help="batch lines in flight at once, over all batches (default 8)")
+    add("--batch-max-answer-size", type=size, default="16MiB",
+        help="largest answer kept for one batch line; a bigger one fails the line "
+             "(default 16MiB)")
 
     extensions = parser.add_argument_group("extensions")
     add = extensions.add_argument
@@ -278,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="disaggregated_prefill: labels of prefill backends (default prefill)")
     add("--decode-model-labels", default="decode",
         help="disaggregated_prefill: labels of decode backends (default decode)")
+    add("--prefill-timeout", type=positive_float, default=300.0,
+        help="disaggregated_prefill: seconds for the whole prefill hop, its answer included "
+             "(default 300)")
+    add("--prefill-max-answer-size", type=size, default="1MiB",
+        help="disaggregated_prefill: largest prefill answer read; more is a 502 (default 1MiB)")
 
     fleet = parser.add_argument_group("engine stats, health and failover")
     add = fleet.add_argument
@@ -285,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between scrapes of each engine's /metrics; 0 turns scraping off "
              "(default 10)")
     add("--engine-stats-timeout", type=positive_float, default=5.0,
-        help="seconds a scrape may take (default 5)")
+        help="seconds a whole scrape may take, body included (default 5)")
+    add("--engine-stats-max-size", type=size, default="16MiB",
+        help="largest /metrics page read; past it the scrape fails (default 16MiB)")
     add("--health-check-interval", type=non_negative_float, default=10.0,
         help="seconds between active health probes; 0 turns them off (default 10)")
     add("--health-check-path", default="/health", help="probe path (default /health)")
@@ -377,6 +390,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 kubeconfig=args.k8s_kubeconfig or os.environ.get("KUBECONFIG") or None,
                 api_server=in_cluster_api_server(os.environ),
                 engine_api_key=args.backend_api_key or os.environ.get("VLLM_API_KEY") or None,
+                max_answer_size=args.k8s_max_answer_size,
             )
         except ValueError as error:
             raise ConfigError(f"argument --k8s-*: {error}") from None
@@ -507,6 +521,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         enable_batch_api=args.enable_batch_api,
         file_storage_path=args.file_storage_path,
         batch_concurrency=args.batch_concurrency,
+        batch_max_answer_size=args.batch_max_answer_size,
         log_stats=args.log_stats,
         log_stats_interval=args.log_stats_interval,
         callbacks=callbacks,
@@ -521,8 +536,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         static_backend_health_checks=args.static_backend_health_checks,
         prefill_model_labels=tuple(split_list(args.prefill_model_labels)),
         decode_model_labels=tuple(split_list(args.decode_model_labels)),
+        prefill_timeout=args.prefill_timeout,
+        prefill_max_answer_size=args.prefill_max_answer_size,
         engine_stats_interval=args.engine_stats_interval,
         engine_stats_timeout=args.engine_stats_timeout,
+        engine_stats_max_size=args.engine_stats_max_size,
         health_check_interval=args.health_check_interval,
         health_check_path=args.health_check_path,
         health_check_timeout=args.health_check_timeout,

@@ -137,6 +137,9 @@ class Config:
     """Uploaded files, batch results and batch state; kept across restarts."""
     batch_concurrency: int = 8
     """Batch lines in flight at once, over all batches."""
+    batch_max_answer_size: int = 16 * MIB
+    """Largest answer kept for one batch line (a bigger one fails the line): the batch runner
+    holds at most `batch_concurrency` times this in answers."""
 
     # Routing policies (router/policies/).
     session_key: str = "x-session-id"
@@ -155,10 +158,17 @@ class Config:
     """Probe each backend with a minimal real request of its `--static-model-types` type."""
     prefill_model_labels: tuple[str, ...] = ("prefill",)
     decode_model_labels: tuple[str, ...] = ("decode",)
+    prefill_timeout: float = 300.0
+    """Seconds for the whole prefill hop of disaggregated prefill (its answer is one token)."""
+    prefill_max_answer_size: int = 1 * MIB
+    """Largest prefill answer read; a bigger one is a 502."""
 
     # Engine stats (router/stats/engine.py).
     engine_stats_interval: float = 10.0
     engine_stats_timeout: float = 5.0
+    """Seconds for a whole scrape, the body's last byte included."""
+    engine_stats_max_size: int = 16 * MIB
+    """Largest `/metrics` page read; past it the scrape fails and is cut."""
 
     # Health (router/health.py).
     health_check_interval: float = 10.0

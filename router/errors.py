@@ -25,6 +25,7 @@ __all__ = [
     "NoBackendAvailable",
     "UpstreamError",
     "UpstreamTimeout",
+    "AnswerTooLarge",
     "error_response",
     "error_body",
 ]
@@ -133,6 +134,18 @@ class UpstreamTimeout(RouterError):
     error_type = "upstream_timeout"
     code = "gateway_timeout"
     outcome = Outcome.TIMEOUT
+
+
+class AnswerTooLarge(UpstreamError):
+    """An answer the router reads whole (a prefill hop, a batch line, a scrape, a Kubernetes
+    list) is over its limit: it is cut there, the connection closed, and a client waiting on
+    it gets a 502."""
+
+    code = "upstream_answer_too_large"
+
+    def __init__(self, source: str, limit: int) -> None:
+        super().__init__(f"{source} answered more than {limit} bytes")
+        self.limit = limit
 
 
 def error_body(status: int, message: str, error_type: str, code: str | int | None) -> bytes:

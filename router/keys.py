@@ -17,7 +17,7 @@ from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter
 from router.routing import BackendChooser
-from router.proxy import UpstreamAuth
+from router.proxy import PrefillHop, UpstreamAuth
 from router.shutdown import Drain
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # router.batch reads these keys: a runtime import would be ci
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
-    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES",
+    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES", "PREFILL_HOP",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -41,6 +41,7 @@ ENGINE_STATS = web.AppKey("engine_stats", EngineStats)
 METRICS = web.AppKey("metrics", Metrics)
 DRAIN = web.AppKey("drain", Drain)
 UPSTREAM_AUTH = web.AppKey("upstream_auth", UpstreamAuth)
+PREFILL_HOP = web.AppKey("prefill_hop", PrefillHop)
 API_KEYS = web.AppKey("api_keys", ApiKeys)
 ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
 """None without --max-concurrent-requests."""

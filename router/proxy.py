@@ -25,19 +25,22 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from router.errors import NoBackendAvailable, RouterError, UpstreamError, UpstreamTimeout
+from router.errors import (
+    AnswerTooLarge, NoBackendAvailable, RouterError, UpstreamError, UpstreamTimeout,
+)
 from router.backends import Backend
 from router.events import RequestEvents
 from router.flow import Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest, UploadBody
 from router.metrics import TAIL_BYTES
 from router.plugins import MAX_BODY
+from router.upstream_read import read_bounded
 
 if TYPE_CHECKING:
     from router.lifecycle import Lifecycle
 
 __all__ = [
-    "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
+    "Failover", "PrefillHop", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
     "ClientSink", "Collector", "ClientGone",
 ]
 
@@ -185,6 +188,16 @@ class Failover:
     """Seconds before the first retry, doubled for each next one."""
 
 
+@dataclass(frozen=True)
+class PrefillHop:
+    """Bounds of the prefill hop of disaggregated prefill, whose answer is read whole."""
+
+    timeout: float
+    """Seconds for the whole hop: connect, the prefill itself and the answer's last byte."""
+    max_answer: int
+    """Bytes of answer read; past them the hop fails (the answer is one token)."""
+
+
 RETRIED_OUTCOMES = (Outcome.BACKEND_ERROR, Outcome.TIMEOUT)
 RETRIED_STATUSES = frozenset({502, 503, 504})
 """Backend answers worth another backend: a gateway in front of it failed, or it is
@@ -212,13 +225,15 @@ async def forward(
     path: str,
     headers: CIMultiDict[str],
     failover: Failover | None,
+    *,
+    prefill_hop: PrefillHop,
 ) -> None:
     """`exchange` with failover: a backend failure before its answer started is retried on
     another backend while the body can be sent again. The answer goes `to` the client's
     connection, or into a `Collector`."""
     sink: Sink = ClientSink(to, lifecycle) if isinstance(to, web.Request) else to
     if flow.prefill_backend is not None:
-        await prefill(flow, inbound, session, path, headers)
+        await prefill(flow, inbound, session, path, headers, prefill_hop)
     while True:
         assert flow.backend is not None
         tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
@@ -273,10 +288,14 @@ async def prefill(
     session: aiohttp.ClientSession,
     path: str,
     headers: CIMultiDict[str],
+    hop: PrefillHop,
 ) -> None:
     """Disaggregated prefill, first hop: `flow.prefill_backend` computes the prompt's KV cache
     (one token, no stream); the decode request then carries the `kv_transfer_params` it
-    returned, so the decode backend fetches the cache instead of recomputing it."""
+    returned, so the decode backend fetches the cache instead of recomputing it.
+
+    The answer is read whole, so the hop is bounded in time (`hop.timeout`, all of it) and
+    size (`hop.max_answer`): a prefill backend that answers without end is cut there."""
     assert flow.prefill_backend is not None and inbound.json is not None
     backend = flow.prefill_backend
     body = {key: value for key, value in inbound.json.items() if key != "stream_options"}
@@ -288,10 +307,19 @@ async def prefill(
         body["max_completion_tokens"] = 1
     if flow.trace_headers:
         headers.update(flow.trace_headers)
+    timeout = session.timeout
+    timeout = aiohttp.ClientTimeout(
+        total=hop.timeout, connect=timeout.connect, sock_connect=timeout.sock_connect,
+        sock_read=timeout.sock_read, ceil_threshold=timeout.ceil_threshold,
+    )
     try:
         async with session.post(backend.url + path, json=body, headers=headers,
-                                allow_redirects=False) as response:
-            answer = await response.read()
+                                timeout=timeout, allow_redirects=False) as response:
+            answer = await read_bounded(response, hop.max_answer,
+                                        f"prefill backend {backend.id}")
+    except AnswerTooLarge as error:
+        log.warning("request %s: %s; cut, the connection closed", flow.id, error.message)
+        raise
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, backend.id, inbound.upload) from error
     if response.status != 200:
@@ -489,18 +517,22 @@ class ClientSink:
 
 class Collector:
     """Keeps the answer in memory, for a caller no client waits on (a batch line): its
-    status, headers and body, up to `limit` body bytes (`UpstreamError` past it). A backend
-    that breaks mid-answer raises the error it would have raised before its answer."""
+    status, headers and body, up to `limit` body bytes. Past the limit it raises
+    `AnswerTooLarge` before keeping the chunk, so the answer is cut (and its connection
+    closed) at the limit, never read on. A backend that breaks mid-answer raises the error
+    it would have raised before its answer."""
 
-    __slots__ = ("limit", "status", "headers", "chunks", "size", "backend_id")
+    __slots__ = ("limit", "status", "headers", "chunks", "size", "backend_id", "flow_id")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status: int | None = None
         self.headers: CIMultiDictProxy[str] | None = None
+        # Joined once at the end: one buffer grown chunk by chunk fragments the heap.
         self.chunks: list[bytes] = []
         self.size = 0
         self.backend_id = ""
+        self.flow_id = ""
 
     @property
     def body(self) -> bytes:
@@ -509,14 +541,23 @@ class Collector:
     async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
         assert flow.backend is not None
         self.status, self.headers = upstream.status, upstream.headers
-        self.backend_id = flow.backend.id
+        self.backend_id, self.flow_id = flow.backend.id, flow.id
+        declared = upstream.content_length
+        if declared is not None and declared > self.limit:
+            self._too_large()
         return self.write
 
     async def write(self, chunk: bytes) -> None:
+        if self.size + len(chunk) > self.limit:
+            self._too_large()
         self.size += len(chunk)
-        if self.size > self.limit:
-            raise UpstreamError(f"backend {self.backend_id} answered over {self.limit} bytes")
         self.chunks.append(chunk)
+
+    def _too_large(self) -> None:
+        error = AnswerTooLarge(f"backend {self.backend_id}", self.limit)
+        log.warning("request %s: %s; cut, the connection closed (--batch-max-answer-size)",
+                    self.flow_id, error.message)
+        raise error
 
     async def end(self, last: bytes) -> None:
         if last:

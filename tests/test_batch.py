@@ -231,17 +231,17 @@ async def test_a_line_whose_backend_breaks_mid_answer_is_an_error_line_not_a_han
                for flow in by_line.values())
 
 
-async def test_a_line_answered_past_the_json_body_limit_is_an_error_line(
+async def test_a_line_answered_past_the_batch_answer_limit_is_an_error_line(
     start_batch_router: Callable[..., Any]
 ) -> None:
-    # A chat answer is some 360 bytes; the batch's own create request still fits.
-    router: RouterUnderTest = await start_batch_router(max_json_body_size=250)
+    # A chat answer is some 360 bytes.
+    router: RouterUnderTest = await start_batch_router(batch_max_answer_size=250)
     async with sdk(router) as client:
         done = await wait_for(client, (await submit(client, [line(0)])).id, finished)
         errors = await records(client, done.error_file_id)
     assert errors["request-0"]["response"] is None
-    assert errors["request-0"]["error"]["code"] == "bad_gateway"
-    assert errors["request-0"]["error"]["message"].endswith("answered over 250 bytes")
+    assert errors["request-0"]["error"]["code"] == "upstream_answer_too_large"
+    assert errors["request-0"]["error"]["message"].endswith("answered more than 250 bytes")
     await router.settled(1)  # the backend's connection was closed, not left in the pool
     assert router.log.only().outcome is Outcome.BACKEND_ERROR
 

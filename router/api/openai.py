@@ -21,7 +21,7 @@ from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
-    RATE_LIMITER, REWRITER, UPSTREAM_AUTH,
+    PREFILL_HOP, RATE_LIMITER, REWRITER, UPSTREAM_AUTH,
 )
 from router.lifecycle import Lifecycle
 from router.multipart import read_multipart_request
@@ -149,7 +149,7 @@ async def admitted(
         headers = upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH])
         async with lifecycle:
             await forward(request, flow, inbound, app[CLIENT_SESSION], lifecycle, path, headers,
-                          failover)
+                          failover, prefill_hop=app[PREFILL_HOP])
         if plugins is not None and flow.response_body is not None:
             plugins.post_request(flow, flow.response_body)
         return lifecycle.result()

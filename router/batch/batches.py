@@ -43,10 +43,12 @@ from router.errors import BadRequest, RouterError, TooManyRequests
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, resolve_model
 from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, REWRITER, UPSTREAM_AUTH,
+    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, PREFILL_HOP, REWRITER,
+    UPSTREAM_AUTH,
 )
 from router.lifecycle import Lifecycle
 from router.proxy import Collector, Failover, forward, upstream_headers
+from router.upstream_read import loads_stepwise
 
 __all__ = ["Batch", "Batches", "ENDPOINTS"]
 
@@ -273,17 +275,17 @@ async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
         config.retry_backoff,
     )
     headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
-    collected = Collector(config.max_json_body_size)
+    collected = Collector(config.batch_max_answer_size)
     async with lifecycle:
         await forward(collected, flow, inbound, app[CLIENT_SESSION], lifecycle, flow.endpoint,
-                      headers, failover)
+                      headers, failover, prefill_hop=app[PREFILL_HOP])
     if lifecycle.error is not None:
         return LineResult.failure(flow.id, lifecycle.error)
     plugins = app[PLUGINS]
     if plugins is not None and flow.response_body is not None:
         plugins.post_request(flow, flow.response_body)
     assert collected.status is not None
-    return LineResult(flow.id, collected.status, parse_body(collected.body))
+    return LineResult(flow.id, collected.status, await parse_answer(collected.body))
 
 
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
@@ -300,7 +302,16 @@ def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
     return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
 
 
-def parse_body(raw: bytes) -> object:
+async def parse_answer(raw: bytes) -> object:
+    """`parse_body` of a backend's answer, which may be big (up to --batch-max-answer-size):
+    parsed in steps, so the event loop is never held for long."""
+    try:
+        return await loads_stepwise(raw)
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace")
+
+
+def parse_body(raw: bytes | bytearray) -> object:
     """An answer's JSON, or its text when it is not JSON."""
     try:
         return json.loads(raw)
