@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from router.flow import Outcome
 from router.keys import CHOOSER
 from router.testing import RunningEngine
 from router.testing.flood import start_flood
+from router.testing.raw_engine import RawEngine, http_response
 
 from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for
 
@@ -312,3 +314,56 @@ async def post_json(router: RouterUnderTest, body: dict[str, Any]) -> tuple[int,
     async with aiohttp.ClientSession() as session:
         async with session.post(router.url + "/v1/chat/completions", json=body) as response:
             return response.status, await response.json()
+
+
+async def raw_exchange(port: int, head: bytes, body: bytes) -> bytes:
+    """Send bytes no HTTP client library would (a raw target, a Latin-1 header value)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+async def test_the_query_reaches_the_engine_as_the_client_encoded_it(
+    start_router: StartRouter, pinned: bool
+) -> None:
+    async with RawEngine(lambda request: [http_response(200, b"{}")]) as engine:
+        router = await start_router(Config(
+            static_backends=(StaticBackend(url=engine.url, models=(CHAT,)),),
+            health_check_interval=0, engine_stats_interval=0,
+        ))
+        query = b"a=%23frag&b=1&c=%26x&d=a+b&e=%C3%A9"
+        pin = b"id=" + router.app[CHOOSER].pool.backends[0].id.encode() + b"&" if pinned else b""
+        answer = await raw_exchange(
+            router.server.port or 0,
+            b"POST /v1/chat/completions?" + pin + query + b" HTTP/1.1\r\nHost: r\r\n"
+            b"Content-Type: application/json\r\n", json.dumps({"model": CHAT}).encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert engine.requests[0].path == "/v1/chat/completions?" + query.decode()
+
+
+async def test_a_header_value_that_is_not_utf8_is_refused_never_altered(
+    start_router: StartRouter,
+) -> None:
+    async with RawEngine(lambda request: [http_response(200, b"{}")]) as engine:
+        router = await start_router(Config(
+            static_backends=(StaticBackend(url=engine.url, models=(CHAT,)),),
+            health_check_interval=0, engine_stats_interval=0,
+        ))
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+                b"Content-Type: application/json\r\nX-Utf8: caf\xc3\xa9\r\n")
+        body = json.dumps({"model": CHAT}).encode()
+        answer = await raw_exchange(router.server.port or 0, head, body)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert engine.requests[0].headers["X-Utf8"].encode("latin-1") == b"caf\xc3\xa9"
+        answer = await raw_exchange(router.server.port or 0, head + b"X-Latin: caf\xe9\r\n", body)
+        status, _, rest = answer.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 400") and b"x-request-id" in rest.lower()
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert "X-Latin" in error["message"] and error["type"] == "invalid_request_error"
+        assert len(engine.requests) == 1
+        await router.settled(2)

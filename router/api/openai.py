@@ -12,13 +12,14 @@ import functools
 import logging
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
 
 from router.api import request_id
 from router.errors import RouterError
 from router.flow import RequestFlow
-from router.inbound import InboundRequest, read_json_request
+from router.inbound import InboundRequest, check_header_bytes, read_json_request
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
     PREFILL_HOP, RATE_LIMITER, REWRITER, UPSTREAM_AUTH,
@@ -80,6 +81,7 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
     try:
         lifecycle = Lifecycle(request, app[EVENTS], flow)
         try:
+            check_header_bytes(request.raw_headers)
             limiter = app[RATE_LIMITER]
             if limiter is not None:
                 limiter.take(client_key(request))
@@ -98,6 +100,14 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
             assert admission is not None
             admission.release()
         drain.leave(task)
+
+
+def without_parameter(raw_query: str, name: str) -> str:
+    """`raw_query` without the parameter `name`, every other byte as the client sent it."""
+    return "&".join(
+        part for part in raw_query.split("&")
+        if unquote_plus(part.partition("=")[0]) != name
+    )
 
 
 def client_key(request: web.Request) -> str:
@@ -132,8 +142,9 @@ async def admitted(
         except RouterError as error:
             return lifecycle.reject(error)
         if pinned is None:
-            # The route's own path (not the client's, which may carry --root-path).
-            query = request.query_string
+            # The route's own path (not the client's, which may carry --root-path), and the
+            # query as the client encoded it: decoded, `?a=%23b` would become a fragment.
+            query = request.rel_url.raw_query_string
             path = f"{endpoint}?{query}" if query else endpoint
             config = app[CONFIG]
             failover: Failover | None = Failover(
@@ -143,7 +154,7 @@ async def admitted(
                 config.retry_backoff,
             )
         else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
-            query = request.rel_url.without_query_params("id").query_string
+            query = without_parameter(request.rel_url.raw_query_string, "id")
             path = f"{endpoint}?{query}" if query else endpoint
             failover = None
         headers = upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH])
