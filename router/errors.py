@@ -8,7 +8,10 @@ knows its HTTP status, OpenAI error type and code. `error_response` turns one in
 from __future__ import annotations
 
 import json
+import os
+import re
 
+import aiohttp
 from aiohttp import web
 
 from router.flow import Outcome
@@ -28,6 +31,7 @@ __all__ = [
     "AnswerTooLarge",
     "error_response",
     "error_body",
+    "failure_detail",
 ]
 
 
@@ -181,3 +185,29 @@ class MalformedRequest(BadRequest):
     """Not HTTP aiohttp's parser can read (a bad method, line or chunk size)."""
 
     code = "malformed_request"
+
+
+QUOTED_BYTES = re.compile(r":(?:\s|\\n)*(?:b['\"]|\\n|$)|\n")
+"""Where aiohttp's message stops being its own words: the offending bytes it quotes after a
+colon (a header value the backend sent), or the next line."""
+
+
+def failure_detail(error: BaseException) -> str:
+    """The failure's class and aiohttp's own words, at most 200 characters, for the log.
+
+    Never `repr()` or `str()` of a `ClientResponseError`: they hold the backend's address and
+    the whole `RequestInfo`, every header sent upstream (the backend key, a provider's key,
+    the client's cookies) included. Nor the address of a failed connect (`strerror` names it),
+    nor the bytes aiohttp quotes from a malformed answer."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        text = error.message
+    elif isinstance(error, aiohttp.ClientConnectorError):
+        number = error.os_error.errno
+        text = os.strerror(number) if isinstance(number, int) and number > 0 else ""
+    elif isinstance(error, OSError):
+        text = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else ""
+    else:
+        text = str(error)
+    text = QUOTED_BYTES.split(text, 1)[0].rstrip(": ")[:200]
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name

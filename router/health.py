@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from router.backends import Backend, BackendPool
+from router.errors import failure_detail
 from router.flow import Outcome, RequestFlow
 
 __all__ = [
@@ -385,11 +386,6 @@ class _ProbeResult:
     """No answer at all: timed out, or the connection dropped before a status."""
 
 
-def _short(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 MODEL_TYPES = ("chat", "completion", "embeddings", "rerank", "score", "transcription")
 
 
@@ -498,12 +494,12 @@ class HealthProber:
             return _ProbeResult(False, f"no answer within {self.timeout:g}s",
                                 silent=True)
         except aiohttp.ClientConnectorError as error:
-            return _ProbeResult(False, f"cannot connect: {_short(error)}")
+            return _ProbeResult(False, f"cannot connect: {failure_detail(error)}")
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                 aiohttp.ClientPayloadError) as error:
-            return _ProbeResult(False, f"connection lost: {_short(error)}", silent=True)
+            return _ProbeResult(False, f"connection lost: {failure_detail(error)}", silent=True)
         except Exception as error:
-            return _ProbeResult(False, f"{type(error).__name__}: {_short(error)}")
+            return _ProbeResult(False, failure_detail(error))
 
     async def run(self) -> None:
         """Probe, sleep `interval`, forever; cancel the task to stop it."""

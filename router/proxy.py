@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
@@ -27,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from router.errors import (
     AnswerTooLarge, NoBackendAvailable, RouterError, UpstreamError, UpstreamTimeout,
+    failure_detail,
 )
 from router.backends import Backend
 from router.events import RequestEvents
@@ -147,32 +146,6 @@ def upstream_error(error: BaseException, backend: str, upload: UploadBody | None
         return UpstreamError(f"backend {backend} closed the connection before answering",
                              detail)
     return UpstreamError(f"backend {backend} failed", detail)
-
-
-QUOTED_BYTES = re.compile(r":(?:\s|\\n)*(?:b['\"]|\\n|$)|\n")
-"""Where aiohttp's message stops being its own words: the offending bytes it quotes after a
-colon (a header value the backend sent), or the next line."""
-
-
-def failure_detail(error: BaseException) -> str:
-    """The failure's class and aiohttp's own words, at most 200 characters, for the log.
-
-    Never `repr()` or `str()` of a `ClientResponseError`: they hold the backend's address and
-    the whole `RequestInfo`, every header sent upstream (the backend key, a provider's key,
-    the client's cookies) included. Nor the address of a failed connect (`strerror` names it),
-    nor the bytes aiohttp quotes from a malformed answer."""
-    if isinstance(error, aiohttp.ClientResponseError):
-        text = error.message
-    elif isinstance(error, aiohttp.ClientConnectorError):
-        number = error.os_error.errno
-        text = os.strerror(number) if isinstance(number, int) and number > 0 else ""
-    elif isinstance(error, OSError):
-        text = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else ""
-    else:
-        text = str(error)
-    text = QUOTED_BYTES.split(text, 1)[0].rstrip(": ")[:200]
-    name = type(error).__name__
-    return f"{name}: {text}" if text else name
 
 
 @dataclass(frozen=True)

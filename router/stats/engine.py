@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from router.backends import Backend, BackendPool
-from router.errors import AnswerTooLarge
+from router.errors import AnswerTooLarge, failure_detail
 from router.upstream_read import chunks_bounded
 
 __all__ = [
@@ -271,4 +271,4 @@ def _describe(exc: Exception, timeout: float | None) -> str:
         return str(exc)
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeout}s"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return failure_detail(exc)
