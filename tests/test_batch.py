@@ -333,7 +333,7 @@ async def test_lines_left_when_the_window_expires_fail_as_batch_expired(
     router: RouterUnderTest = await start_batch_router(batch_concurrency=1)
     async with sdk(router) as client:
         batch = await submit(client, [line(n) for n in range(6)])
-        router.app[BATCHES].get(batch.id).expires_at = 0  # as if its 24 hours had passed
+        router.app[BATCHES].get(batch.id, None).expires_at = 0  # as if its 24 hours had passed
         done = await wait_for(client, batch.id, finished)
         assert done.status == "expired" and done.expired_at
         assert done.request_counts is not None
@@ -354,7 +354,7 @@ async def test_a_restart_midway_completes_the_batch_without_running_a_line_twice
         await wait_for(client, batch.id, lambda b: bool(b.request_counts
                                                         and b.request_counts.completed >= 100))
     await first.server.close()  # the router stops: its runner stops with lines in flight
-    stopped = first.app[BATCHES].get(batch.id)
+    stopped = first.app[BATCHES].get(batch.id, None)
     assert stopped.status == "in_progress" and 100 <= stopped.completed < total
     finished_before = {number_of(flow.request_json) for flow in first.log.flows.values()
                        if flow.outcome is Outcome.OK}

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from router.api import request_id
-from router.errors import RouterError
+from router.errors import RouterError, error_response
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, read_json_request
 from router.keys import (
@@ -28,7 +28,9 @@ from router.multipart import read_multipart_request
 from router.plugins import RequestRewriter
 from router.proxy import Failover, forward, upstream_headers
 
-__all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
+__all__ = [
+    "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes", "client_key", "spend_rate_limit",
+]
 
 JSON_ENDPOINTS = (
     "/v1/chat/completions",
@@ -80,9 +82,7 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
     try:
         lifecycle = Lifecycle(request, app[EVENTS], flow)
         try:
-            limiter = app[RATE_LIMITER]
-            if limiter is not None:
-                limiter.take(client_key(request))
+            spend_rate_limit(request)
             if admission is not None:
                 await admission.acquire()
                 admitted_in = True
@@ -98,6 +98,14 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
             assert admission is not None
             admission.release()
         drain.leave(task)
+
+
+def spend_rate_limit(request: web.Request) -> None:
+    """Take a token of the client's bucket under `--rate-limit`, or raise `TooManyRequests`:
+    every endpoint of the API spends it, not only the proxied ones."""
+    limiter = request.app[RATE_LIMITER]
+    if limiter is not None:
+        limiter.take(client_key(request))
 
 
 def client_key(request: web.Request) -> str:
@@ -189,6 +197,10 @@ def rewrite(
 
 async def list_models(request: web.Request) -> web.Response:
     """The union of the backends' models, with aliases (their `root` is the served model)."""
+    try:
+        spend_rate_limit(request)
+    except RouterError as error:
+        return error_response(error, request_id(request))
     pool = request.app[POOL]
     created = int(time.time())
     entries = [
