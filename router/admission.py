@@ -1,6 +1,7 @@
 """Admission control: a cap on concurrent proxied requests with a bounded wait queue, and
 per-client token-bucket rate limits. Past either, the client gets a 429 with `Retry-After`
-at once: nothing waits without bound, nothing is buffered for a request that will not run."""
+at once: nothing waits without bound, nothing is buffered for a request that will not run.
+(Batch lines have no client to answer: they wait for the slot or the token instead.)"""
 
 from __future__ import annotations
 

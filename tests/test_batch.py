@@ -17,6 +17,7 @@ import pytest
 from openai.types import Batch
 
 from router.batch import Batches
+from router.batch.batches import HashSet
 from router.cli import load_config
 from router.config import Config, ConfigError, StaticBackend
 from router.flow import Outcome
@@ -720,3 +721,13 @@ async def test_an_upload_past_the_quota_is_cut_while_it_streams_and_nothing_is_k
     assert sent < 64 * len(block)
     assert list((tmp_path / "files" / "files").iterdir()) == []
     assert router.app[BATCHES].files.used("") == 0
+
+
+def test_the_hash_set_of_validation_finds_each_repeat_as_a_set_would() -> None:
+    values = [hash(f"request-{n}") for n in range(50_000)] + [0, 1, -1, -2**63, 2**63 - 1]
+    seen = HashSet()
+    assert all(seen.add(value) for value in values[:-4])  # 0 and 1 share a slot marker
+    assert not seen.add(1)
+    assert all(seen.add(value) for value in values[-3:])
+    assert not any(seen.add(value) for value in values)
+    assert len(seen._table) <= 4 * 2 ** 16  # 8 bytes a slot, at most half full
