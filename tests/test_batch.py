@@ -456,7 +456,16 @@ def test_batch_flags_build_the_config(tmp_path: Path) -> None:
                           "--batch-concurrency", "3"])
     assert (config.enable_batch_api, config.file_storage_path, config.batch_concurrency) == \
         (True, str(tmp_path), 3)
-    assert load_config(["--demo"]).batch_concurrency == 8
+    defaults = load_config(["--demo"])
+    assert defaults.batch_concurrency == 8
+    assert (defaults.max_batch_requests, defaults.max_batch_input_size,
+            defaults.file_storage_quota_per_key, defaults.file_storage_quota) == \
+        (50_000, 200 * 2**20, 100 * 2**30, 0)
+    limits = load_config(["--demo", "--max-batch-requests", "10", "--max-batch-input-size", "1MiB",
+                          "--file-storage-quota-per-key", "2GiB", "--file-storage-quota", "1TiB"])
+    assert (limits.max_batch_requests, limits.max_batch_input_size,
+            limits.file_storage_quota_per_key, limits.file_storage_quota) == \
+        (10, 2**20, 2 * 2**30, 2**40)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -464,6 +473,8 @@ def test_batch_flags_build_the_config(tmp_path: Path) -> None:
       "--enable-batch-api"], "--enable-batch-api"),
     (["--demo", "--enable-batch-api", "--file-storage-path", "{file}"], "--file-storage-path"),
     (["--demo", "--batch-concurrency", "0"], "--batch-concurrency"),
+    (["--demo", "--max-batch-requests", "0"], "--max-batch-requests"),
+    (["--demo", "--file-storage-quota-per-key", "0"], "--file-storage-quota-per-key"),
 ])
 def test_bad_batch_flags_are_refused_naming_them(
     argv: list[str], flag: str, tmp_path: Path
