@@ -4,6 +4,7 @@ as the client: files in and out, batches run, cancelled and resumed after a rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import tracemalloc
@@ -716,7 +717,21 @@ async def test_an_upload_past_the_quota_is_cut_while_it_streams_and_nothing_is_k
             yield block
         yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
+    stored = 0  # the most the partial file ever held, as seen from outside
+
+    def largest() -> int:
+        return max((p.stat().st_size for p in (tmp_path / "files" / "files").iterdir()),
+                   default=0)
+
+    async def watch() -> None:
+        nonlocal stored
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                stored = max(stored, await asyncio.to_thread(largest))
+            await asyncio.sleep(0.002)
+
     status = None
+    watcher = asyncio.create_task(watch())
     async with aiohttp.ClientSession() as session:
         try:
             async with session.post(router.url + "/v1/files", data=body(),
@@ -725,11 +740,12 @@ async def test_an_upload_past_the_quota_is_cut_while_it_streams_and_nothing_is_k
                 error = (await response.json())["error"]
         except aiohttp.ClientError:
             pass  # the router may close the connection before the client reads its answer
+    watcher.cancel()
     print(f"\nquota {quota} bytes: the client had sent {sent / 2**20:.0f} MiB of 64 when "
-          f"the upload ended; status {status}")
+          f"the upload ended (status {status}); the partial file held at most {stored} bytes")
     if status is not None:
         assert status == 413 and error["code"] == "storage_quota_exceeded"
-    assert sent < 64 * len(block)
+    assert sent < 64 * len(block) and stored <= quota
     assert list((tmp_path / "files" / "files").iterdir()) == []
     assert router.app[BATCHES].files.used("") == 0
 
