@@ -92,6 +92,13 @@ def size(text: str) -> int:
     return value
 
 
+def non_negative_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 # argparse names the type function in its message ("invalid size value"): give them names.
 positive_float.__name__ = "positive number"
 non_negative_float.__name__ = "number >= 0"
@@ -101,6 +108,7 @@ positive_int.__name__ = "integer >= 1"
 non_negative_int.__name__ = "integer >= 0"
 port_number.__name__ = "port"
 size.__name__ = "size"
+non_negative_size.__name__ = "size"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-max-answer-size", type=size, default="16MiB",
         help="largest answer kept for one batch line; a bigger one fails the line "
              "(default 16MiB)")
+    add("--max-batch-requests", type=positive_int, default=50_000,
+        help="lines in one batch's input file; more fail the batch (default 50000)")
+    add("--max-batch-input-size", type=size, default="200MiB",
+        help="bytes of one batch's input file; more fail the batch (default 200MiB)")
+    add("--file-storage-quota-per-key", type=size, default="100GiB",
+        help="bytes of stored files per API key (without keys: in all) (default 100GiB)")
+    add("--file-storage-quota", type=non_negative_size, default="0",
+        help="bytes of stored files over all keys; 0 = no cap but the disk (default 0)")
 
     extensions = parser.add_argument_group("extensions")
     add = extensions.add_argument
@@ -522,6 +538,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         file_storage_path=args.file_storage_path,
         batch_concurrency=args.batch_concurrency,
         batch_max_answer_size=args.batch_max_answer_size,
+        max_batch_requests=args.max_batch_requests,
+        max_batch_input_size=args.max_batch_input_size,
+        file_storage_quota_per_key=args.file_storage_quota_per_key,
+        file_storage_quota=args.file_storage_quota,
         log_stats=args.log_stats,
         log_stats_interval=args.log_stats_interval,
         callbacks=callbacks,

@@ -140,6 +140,14 @@ class Config:
     batch_max_answer_size: int = 16 * MIB
     """Largest answer kept for one batch line (a bigger one fails the line): the batch runner
     holds at most `batch_concurrency` times this in answers."""
+    max_batch_requests: int = 50_000
+    """Lines of one batch's input file (OpenAI's limit); past it the batch fails validating."""
+    max_batch_input_size: int = 200 * MIB
+    """Bytes of one batch's input file (OpenAI's 200 MB); past it the batch fails validating."""
+    file_storage_quota_per_key: int = 100 * GIB
+    """Bytes of stored files per owner (API key; the one open tenant without keys)."""
+    file_storage_quota: int = 0
+    """Bytes of stored files over all owners; 0 means no cap but the disk."""
 
     # Routing policies (router/policies/).
     session_key: str = "x-session-id"

@@ -17,7 +17,7 @@ from urllib.parse import unquote_plus
 from aiohttp import hdrs, web
 
 from router.api import request_id
-from router.errors import RouterError
+from router.errors import RouterError, error_response
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, check_header_bytes, read_json_request
 from router.keys import (
@@ -29,7 +29,9 @@ from router.multipart import read_multipart_request
 from router.plugins import RequestRewriter
 from router.proxy import Failover, forward, upstream_headers
 
-__all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
+__all__ = [
+    "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes", "client_key", "spend_rate_limit",
+]
 
 JSON_ENDPOINTS = (
     "/v1/chat/completions",
@@ -82,9 +84,7 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
         lifecycle = Lifecycle(request, app[EVENTS], flow)
         try:
             check_header_bytes(request.raw_headers)
-            limiter = app[RATE_LIMITER]
-            if limiter is not None:
-                limiter.take(client_key(request))
+            spend_rate_limit(request)
             if admission is not None:
                 await admission.acquire()
                 admitted_in = True
@@ -108,6 +108,14 @@ def without_parameter(raw_query: str, name: str) -> str:
         part for part in raw_query.split("&")
         if unquote_plus(part.partition("=")[0]) != name
     )
+
+
+def spend_rate_limit(request: web.Request) -> None:
+    """Take a token of the client's bucket under `--rate-limit`, or raise `TooManyRequests`:
+    every endpoint of the API spends it, not only the proxied ones."""
+    limiter = request.app[RATE_LIMITER]
+    if limiter is not None:
+        limiter.take(client_key(request))
 
 
 def client_key(request: web.Request) -> str:
@@ -200,6 +208,10 @@ def rewrite(
 
 async def list_models(request: web.Request) -> web.Response:
     """The union of the backends' models, with aliases (their `root` is the served model)."""
+    try:
+        spend_rate_limit(request)
+    except RouterError as error:
+        return error_response(error, request_id(request))
     pool = request.app[POOL]
     created = int(time.time())
     entries = [

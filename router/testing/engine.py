@@ -105,6 +105,8 @@ class EngineState:
     last_path: str | None = None
     """Path and query string of the last proxied request."""
     last_json: JsonDict | None = None
+    arrivals: list[float] = field(default_factory=list)
+    """`time.monotonic()` of each proxied request's arrival, to see how requests were paced."""
 
 
 ENGINE_STATE = web.AppKey("engine_state", EngineState)
@@ -377,6 +379,7 @@ def _proxied(handler: Handler) -> Handler:
     async def wrapper(request: web.Request) -> web.StreamResponse:
         state = request.app[ENGINE_STATE]
         state.started += 1
+        state.arrivals.append(time.monotonic())
         state.open += 1
         state.last_headers = request.headers
         state.last_path = request.path_qs
