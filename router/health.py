@@ -13,6 +13,11 @@ Two signals decide whether a backend may take a request (`HealthTracker.availabl
   probe in a row. A passing probe only lifts the probe's own veto (see
   `HealthTracker.record_probe`).
 
+The breaker may hold out at most `max_ejection_percent` of a model's backends that the
+probes do not fail, and never the last one (`HealthTracker.routable`, as Envoy's
+`max_ejection_percent`): faults of requests (a poison prompt answered with 500s, cut streams,
+hangs) reach every engine alike and would otherwise open every breaker of a healthy fleet.
+
 Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
 """
 
@@ -24,7 +29,7 @@ import json
 import struct
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -108,9 +113,16 @@ class CircuitBreaker:
             return True
         return self.state is BreakerState.HALF_OPEN and self._trial is None
 
-    def start_trial(self, token: object) -> bool:
-        """Make the request `token` the trial if the breaker is half-open without one."""
-        if self.state is not BreakerState.HALF_OPEN or self._trial is not None:
+    def start_trial(self, token: object, early: bool = False) -> bool:
+        """Make the request `token` the trial if the breaker is half-open without one.
+
+        `early`: while still open too. A request sent to an open backend anyway (the ejection
+        cap keeps it routable) tells as much as one sent after the cooldown, so its answer may
+        as well close the breaker."""
+        if self._trial is not None:
+            return False
+        state = self.state
+        if state is not BreakerState.HALF_OPEN and not (early and state is BreakerState.OPEN):
             return False
         self._trial = token
         return True
@@ -164,6 +176,8 @@ class CircuitBreaker:
             assert self.opened_at is not None
             left = self.cooldown - (self._clock() - self.opened_at)
             detail += f" half_open_in={left:.1f}s"
+            if self._trial is not None:
+                detail += " trial=in_flight"
         elif state is BreakerState.HALF_OPEN:
             detail += " trial=" + ("in_flight" if self._trial is not None else "none")
         name = f" {self.name}" if self.name else ""
@@ -231,26 +245,39 @@ class _Entry:
         self.probed_at: float | None = None
 
 
+def _ejection(breaker: CircuitBreaker, backend: Backend) -> tuple[int, float, Backend]:
+    return breaker.consecutive_failures, -(breaker.opened_at or 0.0), backend
+
+
+def _put_back_order(item: tuple[int, float, Backend]) -> tuple[int, float]:
+    return item[0], item[1]
+
+
 class HealthTracker:
     """Subscriber: breakers and probe verdicts per backend id; the request path asks
-    `available(backend)`.
+    `routable(backends of the model)`.
 
     A backend it knows nothing about is available: health checks may be off, and a backend
     is assumed well until a probe or a request says otherwise.
     """
 
     def __init__(
-        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic
+        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic,
+        max_ejection_percent: int = 50,
     ) -> None:
         check_settings(failure_threshold, cooldown)
+        if not 0 <= max_ejection_percent <= 100:
+            raise ValueError(f"max_ejection_percent must be within 0..100, "
+                             f"not {max_ejection_percent}")
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
+        self.max_ejection_percent = max_ejection_percent
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
 
     def available(self, backend: Backend) -> bool:
-        """True when `backend` may take a request now: its probe does not fail and its
-        breaker admits one. Called per candidate per request, so it stays a lookup."""
+        """True when `backend`'s own health admits a request now: its probe does not fail and
+        its breaker admits one. Whether it is routed to is `routable`'s call."""
         entry = self._entries.get(backend.id)
         if entry is None:
             return True
@@ -259,6 +286,74 @@ class HealthTracker:
         breaker = entry.breaker
         # The closed check inlined: it saves a method call on nearly every call.
         return breaker._state is BreakerState.CLOSED or breaker.allows()
+
+    def routable(
+        self, backends: Sequence[Backend], exclude: Collection[str] = ()
+    ) -> list[Backend]:
+        """The backends of one model (`backends`, in their order) that may take a request now,
+        minus the ids in `exclude`.
+
+        Those `available`, and the breaker-ejected ones the ejection cap puts back (see
+        `kept_by_cap`). A backend whose probe fails stays out whatever the cap says. Runs on
+        every request: one pass, and no allocation but the answer's while no breaker holds a
+        backend out.
+        """
+        entries = self._entries
+        chosen: list[Backend] = []
+        ejected: list[tuple[int, float, Backend]] | None = None
+        alive = 0
+        for backend in backends:
+            entry = entries.get(backend.id)
+            if entry is not None:
+                if entry.probe_ok is False:
+                    continue
+                breaker = entry.breaker
+                if breaker._state is not BreakerState.CLOSED and not breaker.allows():
+                    alive += 1
+                    if ejected is None:
+                        ejected = []
+                    ejected.append(_ejection(breaker, backend))
+                    continue
+            alive += 1
+            if backend.id not in exclude:
+                chosen.append(backend)
+        if ejected is None:
+            return chosen
+        kept = self._put_back(ejected, alive)
+        if not kept:
+            return chosen
+        keep = set(chosen)
+        keep.update(backend for backend in kept if backend.id not in exclude)
+        return [backend for backend in backends if backend in keep]
+
+    def kept_by_cap(self, backends: Sequence[Backend]) -> list[Backend]:
+        """The backends of one model routed to although their breaker holds them out; empty
+        while the cap does not bite.
+
+        The cap: breakers may hold out at most `max_ejection_percent` (rounded down) of the
+        model's backends that the probes do not fail (all of them while probes are off), so
+        below 100 never the last one. Past it, as many are put back as it takes: first those
+        with the fewest consecutive failures, then the latest ejected (the first to go is the
+        likeliest to be really broken; the next ones often only took its load), then in pool
+        order, so every request puts back the same ones.
+        """
+        alive = 0
+        ejected: list[tuple[int, float, Backend]] = []
+        for backend in backends:
+            entry = self._entries.get(backend.id)
+            if entry is not None and entry.probe_ok is False:
+                continue
+            alive += 1
+            if entry is not None and not entry.breaker.allows():
+                ejected.append(_ejection(entry.breaker, backend))
+        return self._put_back(ejected, alive)
+
+    def _put_back(self, ejected: list[tuple[int, float, Backend]], alive: int) -> list[Backend]:
+        extra = len(ejected) - alive * self.max_ejection_percent // 100
+        if extra <= 0:
+            return []
+        ejected.sort(key=_put_back_order)  # stable: ties stay in pool order
+        return [item[2] for item in ejected[:extra]]
 
     # Entries are made only where the backend is known to be in the pool (routed to, probed):
     # a late `on_complete` after `forget` must not bring a removed backend back for good.
@@ -271,9 +366,14 @@ class HealthTracker:
             entry = self._entries[backend_id] = _Entry(breaker)
         return entry
 
+    # A request that reaches a backend whose breaker is not closed and runs no trial is its
+    # trial: after the cooldown, or before it when the ejection cap kept the backend routable
+    # (nothing else routes to an open breaker), so a recovered backend closes at its first
+    # good answer.
+
     def on_new(self, flow: RequestFlow) -> None:
         if flow.backend is not None:
-            self._entry(flow.backend.id).breaker.start_trial(flow)
+            self._entry(flow.backend.id).breaker.start_trial(flow, early=True)
 
     def on_retry(self, flow: RequestFlow) -> None:
         attempt = flow.attempts[-1]
@@ -284,7 +384,7 @@ class HealthTracker:
             else:
                 entry.breaker.release(flow)
         if flow.backend is not None:
-            self._entry(flow.backend.id).breaker.start_trial(flow)
+            self._entry(flow.backend.id).breaker.start_trial(flow, early=True)
 
     def on_response(self, flow: RequestFlow) -> None:
         # A trial that is streaming a good answer has proved the point; waiting for the end
