@@ -13,10 +13,12 @@ Two signals decide whether a backend may take a request (`HealthTracker.availabl
   probe in a row. A passing probe only lifts the probe's own veto (see
   `HealthTracker.record_probe`).
 
-The breaker may hold out at most `max_ejection_percent` of a model's backends that the
+The breakers may hold out at most `max_ejection_percent` of a model's backends that the
 probes do not fail, and never the last one (`HealthTracker.routable`, as Envoy's
 `max_ejection_percent`): faults of requests (a poison prompt answered with 500s, cut streams,
 hangs) reach every engine alike and would otherwise open every breaker of a healthy fleet.
+A backend the cap keeps routable closes at its first good answer, and that answer ends the
+cooldown of the model's other open breakers (`HealthTracker._end_cooldowns`).
 
 Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
 """
@@ -160,6 +162,13 @@ class CircuitBreaker:
         if self.is_trial(token):
             self._trial = None
 
+    def end_cooldown(self) -> bool:
+        """Turn an open breaker without a trial half-open now; True if it was one."""
+        if self.state is not BreakerState.OPEN or self._trial is not None:
+            return False
+        self._state = BreakerState.HALF_OPEN
+        return True
+
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self.opened_at = self._clock()
@@ -236,10 +245,12 @@ class BackendHealth:
 
 
 class _Entry:
-    __slots__ = ("breaker", "probe_ok", "probe_error", "probed_at")
+    __slots__ = ("breaker", "models", "probe_ok", "probe_error", "probed_at")
 
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
+        self.models: tuple[str, ...] = ()
+        """The models the backend serves, as last routed to (for `_end_cooldowns`)."""
         self.probe_ok: bool | None = None
         self.probe_error: str | None = None
         self.probed_at: float | None = None
@@ -373,7 +384,31 @@ class HealthTracker:
 
     def on_new(self, flow: RequestFlow) -> None:
         if flow.backend is not None:
-            self._entry(flow.backend.id).breaker.start_trial(flow, early=True)
+            self._start(flow.backend, flow)
+
+    def _start(self, backend: Backend, flow: RequestFlow) -> None:
+        entry = self._entry(backend.id)
+        entry.models = backend.models
+        entry.breaker.start_trial(flow, early=True)
+
+    def _succeed(self, entry: _Entry, flow: RequestFlow) -> None:
+        breaker = entry.breaker
+        # Read before `success` closes it: an open breaker's trial is one the cap sent.
+        early = breaker.is_trial(flow) and breaker.state is BreakerState.OPEN
+        breaker.success(flow)
+        if early and flow.model is not None:
+            self._end_cooldowns(flow.model)
+
+    def _end_cooldowns(self, model: str) -> None:
+        """A backend the ejection cap kept answered well before its cooldown ended: the
+        faults that opened its breaker were the requests', and likely those that opened
+        the other breakers of the model too. Each gets its trial now rather than after its
+        cooldown, so the model is back to full capacity within a few requests; one that
+        really is broken fails that one trial and starts a new cooldown."""
+        for backend_id, entry in self._entries.items():
+            if model in entry.models and entry.breaker.end_cooldown():
+                log.info("circuit breaker %s half-open early: another backend of %s held out "
+                         "with it answered again", backend_id, model)
 
     def on_retry(self, flow: RequestFlow) -> None:
         attempt = flow.attempts[-1]
@@ -384,7 +419,7 @@ class HealthTracker:
             else:
                 entry.breaker.release(flow)
         if flow.backend is not None:
-            self._entry(flow.backend.id).breaker.start_trial(flow, early=True)
+            self._start(flow.backend, flow)
 
     def on_response(self, flow: RequestFlow) -> None:
         # A trial that is streaming a good answer has proved the point; waiting for the end
@@ -393,7 +428,7 @@ class HealthTracker:
             return
         entry = self._entries.get(flow.backend.id)
         if entry is not None and entry.breaker.is_trial(flow):
-            entry.breaker.success(flow)
+            self._succeed(entry, flow)
 
     def on_complete(self, flow: RequestFlow) -> None:
         if flow.backend is None:
@@ -405,7 +440,7 @@ class HealthTracker:
         if verdict is Verdict.FAILURE:
             entry.breaker.failure(flow)
         elif verdict is Verdict.SUCCESS:
-            entry.breaker.success(flow)
+            self._succeed(entry, flow)
         else:
             entry.breaker.release(flow)
 

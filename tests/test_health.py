@@ -592,6 +592,41 @@ def test_failed_early_trial_reopens_and_hands_the_trial_on(
     assert tracker.state(A.id).trial_in_flight
 
 
+def test_good_answer_from_a_kept_backend_ends_the_models_other_cooldowns(
+    tracker: HealthTracker, clock: Clock
+) -> None:
+    """The cap's backend answering well shows the faults were the requests': the other
+    backends of its model get their trial at once, one each; a broken one fails it and waits
+    a whole cooldown again."""
+    other_model = Backend("http://c:8000", ("other",))
+    for backend in (A, other_model, B):
+        open_breaker(tracker, backend)
+        clock.advance(1)
+    assert tracker.routable([A, B]) == [B]  # the latest opened
+    finish(tracker, start(tracker, B), Outcome.OK, 200)
+    assert [tracker.state(b.id).breaker for b in (A, B, other_model)] == [
+        "half_open", "closed", "open"]
+    assert tracker.routable([A, B]) == [A, B]
+    trial = start(tracker, A)
+    assert tracker.routable([A, B]) == [B]  # one trial at a time
+    finish(tracker, trial, Outcome.OK, 500)
+    health = tracker.state(A.id)
+    assert (health.breaker, health.opened_at) == ("open", clock.now)
+    assert tracker.routable([A, B]) == [B]
+
+
+def test_only_an_early_trial_ends_other_cooldowns(tracker: HealthTracker, clock: Clock) -> None:
+    """A trial after a cooldown is one backend's own recovery: it says nothing of others."""
+    open_breaker(tracker, A)
+    open_breaker(tracker, B)
+    clock.advance(COOLDOWN)
+    finish(tracker, start(tracker, A), Outcome.OK, 200)
+    assert tracker.state(B.id).breaker == "half_open"  # its own cooldown, not A's doing
+    open_breaker(tracker, B)
+    finish(tracker, start(tracker, A), Outcome.OK, 200)
+    assert tracker.state(B.id).breaker == "open"
+
+
 def test_bad_max_ejection_percent_is_refused(clock: Clock) -> None:
     for percent in (-1, 101):
         with pytest.raises(ValueError, match="max_ejection_percent"):

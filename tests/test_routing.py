@@ -202,11 +202,15 @@ async def test_fault_burst_on_every_engine_leaves_the_fleet_routable(
         engine.behaviour.fail_status = None
     status, reply, served = await post(router)
     assert status == 200, reply
-    # The request the cap sent was that backend's trial: its good answer closed the breaker.
+    # The request the cap sent was that backend's trial: its good answer closed the breaker,
+    # and cut the other's cooldown short: both engines serve again, long before 60 s.
     assert served is not None and health.state(served).breaker == "closed"
-    for _ in range(3):
+    completed = [engine.state.completed for engine in engines]
+    for _ in range(4):
         assert (await post(router))[0] == 200
-    await router.settled(12)
+    assert [health.state(b.id).breaker for b in pool.backends] == ["closed", "closed"]
+    assert all(engine.state.completed > before for engine, before in zip(engines, completed))
+    await router.settled(13)
 
 
 async def test_engines_lists_health_load_and_scraped_figures(
