@@ -197,6 +197,9 @@ async def test_fault_burst_on_every_engine_leaves_the_fleet_routable(
         assert sorted(len(entry["kept_by_ejection_cap"]) for entry in listing) == [0, 2]
         async with session.get(router.url + "/metrics") as response:
             assert f'router_ejection_cap_backends{{model="{CHAT}"}} 1.0' in await response.text()
+    held = next(entry["id"] for entry in listing if not entry["kept_by_ejection_cap"])
+    status, reply, _ = await post(router, f"/v1/chat/completions?id={held}")
+    assert status == 503 and "not available" in reply["error"]["message"]
 
     for engine in engines:
         engine.behaviour.fail_status = None
@@ -210,7 +213,7 @@ async def test_fault_burst_on_every_engine_leaves_the_fleet_routable(
         assert (await post(router))[0] == 200
     assert [health.state(b.id).breaker for b in pool.backends] == ["closed", "closed"]
     assert all(engine.state.completed > before for engine, before in zip(engines, completed))
-    await router.settled(13)
+    await router.settled(14)
 
 
 async def test_engines_lists_health_load_and_scraped_figures(
