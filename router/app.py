@@ -186,7 +186,8 @@ def make_app(config: Config) -> web.Application:
     pool = BackendPool(aliases=config.aliases,
                        fixed=external_backends(config.external_providers))
     stats = RequestStats(config.request_stats_window)
-    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
+    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown,
+                           max_ejection_percent=config.max_ejection_percent)
     metrics = Metrics(stats, pool, health, multiprocess=multiprocess_metrics.enabled())
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))

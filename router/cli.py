@@ -69,6 +69,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def percent(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise ValueError(text)
+    return value
+
+
 def rate_limit(text: str) -> tuple[float, float]:
     rate_text, _, burst_text = text.partition(":")
     rate = positive_float(rate_text)
@@ -324,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="consecutive failures that open a backend's circuit breaker (default 5)")
     add("--cb-cooldown", type=positive_float, default=30.0,
         help="seconds before an open breaker lets one trial request through (default 30)")
+    add("--max-ejection-percent", type=percent, default=50,
+        help="most of a model's backends that circuit breakers may take out, in percent of "
+             "those whose health probe passes, rounded down: below 100 the last one always "
+             "stays; 100: no cap (default 50)")
     add("--max-retries", type=non_negative_int, default=2,
         help="retries on other backends for a request that failed before its answer "
              "started (default 2)")
@@ -566,6 +577,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         health_check_timeout=args.health_check_timeout,
         cb_failure_threshold=args.cb_failure_threshold,
         cb_cooldown=args.cb_cooldown,
+        max_ejection_percent=args.max_ejection_percent,
         otel_endpoint=args.otel_endpoint or None,
         otel_protocol=args.otel_protocol,
         otel_service_name=args.otel_service_name,

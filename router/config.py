@@ -186,6 +186,9 @@ class Config:
     """Consecutive failures that open a backend's circuit breaker."""
     cb_cooldown: float = 30.0
     """Seconds an open breaker waits before letting one trial request through."""
+    max_ejection_percent: int = 50
+    """The most breakers may hold out of a model's backends that the probes do not fail, in
+    percent, rounded down (so never the last one below 100); 100: no cap."""
 
     # Tracing (router/tracing.py).
     otel_endpoint: str | None = None
