@@ -1,6 +1,7 @@
 """Admission control: a cap on concurrent proxied requests with a bounded wait queue, and
 per-client token-bucket rate limits. Past either, the client gets a 429 with `Retry-After`
-at once: nothing waits without bound, nothing is buffered for a request that will not run."""
+at once: nothing waits without bound, nothing is buffered for a request that will not run.
+(Batch lines have no client to answer: they wait for the slot or the token instead.)"""
 
 from __future__ import annotations
 
@@ -83,18 +84,24 @@ class RateLimiter:
 
     def take(self, key: str) -> None:
         """Spend one token of `key`'s bucket, or raise `TooManyRequests`."""
+        wait = self.try_take(key)
+        if wait:
+            raise TooManyRequests(f"rate limit of {self.rate:g} requests/s exceeded",
+                                  retry_after=wait)
+
+    def try_take(self, key: str) -> float:
+        """Spend one token of `key`'s bucket and return 0, or return the seconds until the
+        next token (spending nothing)."""
         now = self._clock()
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < 1:
             self._buckets[key] = (tokens, now)
-            raise TooManyRequests(
-                f"rate limit of {self.rate:g} requests/s exceeded",
-                retry_after=(1 - tokens) / self.rate,
-            )
+            return (1 - tokens) / self.rate
         self._buckets[key] = (tokens - 1, now)
         if len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
+        return 0.0
 
     def __repr__(self) -> str:
         return f"<RateLimiter {self.rate:g}/s burst={self.burst:g} keys={len(self._buckets)}>"

@@ -27,14 +27,14 @@ from router.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, RETRY_BUDGET, REWRITER,
-    STATS, UPSTREAM_AUTH, BATCHES,
+    STATS, UPSTREAM_AUTH, BATCHES, PREFILL_HOP,
 )
 from router import multiprocess_metrics
 from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
-from router.proxy import UpstreamAuth, cut_client
+from router.proxy import PrefillHop, UpstreamAuth, cut_client
 from router.retries import RetryBudget
 from router.routing import BackendChooser
 from router.shutdown import Drain
@@ -91,6 +91,7 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             loops.append(EngineScraper(
                 app[ENGINE_STATS], pool, session,
                 config.engine_stats_interval, config.engine_stats_timeout,
+                config.engine_stats_max_size,
             ).run())
         if config.health_check_interval > 0:
             loops.append(HealthProber(
@@ -190,7 +191,8 @@ def make_app(config: Config) -> web.Application:
     pool = BackendPool(aliases=config.aliases,
                        fixed=external_backends(config.external_providers))
     stats = RequestStats(config.request_stats_window)
-    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown)
+    health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown,
+                           max_ejection_percent=config.max_ejection_percent)
     metrics = Metrics(stats, pool, health, multiprocess=multiprocess_metrics.enabled())
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
@@ -198,6 +200,7 @@ def make_app(config: Config) -> web.Application:
     app[DRAIN] = Drain()
     app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
     app[RETRY_BUDGET] = RetryBudget(config.retry_budget_percent, config.retry_budget_min)
+    app[PREFILL_HOP] = PrefillHop(config.prefill_timeout, config.prefill_max_answer_size)
     app[POOL] = pool
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats

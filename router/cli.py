@@ -69,6 +69,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def percent(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise ValueError(text)
+    return value
+
+
 def rate_limit(text: str) -> tuple[float, float]:
     rate_text, _, burst_text = text.partition(":")
     rate = positive_float(rate_text)
@@ -92,6 +99,13 @@ def size(text: str) -> int:
     return value
 
 
+def non_negative_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 # argparse names the type function in its message ("invalid size value"): give them names.
 positive_float.__name__ = "positive number"
 non_negative_float.__name__ = "number >= 0"
@@ -101,6 +115,7 @@ positive_int.__name__ = "integer >= 1"
 non_negative_int.__name__ = "integer >= 0"
 port_number.__name__ = "port"
 size.__name__ = "size"
+non_negative_size.__name__ = "size"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
              "routed at http://NAME:PORT through the cluster DNS) (default pod-ip)")
     add("--k8s-kubeconfig", default=None,
         help="kubeconfig to use outside a cluster (default $KUBECONFIG)")
+    add("--k8s-max-answer-size", type=size, default="16MiB",
+        help="largest list page, watch event or engine /v1/models answer read (default "
+             "16MiB)")
 
     batch = parser.add_argument_group("Batch and Files APIs")
     add = batch.add_argument
@@ -232,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
              "restarts (default /tmp/vllm_files)")
     add("--batch-concurrency", type=positive_int, default=8,
         help="batch lines in flight at once, over all batches (default 8)")
+    add("--batch-max-answer-size", type=size, default="16MiB",
+        help="largest answer kept for one batch line; a bigger one fails the line "
+             "(default 16MiB)")
+    add("--max-batch-requests", type=positive_int, default=50_000,
+        help="lines in one batch's input file; more fail the batch (default 50000)")
+    add("--max-batch-input-size", type=size, default="200MiB",
+        help="bytes of one batch's input file; more fail the batch (default 200MiB)")
+    add("--file-storage-quota-per-key", type=size, default="100GiB",
+        help="bytes of stored files per API key (without keys: in all) (default 100GiB)")
+    add("--file-storage-quota", type=non_negative_size, default="0",
+        help="bytes of stored files over all keys; 0 = no cap but the disk (default 0)")
 
     extensions = parser.add_argument_group("extensions")
     add = extensions.add_argument
@@ -285,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="disaggregated_prefill: labels of prefill backends (default prefill)")
     add("--decode-model-labels", default="decode",
         help="disaggregated_prefill: labels of decode backends (default decode)")
+    add("--prefill-timeout", type=positive_float, default=300.0,
+        help="disaggregated_prefill: seconds for the whole prefill hop, its answer included "
+             "(default 300)")
+    add("--prefill-max-answer-size", type=size, default="1MiB",
+        help="disaggregated_prefill: largest prefill answer read; more is a 502 (default 1MiB)")
 
     fleet = parser.add_argument_group("engine stats, health and failover")
     add = fleet.add_argument
@@ -292,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between scrapes of each engine's /metrics; 0 turns scraping off "
              "(default 10)")
     add("--engine-stats-timeout", type=positive_float, default=5.0,
-        help="seconds a scrape may take (default 5)")
+        help="seconds a whole scrape may take, body included (default 5)")
+    add("--engine-stats-max-size", type=size, default="16MiB",
+        help="largest /metrics page read; past it the scrape fails (default 16MiB)")
     add("--health-check-interval", type=non_negative_float, default=10.0,
         help="seconds between active health probes; 0 turns them off (default 10)")
     add("--health-check-path", default="/health", help="probe path (default /health)")
@@ -302,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="consecutive failures that open a backend's circuit breaker (default 5)")
     add("--cb-cooldown", type=positive_float, default=30.0,
         help="seconds before an open breaker lets one trial request through (default 30)")
+    add("--max-ejection-percent", type=percent, default=50,
+        help="most of a model's backends that circuit breakers may take out, in percent of "
+             "those whose health probe passes, rounded down: below 100 the last one always "
+             "stays; 100: no cap (default 50)")
     add("--max-retries", type=non_negative_int, default=2,
         help="retries on other backends for a request that failed before its answer "
              "started (default 2)")
@@ -389,6 +429,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 kubeconfig=args.k8s_kubeconfig or os.environ.get("KUBECONFIG") or None,
                 api_server=in_cluster_api_server(os.environ),
                 engine_api_key=args.backend_api_key or os.environ.get("VLLM_API_KEY") or None,
+                max_answer_size=args.k8s_max_answer_size,
             )
         except ValueError as error:
             raise ConfigError(f"argument --k8s-*: {error}") from None
@@ -521,6 +562,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         enable_batch_api=args.enable_batch_api,
         file_storage_path=args.file_storage_path,
         batch_concurrency=args.batch_concurrency,
+        batch_max_answer_size=args.batch_max_answer_size,
+        max_batch_requests=args.max_batch_requests,
+        max_batch_input_size=args.max_batch_input_size,
+        file_storage_quota_per_key=args.file_storage_quota_per_key,
+        file_storage_quota=args.file_storage_quota,
         log_stats=args.log_stats,
         log_stats_interval=args.log_stats_interval,
         callbacks=callbacks,
@@ -535,13 +581,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
         static_backend_health_checks=args.static_backend_health_checks,
         prefill_model_labels=tuple(split_list(args.prefill_model_labels)),
         decode_model_labels=tuple(split_list(args.decode_model_labels)),
+        prefill_timeout=args.prefill_timeout,
+        prefill_max_answer_size=args.prefill_max_answer_size,
         engine_stats_interval=args.engine_stats_interval,
         engine_stats_timeout=args.engine_stats_timeout,
+        engine_stats_max_size=args.engine_stats_max_size,
         health_check_interval=args.health_check_interval,
         health_check_path=args.health_check_path,
         health_check_timeout=args.health_check_timeout,
         cb_failure_threshold=args.cb_failure_threshold,
         cb_cooldown=args.cb_cooldown,
+        max_ejection_percent=args.max_ejection_percent,
         otel_endpoint=args.otel_endpoint or None,
         otel_protocol=args.otel_protocol,
         otel_service_name=args.otel_service_name,

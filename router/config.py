@@ -142,6 +142,17 @@ class Config:
     """Uploaded files, batch results and batch state; kept across restarts."""
     batch_concurrency: int = 8
     """Batch lines in flight at once, over all batches."""
+    batch_max_answer_size: int = 16 * MIB
+    """Largest answer kept for one batch line (a bigger one fails the line): the batch runner
+    holds at most `batch_concurrency` times this in answers."""
+    max_batch_requests: int = 50_000
+    """Lines of one batch's input file (OpenAI's limit); past it the batch fails validating."""
+    max_batch_input_size: int = 200 * MIB
+    """Bytes of one batch's input file (OpenAI's 200 MB); past it the batch fails validating."""
+    file_storage_quota_per_key: int = 100 * GIB
+    """Bytes of stored files per owner (API key; the one open tenant without keys)."""
+    file_storage_quota: int = 0
+    """Bytes of stored files over all owners; 0 means no cap but the disk."""
 
     # Routing policies (router/policies/).
     session_key: str = "x-session-id"
@@ -160,10 +171,17 @@ class Config:
     """Probe each backend with a minimal real request of its `--static-model-types` type."""
     prefill_model_labels: tuple[str, ...] = ("prefill",)
     decode_model_labels: tuple[str, ...] = ("decode",)
+    prefill_timeout: float = 300.0
+    """Seconds for the whole prefill hop of disaggregated prefill (its answer is one token)."""
+    prefill_max_answer_size: int = 1 * MIB
+    """Largest prefill answer read; a bigger one is a 502."""
 
     # Engine stats (router/stats/engine.py).
     engine_stats_interval: float = 10.0
     engine_stats_timeout: float = 5.0
+    """Seconds for a whole scrape, the body's last byte included."""
+    engine_stats_max_size: int = 16 * MIB
+    """Largest `/metrics` page read; past it the scrape fails and is cut."""
 
     # Health (router/health.py).
     health_check_interval: float = 10.0
@@ -173,6 +191,9 @@ class Config:
     """Consecutive failures that open a backend's circuit breaker."""
     cb_cooldown: float = 30.0
     """Seconds an open breaker waits before letting one trial request through."""
+    max_ejection_percent: int = 50
+    """The most breakers may hold out of a model's backends that the probes do not fail, in
+    percent, rounded down (so never the last one below 100); 100: no cap."""
 
     # Tracing (router/tracing.py).
     otel_endpoint: str | None = None

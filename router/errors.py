@@ -8,7 +8,10 @@ knows its HTTP status, OpenAI error type and code. `error_response` turns one in
 from __future__ import annotations
 
 import json
+import os
+import re
 
+import aiohttp
 from aiohttp import web
 
 from router.flow import Outcome
@@ -27,8 +30,10 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "ResponseHeadTimeout",
+    "AnswerTooLarge",
     "error_response",
     "error_body",
+    "failure_detail",
 ]
 
 
@@ -43,9 +48,19 @@ class RouterError(Exception):
     headers: dict[str, str] = {}
     """Extra response headers (`Retry-After`, `WWW-Authenticate`)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        """What the client reads: our words, a backend named by its id, never an address or
+        a header value."""
+        self.detail = detail
+        """What only the log reads besides `message` (the underlying failure, e.g. aiohttp's
+        own words), already free of header values and addresses."""
+
+    @property
+    def logged(self) -> str:
+        """The message with its detail, for the log and the access line."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
 
 class InternalError(RouterError):
@@ -140,6 +155,18 @@ class ResponseHeadTimeout(UpstreamTimeout):
     outcome = Outcome.BACKEND_ERROR
 
 
+class AnswerTooLarge(UpstreamError):
+    """An answer the router reads whole (a prefill hop, a batch line, a scrape, a Kubernetes
+    list) is over its limit: it is cut there, the connection closed, and a client waiting on
+    it gets a 502."""
+
+    code = "upstream_answer_too_large"
+
+    def __init__(self, source: str, limit: int) -> None:
+        super().__init__(f"{source} answered more than {limit} bytes")
+        self.limit = limit
+
+
 def error_body(status: int, message: str, error_type: str, code: str | int | None) -> bytes:
     payload = {"error": {"message": message, "type": error_type, "code": code}}
     return json.dumps(payload).encode()
@@ -173,3 +200,29 @@ class MalformedRequest(BadRequest):
     """Not HTTP aiohttp's parser can read (a bad method, line or chunk size)."""
 
     code = "malformed_request"
+
+
+QUOTED_BYTES = re.compile(r":(?:\s|\\n)*(?:b['\"]|\\n|$)|\n")
+"""Where aiohttp's message stops being its own words: the offending bytes it quotes after a
+colon (a header value the backend sent), or the next line."""
+
+
+def failure_detail(error: BaseException) -> str:
+    """The failure's class and aiohttp's own words, at most 200 characters, for the log.
+
+    Never `repr()` or `str()` of a `ClientResponseError`: they hold the backend's address and
+    the whole `RequestInfo`, every header sent upstream (the backend key, a provider's key,
+    the client's cookies) included. Nor the address of a failed connect (`strerror` names it),
+    nor the bytes aiohttp quotes from a malformed answer."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        text = error.message
+    elif isinstance(error, aiohttp.ClientConnectorError):
+        number = error.os_error.errno
+        text = os.strerror(number) if isinstance(number, int) and number > 0 else ""
+    elif isinstance(error, OSError):
+        text = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else ""
+    else:
+        text = str(error)
+    text = QUOTED_BYTES.split(text, 1)[0].rstrip(": ")[:200]
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name

@@ -13,6 +13,13 @@ Two signals decide whether a backend may take a request (`HealthTracker.availabl
   probe in a row. A passing probe only lifts the probe's own veto (see
   `HealthTracker.record_probe`).
 
+The breakers may hold out at most `max_ejection_percent` of a model's backends that the
+probes do not fail, and never the last one (`HealthTracker.routable`, as Envoy's
+`max_ejection_percent`): faults of requests (a poison prompt answered with 500s, cut streams,
+hangs) reach every engine alike and would otherwise open every breaker of a healthy fleet.
+A backend the cap keeps routable closes at its first good answer, and that answer ends the
+cooldown of the model's other open breakers (`HealthTracker._end_cooldowns`).
+
 Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
 """
 
@@ -24,12 +31,13 @@ import json
 import struct
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import aiohttp
 
 from router.backends import Backend, BackendPool
+from router.errors import failure_detail
 from router.flow import Outcome, RequestFlow
 
 __all__ = [
@@ -108,9 +116,16 @@ class CircuitBreaker:
             return True
         return self.state is BreakerState.HALF_OPEN and self._trial is None
 
-    def start_trial(self, token: object) -> bool:
-        """Make the request `token` the trial if the breaker is half-open without one."""
-        if self.state is not BreakerState.HALF_OPEN or self._trial is not None:
+    def start_trial(self, token: object, early: bool = False) -> bool:
+        """Make the request `token` the trial if the breaker is half-open without one.
+
+        `early`: while still open too. A request sent to an open backend anyway (the ejection
+        cap keeps it routable) tells as much as one sent after the cooldown, so its answer may
+        as well close the breaker."""
+        if self._trial is not None:
+            return False
+        state = self.state
+        if state is not BreakerState.HALF_OPEN and not (early and state is BreakerState.OPEN):
             return False
         self._trial = token
         return True
@@ -148,6 +163,13 @@ class CircuitBreaker:
         if self.is_trial(token):
             self._trial = None
 
+    def end_cooldown(self) -> bool:
+        """Turn an open breaker without a trial half-open now; True if it was one."""
+        if self.state is not BreakerState.OPEN or self._trial is not None:
+            return False
+        self._state = BreakerState.HALF_OPEN
+        return True
+
     def _open(self) -> None:
         self._state = BreakerState.OPEN
         self.opened_at = self._clock()
@@ -164,6 +186,8 @@ class CircuitBreaker:
             assert self.opened_at is not None
             left = self.cooldown - (self._clock() - self.opened_at)
             detail += f" half_open_in={left:.1f}s"
+            if self._trial is not None:
+                detail += " trial=in_flight"
         elif state is BreakerState.HALF_OPEN:
             detail += " trial=" + ("in_flight" if self._trial is not None else "none")
         name = f" {self.name}" if self.name else ""
@@ -228,35 +252,50 @@ class BackendHealth:
 
 
 class _Entry:
-    __slots__ = ("breaker", "probe_ok", "probe_error", "probed_at")
+    __slots__ = ("breaker", "models", "probe_ok", "probe_error", "probed_at")
 
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
+        self.models: tuple[str, ...] = ()
+        """The models the backend serves, as last routed to (for `_end_cooldowns`)."""
         self.probe_ok: bool | None = None
         self.probe_error: str | None = None
         self.probed_at: float | None = None
 
 
+def _ejection(breaker: CircuitBreaker, backend: Backend) -> tuple[int, float, Backend]:
+    return breaker.consecutive_failures, -(breaker.opened_at or 0.0), backend
+
+
+def _put_back_order(item: tuple[int, float, Backend]) -> tuple[int, float]:
+    return item[0], item[1]
+
+
 class HealthTracker:
     """Subscriber: breakers and probe verdicts per backend id; the request path asks
-    `available(backend)`.
+    `routable(backends of the model)`.
 
     A backend it knows nothing about is available: health checks may be off, and a backend
     is assumed well until a probe or a request says otherwise.
     """
 
     def __init__(
-        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic
+        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic,
+        max_ejection_percent: int = 50,
     ) -> None:
         check_settings(failure_threshold, cooldown)
+        if not 0 <= max_ejection_percent <= 100:
+            raise ValueError(f"max_ejection_percent must be within 0..100, "
+                             f"not {max_ejection_percent}")
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
+        self.max_ejection_percent = max_ejection_percent
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
 
     def available(self, backend: Backend) -> bool:
-        """True when `backend` may take a request now: its probe does not fail and its
-        breaker admits one. Called per candidate per request, so it stays a lookup."""
+        """True when `backend`'s own health admits a request now: its probe does not fail and
+        its breaker admits one. Whether it is routed to is `routable`'s call."""
         entry = self._entries.get(backend.id)
         if entry is None:
             return True
@@ -265,6 +304,74 @@ class HealthTracker:
         breaker = entry.breaker
         # The closed check inlined: it saves a method call on nearly every call.
         return breaker._state is BreakerState.CLOSED or breaker.allows()
+
+    def routable(
+        self, backends: Sequence[Backend], exclude: Collection[str] = ()
+    ) -> list[Backend]:
+        """The backends of one model (`backends`, in their order) that may take a request now,
+        minus the ids in `exclude`.
+
+        Those `available`, and the breaker-ejected ones the ejection cap puts back (see
+        `kept_by_cap`). A backend whose probe fails stays out whatever the cap says. Runs on
+        every request: one pass, and no allocation but the answer's while no breaker holds a
+        backend out.
+        """
+        entries = self._entries
+        chosen: list[Backend] = []
+        ejected: list[tuple[int, float, Backend]] | None = None
+        alive = 0
+        for backend in backends:
+            entry = entries.get(backend.id)
+            if entry is not None:
+                if entry.probe_ok is False:
+                    continue
+                breaker = entry.breaker
+                if breaker._state is not BreakerState.CLOSED and not breaker.allows():
+                    alive += 1
+                    if ejected is None:
+                        ejected = []
+                    ejected.append(_ejection(breaker, backend))
+                    continue
+            alive += 1
+            if backend.id not in exclude:
+                chosen.append(backend)
+        if ejected is None:
+            return chosen
+        kept = self._put_back(ejected, alive)
+        if not kept:
+            return chosen
+        keep = set(chosen)
+        keep.update(backend for backend in kept if backend.id not in exclude)
+        return [backend for backend in backends if backend in keep]
+
+    def kept_by_cap(self, backends: Sequence[Backend]) -> list[Backend]:
+        """The backends of one model routed to although their breaker holds them out; empty
+        while the cap does not bite.
+
+        The cap: breakers may hold out at most `max_ejection_percent` (rounded down) of the
+        model's backends that the probes do not fail (all of them while probes are off), so
+        below 100 never the last one. Past it, as many are put back as it takes: first those
+        with the fewest consecutive failures, then the latest ejected (the first to go is the
+        likeliest to be really broken; the next ones often only took its load), then in pool
+        order, so every request puts back the same ones.
+        """
+        alive = 0
+        ejected: list[tuple[int, float, Backend]] = []
+        for backend in backends:
+            entry = self._entries.get(backend.id)
+            if entry is not None and entry.probe_ok is False:
+                continue
+            alive += 1
+            if entry is not None and not entry.breaker.allows():
+                ejected.append(_ejection(entry.breaker, backend))
+        return self._put_back(ejected, alive)
+
+    def _put_back(self, ejected: list[tuple[int, float, Backend]], alive: int) -> list[Backend]:
+        extra = len(ejected) - alive * self.max_ejection_percent // 100
+        if extra <= 0:
+            return []
+        ejected.sort(key=_put_back_order)  # stable: ties stay in pool order
+        return [item[2] for item in ejected[:extra]]
 
     # Entries are made only where the backend is known to be in the pool (routed to, probed):
     # a late `on_complete` after `forget` must not bring a removed backend back for good.
@@ -277,9 +384,38 @@ class HealthTracker:
             entry = self._entries[backend_id] = _Entry(breaker)
         return entry
 
+    # A request that reaches a backend whose breaker is not closed and runs no trial is its
+    # trial: after the cooldown, or before it when the ejection cap kept the backend routable
+    # (nothing else routes to an open breaker), so a recovered backend closes at its first
+    # good answer.
+
     def on_new(self, flow: RequestFlow) -> None:
         if flow.backend is not None:
-            self._entry(flow.backend.id).breaker.start_trial(flow)
+            self._start(flow.backend, flow)
+
+    def _start(self, backend: Backend, flow: RequestFlow) -> None:
+        entry = self._entry(backend.id)
+        entry.models = backend.models
+        entry.breaker.start_trial(flow, early=True)
+
+    def _succeed(self, entry: _Entry, flow: RequestFlow) -> None:
+        breaker = entry.breaker
+        # Read before `success` closes it: an open breaker's trial is one the cap sent.
+        early = breaker.is_trial(flow) and breaker.state is BreakerState.OPEN
+        breaker.success(flow)
+        if early and flow.model is not None:
+            self._end_cooldowns(flow.model)
+
+    def _end_cooldowns(self, model: str) -> None:
+        """A backend the ejection cap kept answered well before its cooldown ended: the
+        faults that opened its breaker were the requests', and likely those that opened
+        the other breakers of the model too. Each gets its trial now rather than after its
+        cooldown, so the model is back to full capacity within a few requests; one that
+        really is broken fails that one trial and starts a new cooldown."""
+        for backend_id, entry in self._entries.items():
+            if model in entry.models and entry.breaker.end_cooldown():
+                log.info("circuit breaker %s half-open early: another backend of %s held out "
+                         "with it answered again", backend_id, model)
 
     def on_retry(self, flow: RequestFlow) -> None:
         attempt = flow.attempts[-1]
@@ -290,7 +426,7 @@ class HealthTracker:
             else:
                 entry.breaker.release(flow)
         if flow.backend is not None:
-            self._entry(flow.backend.id).breaker.start_trial(flow)
+            self._start(flow.backend, flow)
 
     def on_response(self, flow: RequestFlow) -> None:
         # A trial that is streaming a good answer has proved the point; waiting for the end
@@ -299,7 +435,7 @@ class HealthTracker:
             return
         entry = self._entries.get(flow.backend.id)
         if entry is not None and entry.breaker.is_trial(flow):
-            entry.breaker.success(flow)
+            self._succeed(entry, flow)
 
     def on_complete(self, flow: RequestFlow) -> None:
         if flow.backend is None:
@@ -311,7 +447,7 @@ class HealthTracker:
         if verdict is Verdict.FAILURE:
             entry.breaker.failure(flow)
         elif verdict is Verdict.SUCCESS:
-            entry.breaker.success(flow)
+            self._succeed(entry, flow)
         else:
             entry.breaker.release(flow)
 
@@ -389,11 +525,6 @@ class _ProbeResult:
     error: str | None = None
     silent: bool = False
     """No answer at all: timed out, or the connection dropped before a status."""
-
-
-def _short(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 MODEL_TYPES = ("chat", "completion", "embeddings", "rerank", "score", "transcription")
@@ -504,12 +635,12 @@ class HealthProber:
             return _ProbeResult(False, f"no answer within {self.timeout:g}s",
                                 silent=True)
         except aiohttp.ClientConnectorError as error:
-            return _ProbeResult(False, f"cannot connect: {_short(error)}")
+            return _ProbeResult(False, f"cannot connect: {failure_detail(error)}")
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                 aiohttp.ClientPayloadError) as error:
-            return _ProbeResult(False, f"connection lost: {_short(error)}", silent=True)
+            return _ProbeResult(False, f"connection lost: {failure_detail(error)}", silent=True)
         except Exception as error:
-            return _ProbeResult(False, f"{type(error).__name__}: {_short(error)}")
+            return _ProbeResult(False, failure_detail(error))
 
     async def run(self) -> None:
         """Probe, sleep `interval`, forever; cancel the task to stop it."""

@@ -18,7 +18,9 @@ from multidict import CIMultiDictProxy
 from router.backends import BackendPool
 from router.errors import BadRequest, ModelNotFound, PayloadTooLarge, RequestTimeout
 
-__all__ = ["InboundRequest", "UploadBody", "read_json_request", "resolve_model"]
+__all__ = [
+    "InboundRequest", "UploadBody", "check_header_bytes", "read_json_request", "resolve_model",
+]
 
 
 class UploadBody(Protocol):
@@ -120,3 +122,18 @@ async def read_json_request(
         model=served, stream=body.get("stream") is True, headers=request.headers,
         json=body, body=raw,
     )
+
+
+def check_header_bytes(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    """Refuse a header value that is not UTF-8 (an obsolete Latin-1 byte): aiohttp decodes
+    it with surrogates and its writer silently drops them, so the engine would get another
+    value than the client sent. The router forwards a header byte for byte, or not at all."""
+    for name, value in raw_headers:
+        if not value.isascii():
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = name[:64].decode("ascii", "replace")
+                raise BadRequest(
+                    f"the value of header {shown} is not UTF-8; send it as UTF-8 or ASCII"
+                ) from None

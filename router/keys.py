@@ -17,7 +17,7 @@ from router.metrics import Metrics
 from router.multiprocess_metrics import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter
 from router.routing import BackendChooser
-from router.proxy import UpstreamAuth
+from router.proxy import PrefillHop, UpstreamAuth
 from router.retries import RetryBudget
 from router.shutdown import Drain
 from router.stats.engine import EngineStats
@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # router.batch reads these keys: a runtime import would be ci
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
-    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES", "RETRY_BUDGET",
+    "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES", "PREFILL_HOP",
+    "RETRY_BUDGET",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -44,6 +45,7 @@ DRAIN = web.AppKey("drain", Drain)
 UPSTREAM_AUTH = web.AppKey("upstream_auth", UpstreamAuth)
 RETRY_BUDGET = web.AppKey("retry_budget", RetryBudget)
 """Requests and retries in flight: retries are allowed while they are few enough."""
+PREFILL_HOP = web.AppKey("prefill_hop", PrefillHop)
 API_KEYS = web.AppKey("api_keys", ApiKeys)
 ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
 """None without --max-concurrent-requests."""

@@ -66,7 +66,7 @@ class Lifecycle:
             if exc is None:
                 flow.outcome = flow.outcome or Outcome.OK
             elif isinstance(exc, RouterError):
-                flow.outcome, flow.status, flow.error = exc.outcome, exc.status, exc.message
+                flow.outcome, flow.status, flow.error = exc.outcome, exc.status, exc.logged
                 self.error, suppress = exc, True
             elif isinstance(exc, ClientGone):
                 flow.outcome, suppress = Outcome.CLIENT_DISCONNECTED, True

@@ -677,6 +677,11 @@ class Metrics:
             "router_breaker_state",
             "Circuit breaker per backend: 0 closed, 1 half-open, 2 open.",
             labels=["server", "backend"])
+        capped = GaugeMetricFamily(
+            "router_ejection_cap_backends",
+            "Backends of the model routed to although their breaker is open, because the "
+            "breakers hold out more than --max-ejection-percent of its backends.",
+            labels=["model"])
 
         pairs: dict[tuple[str, str], _Slot | None] = {}
         for backend in self.pool.backends:
@@ -685,6 +690,10 @@ class Metrics:
             for model in backend.models:
                 healthy.add_metric([backend.url, model], 1.0 if available else 0.0)
                 pairs[backend.url, model] = None
+        if self.health is not None:
+            for model in self.pool.models():
+                kept = self.health.kept_by_cap(self.pool.candidates(model))
+                capped.add_metric([model], float(len(kept)))
         pairs.update(self._slots)
         for (server, model), slot in pairs.items():
             labels = [server, model]
@@ -701,7 +710,7 @@ class Metrics:
                 latency.add_metric(labels, avg_latency)
             if avg_itl is not None:
                 itl.add_metric(labels, avg_itl)
-        yield from (running, prefill, decoding, qps, latency, itl, healthy, breaker)
+        yield from (running, prefill, decoding, qps, latency, itl, healthy, breaker, capped)
 
     def _health_of(self, backend: Backend) -> tuple[bool, str]:
         if self.health is None:

@@ -31,6 +31,7 @@ MODES: dict[str, Mode] = {
     "vllm:avg_itl": "livemax",
     "vllm:healthy_pods_total": "livemin",
     "router_breaker_state": "livemax",
+    "router_ejection_cap_backends": "livemax",
 }
 """How each fleet gauge combines across workers (`live*`: dead workers drop out)."""
 PUBLISH_INTERVAL = 1.0

@@ -24,7 +24,8 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from router.errors import (
-    BackendUnreachable, ResponseHeadTimeout, RouterError, UpstreamError, UpstreamTimeout,
+    AnswerTooLarge, BackendUnreachable, ResponseHeadTimeout, RouterError, UpstreamError,
+    UpstreamTimeout, failure_detail,
 )
 from router.backends import Backend
 from router.events import RequestEvents
@@ -34,12 +35,13 @@ from router.metrics import TAIL_BYTES
 from router.plugins import MAX_BODY
 from router.retries import RetryBudget
 from router.timeouts import HeadTimeout, ProxyTimeout
+from router.upstream_read import read_bounded
 
 if TYPE_CHECKING:
     from router.lifecycle import Lifecycle
 
 __all__ = [
-    "Failover", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
+    "Failover", "PrefillHop", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
     "ClientSink", "Collector", "ClientGone",
 ]
 
@@ -133,17 +135,25 @@ def backend_timeout(session: aiohttp.ClientSession, backend: Backend) -> aiohttp
 
 
 def upstream_error(error: BaseException, backend: str, upload: UploadBody | None) -> Exception:
-    """Translate a failure of the backend's answer into our own exception."""
+    """Translate a failure of the backend's answer into our own exception: a message in our
+    words naming the backend by its id, and aiohttp's account of it for the log only."""
     if upload is not None and upload.error is not None:
         # The body stream failed on the client's side, not the backend's.
         return upload.error if isinstance(upload.error, RouterError) else ClientGone()
+    detail = failure_detail(error)
     if isinstance(error, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-        return BackendUnreachable(f"backend {backend} is unreachable: {error}")
+        return BackendUnreachable(f"backend {backend} is unreachable", detail)
     if isinstance(error, HeadTimeout):
-        return ResponseHeadTimeout(f"backend {backend}: {error}")
+        return ResponseHeadTimeout(f"backend {backend} did not finish its response head in "
+                                   "time", detail)
     if isinstance(error, TimeoutError):
-        return UpstreamTimeout(f"backend {backend} did not answer in time")
-    return UpstreamError(f"backend {backend} failed: {error!r}")
+        return UpstreamTimeout(f"backend {backend} did not answer in time", detail)
+    if isinstance(error, aiohttp.ClientResponseError):
+        return UpstreamError(f"backend {backend} sent an invalid response", detail)
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return UpstreamError(f"backend {backend} closed the connection before answering",
+                             detail)
+    return UpstreamError(f"backend {backend} failed", detail)
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,16 @@ class Failover:
     """Seconds before the first retry, doubled for each next one."""
     budget: RetryBudget
     """The application's: retries at most a share of the requests in flight."""
+
+
+@dataclass(frozen=True)
+class PrefillHop:
+    """Bounds of the prefill hop of disaggregated prefill, whose answer is read whole."""
+
+    timeout: float
+    """Seconds for the whole hop: connect, the prefill itself and the answer's last byte."""
+    max_answer: int
+    """Bytes of answer read; past them the hop fails (the answer is one token)."""
 
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
@@ -194,6 +214,8 @@ async def forward(
     path: str,
     headers: CIMultiDict[str],
     failover: Failover | None,
+    *,
+    prefill_hop: PrefillHop,
 ) -> None:
     """`exchange` with failover: a request no backend can have started (`RETRIED_ERRORS`)
     is retried on another backend while the body can be sent again (and, after a 502/503/504
@@ -201,7 +223,7 @@ async def forward(
     into a `Collector`."""
     sink: Sink = ClientSink(to, lifecycle) if isinstance(to, web.Request) else to
     if flow.prefill_backend is not None:
-        await prefill(flow, inbound, session, path, headers)
+        await prefill(flow, inbound, session, path, headers, prefill_hop)
     if failover is None:
         await exchange(sink, flow, inbound, session, lifecycle.events, path, headers)
         return
@@ -245,9 +267,9 @@ async def forward(
                 backend = failover.reroute(tried) or same_again(flow)
                 if backend is None:
                     raise
-                flow.attempts.append(Attempt(flow.backend, error.message, error.outcome))
+                flow.attempts.append(Attempt(flow.backend, error.logged, error.outcome))
                 log.warning("request %s: %s; retrying on backend %s (attempt %d)",
-                            flow.id, error.message, backend.id, len(flow.attempts) + 1)
+                            flow.id, error.logged, backend.id, len(flow.attempts) + 1)
                 flow.backend = backend
                 lifecycle.events.on_retry(flow)
                 await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
@@ -270,10 +292,14 @@ async def prefill(
     session: aiohttp.ClientSession,
     path: str,
     headers: CIMultiDict[str],
+    hop: PrefillHop,
 ) -> None:
     """Disaggregated prefill, first hop: `flow.prefill_backend` computes the prompt's KV cache
     (one token, no stream); the decode request then carries the `kv_transfer_params` it
-    returned, so the decode backend fetches the cache instead of recomputing it."""
+    returned, so the decode backend fetches the cache instead of recomputing it.
+
+    The answer is read whole, so the hop is bounded in time (`hop.timeout`, all of it) and
+    size (`hop.max_answer`): a prefill backend that answers without end is cut there."""
     assert flow.prefill_backend is not None and inbound.json is not None
     backend = flow.prefill_backend
     body = {key: value for key, value in inbound.json.items() if key != "stream_options"}
@@ -285,10 +311,19 @@ async def prefill(
         body["max_completion_tokens"] = 1
     if flow.trace_headers:
         headers.update(flow.trace_headers)
+    timeout = session.timeout
+    timeout = aiohttp.ClientTimeout(
+        total=hop.timeout, connect=timeout.connect, sock_connect=timeout.sock_connect,
+        sock_read=timeout.sock_read, ceil_threshold=timeout.ceil_threshold,
+    )
     try:
         async with session.post(backend.url + path, json=body, headers=headers,
-                                allow_redirects=False) as response:
-            answer = await response.read()
+                                timeout=timeout, allow_redirects=False) as response:
+            answer = await read_bounded(response, hop.max_answer,
+                                        f"prefill backend {backend.id}")
+    except AnswerTooLarge as error:
+        log.warning("request %s: %s; cut, the connection closed", flow.id, error.message)
+        raise
     except (aiohttp.ClientError, TimeoutError) as error:
         raise upstream_error(error, backend.id, inbound.upload) from error
     if response.status != 200:
@@ -486,18 +521,22 @@ class ClientSink:
 
 class Collector:
     """Keeps the answer in memory, for a caller no client waits on (a batch line): its
-    status, headers and body, up to `limit` body bytes (`UpstreamError` past it). A backend
-    that breaks mid-answer raises the error it would have raised before its answer."""
+    status, headers and body, up to `limit` body bytes. Past the limit it raises
+    `AnswerTooLarge` before keeping the chunk, so the answer is cut (and its connection
+    closed) at the limit, never read on. A backend that breaks mid-answer raises the error
+    it would have raised before its answer."""
 
-    __slots__ = ("limit", "status", "headers", "chunks", "size", "backend_id")
+    __slots__ = ("limit", "status", "headers", "chunks", "size", "backend_id", "flow_id")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.status: int | None = None
         self.headers: CIMultiDictProxy[str] | None = None
+        # Joined once at the end: one buffer grown chunk by chunk fragments the heap.
         self.chunks: list[bytes] = []
         self.size = 0
         self.backend_id = ""
+        self.flow_id = ""
 
     @property
     def body(self) -> bytes:
@@ -506,14 +545,23 @@ class Collector:
     async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
         assert flow.backend is not None
         self.status, self.headers = upstream.status, upstream.headers
-        self.backend_id = flow.backend.id
+        self.backend_id, self.flow_id = flow.backend.id, flow.id
+        declared = upstream.content_length
+        if declared is not None and declared > self.limit:
+            self._too_large()
         return self.write
 
     async def write(self, chunk: bytes) -> None:
+        if self.size + len(chunk) > self.limit:
+            self._too_large()
         self.size += len(chunk)
-        if self.size > self.limit:
-            raise UpstreamError(f"backend {self.backend_id} answered over {self.limit} bytes")
         self.chunks.append(chunk)
+
+    def _too_large(self) -> None:
+        error = AnswerTooLarge(f"backend {self.backend_id}", self.limit)
+        log.warning("request %s: %s; cut, the connection closed (--batch-max-answer-size)",
+                    self.flow_id, error.message)
+        raise error
 
     async def end(self, last: bytes) -> None:
         if last:
@@ -528,7 +576,7 @@ def break_stream(request: web.Request, flow: RequestFlow, error: BaseException) 
     signal left is to cut the client's connection before the end of the body."""
     timed_out = isinstance(error, TimeoutError)
     flow.outcome = Outcome.TIMEOUT if timed_out else Outcome.BACKEND_ERROR
-    flow.error = f"backend failed mid-stream: {error!r}"
+    flow.error = f"backend failed mid-stream ({failure_detail(error)})"
     log.warning("request %s: %s", flow.id, flow.error)
     cut_client(request)
 

@@ -1,7 +1,8 @@
 """Backend choice: which backends may serve a request, and the policy's pick among them.
 
-Candidates are the backends serving the model that health says are available, minus those
-already tried by this request. A `?id=<backend id>` query pins the request to one backend.
+Candidates are the backends serving the model that health says are routable (probes pass,
+breakers admit, or the ejection cap keeps them in), minus those already tried by this
+request. A `?id=<backend id>` query pins the request to one backend.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ __all__ = ["Availability", "BackendChooser"]
 
 
 class Availability(Protocol):
-    def available(self, backend: Backend) -> bool:
-        """True when `backend` may take a request now (probes pass, breaker admits)."""
+    def routable(
+        self, backends: Sequence[Backend], exclude: Collection[str] = ()
+    ) -> list[Backend]:
+        """The backends of one model that may take a request now, minus `exclude`."""
         ...
 
 
@@ -38,11 +41,7 @@ class BackendChooser:
         )
 
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Backend]:
-        available = self.health.available
-        return [
-            backend for backend in self.pool.candidates(model)
-            if backend.id not in exclude and available(backend)
-        ]
+        return self.health.routable(self.pool.candidates(model), exclude)
 
     def choose(self, request: InboundRequest, pinned: str | None = None) -> Backend:
         """The backend for a new request; raises the client's error when there is none."""
@@ -72,10 +71,11 @@ class BackendChooser:
         return self.policy.choose(request, candidates) if candidates else None
 
     def _pinned(self, model: str, backend_id: str) -> Backend:
-        backend = next((b for b in self.pool.candidates(model) if b.id == backend_id), None)
+        backends = self.pool.candidates(model)
+        backend = next((b for b in backends if b.id == backend_id), None)
         if backend is None:
             raise BadRequest(f"no backend with id {backend_id!r} serves {model}")
-        if not self.health.available(backend):
+        if backend not in self.health.routable(backends):
             raise NoBackendAvailable(f"backend {backend_id} is not available right now")
         return backend
 

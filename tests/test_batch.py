@@ -4,6 +4,7 @@ as the client: files in and out, batches run, cancelled and resumed after a rest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import tracemalloc
@@ -17,6 +18,7 @@ import pytest
 from openai.types import Batch
 
 from router.batch import Batches
+from router.batch.batches import HashSet
 from router.cli import load_config
 from router.config import Config, ConfigError, StaticBackend
 from router.flow import Outcome
@@ -232,17 +234,17 @@ async def test_a_line_whose_backend_breaks_mid_answer_is_an_error_line_not_a_han
                for flow in by_line.values())
 
 
-async def test_a_line_answered_past_the_json_body_limit_is_an_error_line(
+async def test_a_line_answered_past_the_batch_answer_limit_is_an_error_line(
     start_batch_router: Callable[..., Any]
 ) -> None:
-    # A chat answer is some 360 bytes; the batch's own create request still fits.
-    router: RouterUnderTest = await start_batch_router(max_json_body_size=250)
+    # A chat answer is some 360 bytes.
+    router: RouterUnderTest = await start_batch_router(batch_max_answer_size=250)
     async with sdk(router) as client:
         done = await wait_for(client, (await submit(client, [line(0)])).id, finished)
         errors = await records(client, done.error_file_id)
     assert errors["request-0"]["response"] is None
-    assert errors["request-0"]["error"]["code"] == "bad_gateway"
-    assert errors["request-0"]["error"]["message"].endswith("answered over 250 bytes")
+    assert errors["request-0"]["error"]["code"] == "upstream_answer_too_large"
+    assert errors["request-0"]["error"]["message"].endswith("answered more than 250 bytes")
     await router.settled(1)  # the backend's connection was closed, not left in the pool
     assert router.log.only().outcome is Outcome.BACKEND_ERROR
 
@@ -334,7 +336,7 @@ async def test_lines_left_when_the_window_expires_fail_as_batch_expired(
     router: RouterUnderTest = await start_batch_router(batch_concurrency=1)
     async with sdk(router) as client:
         batch = await submit(client, [line(n) for n in range(6)])
-        router.app[BATCHES].get(batch.id).expires_at = 0  # as if its 24 hours had passed
+        router.app[BATCHES].get(batch.id, None).expires_at = 0  # as if its 24 hours had passed
         done = await wait_for(client, batch.id, finished)
         assert done.status == "expired" and done.expired_at
         assert done.request_counts is not None
@@ -355,7 +357,7 @@ async def test_a_restart_midway_completes_the_batch_without_running_a_line_twice
         await wait_for(client, batch.id, lambda b: bool(b.request_counts
                                                         and b.request_counts.completed >= 100))
     await first.server.close()  # the router stops: its runner stops with lines in flight
-    stopped = first.app[BATCHES].get(batch.id)
+    stopped = first.app[BATCHES].get(batch.id, None)
     assert stopped.status == "in_progress" and 100 <= stopped.completed < total
     finished_before = {number_of(flow.request_json) for flow in first.log.flows.values()
                        if flow.outcome is Outcome.OK}
@@ -456,7 +458,16 @@ def test_batch_flags_build_the_config(tmp_path: Path) -> None:
                           "--batch-concurrency", "3"])
     assert (config.enable_batch_api, config.file_storage_path, config.batch_concurrency) == \
         (True, str(tmp_path), 3)
-    assert load_config(["--demo"]).batch_concurrency == 8
+    defaults = load_config(["--demo"])
+    assert defaults.batch_concurrency == 8
+    assert (defaults.max_batch_requests, defaults.max_batch_input_size,
+            defaults.file_storage_quota_per_key, defaults.file_storage_quota) == \
+        (50_000, 200 * 2**20, 100 * 2**30, 0)
+    limits = load_config(["--demo", "--max-batch-requests", "10", "--max-batch-input-size", "1MiB",
+                          "--file-storage-quota-per-key", "2GiB", "--file-storage-quota", "1TiB"])
+    assert (limits.max_batch_requests, limits.max_batch_input_size,
+            limits.file_storage_quota_per_key, limits.file_storage_quota) == \
+        (10, 2**20, 2 * 2**30, 2**40)
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -464,6 +475,8 @@ def test_batch_flags_build_the_config(tmp_path: Path) -> None:
       "--enable-batch-api"], "--enable-batch-api"),
     (["--demo", "--enable-batch-api", "--file-storage-path", "{file}"], "--file-storage-path"),
     (["--demo", "--batch-concurrency", "0"], "--batch-concurrency"),
+    (["--demo", "--max-batch-requests", "0"], "--max-batch-requests"),
+    (["--demo", "--file-storage-quota-per-key", "0"], "--file-storage-quota-per-key"),
 ])
 def test_bad_batch_flags_are_refused_naming_them(
     argv: list[str], flag: str, tmp_path: Path
@@ -472,3 +485,277 @@ def test_bad_batch_flags_are_refused_naming_them(
     a_file.write_text("")
     with pytest.raises(ConfigError, match=f"^argument {flag}"):
         load_config([arg.replace("{file}", str(a_file)) for arg in argv])
+
+
+# The same doors as requests: rate limits, body sizes, input caps, owners and quotas.
+
+def key_sdk(router: RouterUnderTest, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=router.url + "/v1", api_key=key, max_retries=0)
+
+
+async def settle_batch(router: RouterUnderTest, batch_id: str, timeout: float = 30.0) -> str:
+    """The batch's final status, watched inside the router (polling through the API would
+    spend the rate limit the batch is paced by)."""
+    batches = router.app[BATCHES]
+    async with asyncio.timeout(timeout):
+        while (status := batches.get(batch_id, None).status) not in FINISHED:
+            await asyncio.sleep(0.02)
+    return status
+
+
+async def test_a_batch_spends_its_creators_rate_limit_its_lines_paced_not_failed(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    rate = 20.0  # a token every 50 ms, bursts of one
+    router: RouterUnderTest = await start_batch_router(rate_limit=rate, rate_limit_burst=1.0)
+    async with sdk(router) as client:
+        uploaded = await client.files.create(file=("in.jsonl", jsonl([line(n) for n in range(10)])),
+                                             purpose="batch")
+        await asyncio.sleep(1 / rate)
+        batch = await client.batches.create(input_file_id=uploaded.id, completion_window="24h",
+                                            endpoint="/v1/chat/completions")
+        assert await settle_batch(router, batch.id) == "completed"
+        # Its client's own requests meet the bucket the batch spent.
+        with pytest.raises(openai.RateLimitError):
+            await client.batches.retrieve(batch.id)
+    arrivals = sorted(t for engine in engines for t in engine.state.arrivals)
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    print(f"\n10 lines at {rate:g}/s: engines saw them over {arrivals[-1] - arrivals[0]:.3f} s, "
+          f"gaps {min(gaps) * 1000:.0f}-{max(gaps) * 1000:.0f} ms")
+    assert len(arrivals) == 10
+    assert arrivals[-1] - arrivals[0] >= 9 / rate * 0.9
+    assert min(gaps) >= 0.6 / rate  # paced one by one, not 8 at once
+    assert router.app[BATCHES].get(batch.id, None).completed == 10
+
+
+async def test_files_batches_and_models_spend_the_rate_limit_and_get_429(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    router: RouterUnderTest = await start_batch_router(rate_limit=0.5, rate_limit_burst=1.0)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(router.url + "/v1/models") as response:
+            assert response.status == 200  # the one token of the burst
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", b"{}\n", filename="a.jsonl")
+        calls: list[tuple[str, str, Any]] = [
+            ("GET", "/v1/models", None), ("GET", "/v1/files", None),
+            ("POST", "/v1/files", form), ("GET", "/v1/files/file-abc", None),
+            ("GET", "/v1/files/file-abc/content", None), ("DELETE", "/v1/files/file-abc", None),
+            ("POST", "/v1/batches", None), ("GET", "/v1/batches", None),
+            ("GET", "/v1/batches/batch_0123456789abcdef01234567", None),
+            ("POST", "/v1/batches/batch_0123456789abcdef01234567/cancel", None),
+        ]
+        for method, path, data in calls:
+            async with session.request(method, router.url + path, data=data) as response:
+                assert response.status == 429, (method, path)
+                assert int(response.headers["Retry-After"]) >= 1
+                assert response.headers["x-request-id"]
+                error = (await response.json())["error"]
+                assert (error["type"], error["code"]) == ("rate_limit_error",
+                                                          "rate_limit_exceeded")
+    assert router.app[BATCHES].files.list("")[0] == []
+    assert sum(engine.state.started for engine in engines) == 0
+
+
+async def test_a_batch_line_over_the_json_body_limit_fails_413_and_never_reaches_an_engine(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine]
+) -> None:
+    router: RouterUnderTest = await start_batch_router(max_json_body_size=2048)
+    big = line(1)
+    big["body"]["messages"][0]["content"] += " " + "x" * 100_000
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, [line(0), big, line(2)])).id,
+                              finished)
+        assert done.status == "completed"
+        assert_answers(await records(client, done.output_file_id), [0, 2])
+        errors = await records(client, done.error_file_id)
+    assert list(errors) == ["request-1"] and errors["request-1"]["response"] is None
+    message = "the JSON body is over the limit of 2048 bytes"
+    assert errors["request-1"]["error"] == {"code": "payload_too_large", "message": message}
+    # What a client sending that body itself gets.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + "/v1/chat/completions",
+                                json=big["body"]) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["message"] == message
+    assert sum(engine.state.started for engine in engines) == 2
+    assert all(number_of(engine.state.last_json) != 1 for engine in engines
+               if engine.state.last_json)
+    await router.settled(4)  # the line refused is counted like the client's request
+    refused = [flow for flow in router.log.flows.values() if flow.status == 413]
+    assert [flow.outcome for flow in refused] == [Outcome.REJECTED] * 2
+
+
+@pytest.mark.parametrize("settings, code", [
+    ({"max_batch_requests": 3}, "input_too_many_requests"),
+    ({"max_batch_input_size": 500}, "input_too_large"),
+])
+async def test_a_batch_past_the_input_caps_fails_validating_and_runs_nothing(
+    start_batch_router: Callable[..., Any], engines: list[RunningEngine],
+    settings: dict[str, int], code: str
+) -> None:
+    router: RouterUnderTest = await start_batch_router(**settings)
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, [line(n) for n in range(4)])).id,
+                              finished)
+    assert done.status == "failed" and done.errors is not None and done.errors.data
+    assert [error.code for error in done.errors.data] == [code]
+    assert sum(engine.state.started for engine in engines) == 0
+
+
+async def test_a_batch_at_the_input_caps_runs(
+    start_batch_router: Callable[..., Any]
+) -> None:
+    lines = [line(n) for n in range(3)]
+    router: RouterUnderTest = await start_batch_router(
+        max_batch_requests=3, max_batch_input_size=len(jsonl(lines)))
+    async with sdk(router) as client:
+        done = await wait_for(client, (await submit(client, lines)).id, finished)
+    assert done.status == "completed", done.errors
+
+
+async def test_files_and_batches_belong_to_the_key_that_made_them_others_get_404(
+    start_batch_router: Callable[..., Any], tmp_path: Path
+) -> None:
+    router: RouterUnderTest = await start_batch_router(api_keys=("key-alice", "key-bob"))
+    async with key_sdk(router, "key-alice") as alice, key_sdk(router, "key-bob") as bob:
+        batch = await submit(alice, [line(0)])
+        done = await wait_for(alice, batch.id, finished)
+        assert done.status == "completed" and done.output_file_id
+        own = await alice.files.create(file=("b.txt", b"hello"), purpose="user_data")
+        alices = [batch.input_file_id, done.output_file_id, own.id]
+        assert {f.id for f in (await alice.files.list()).data} == set(alices)
+        assert [b.id for b in (await alice.batches.list()).data] == [batch.id]
+
+        mine = await bob.files.create(file=("in.jsonl", jsonl([line(1)])), purpose="batch")
+        assert [f.id for f in (await bob.files.list()).data] == [mine.id]
+        assert (await bob.batches.list()).data == []
+        for file_id in alices:
+            with pytest.raises(openai.NotFoundError):
+                await bob.files.retrieve(file_id)
+            with pytest.raises(openai.NotFoundError):
+                await bob.files.content(file_id)
+            with pytest.raises(openai.NotFoundError):
+                await bob.files.delete(file_id)
+        with pytest.raises(openai.NotFoundError):
+            await bob.batches.create(input_file_id=batch.input_file_id,
+                                     completion_window="24h", endpoint="/v1/chat/completions")
+        with pytest.raises(openai.NotFoundError):
+            await bob.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            await bob.batches.cancel(batch.id)
+        with pytest.raises(openai.NotFoundError):  # the same answer as for no such file
+            await alice.files.retrieve(mine.id)
+        assert (await alice.files.content(own.id)).content == b"hello"
+    # On disk the owner is a digest of the key, never the key.
+    stored = [(path.name, path.read_text()) for path in tmp_path.rglob("*.json")]
+    assert stored and not any("key-alice" in text or "key-bob" in text for _, text in stored)
+    alice_id = "key:" + hashlib.sha256(b"key-alice").hexdigest()[:16]
+    assert json.loads((tmp_path / "files" / "files" / f"{own.id}.json").read_text())["owner"] \
+        == alice_id
+    assert json.loads((tmp_path / "files" / "batches" / f"{batch.id}.json").read_text())[
+        "owner"] == alice_id
+
+
+async def test_files_stored_without_keys_are_nobodys_once_keys_are_configured(
+    start_batch_router: Callable[..., Any]
+) -> None:
+    open_router: RouterUnderTest = await start_batch_router()
+    async with sdk(open_router) as client:
+        stored = await client.files.create(file=("a.txt", b"open"), purpose="user_data")
+    await open_router.server.close()
+    keyed: RouterUnderTest = await start_batch_router(api_keys=("key-alice",))
+    async with key_sdk(keyed, "key-alice") as alice:
+        assert (await alice.files.list()).data == []
+        with pytest.raises(openai.NotFoundError):
+            await alice.files.retrieve(stored.id)
+    assert keyed.app[BATCHES].files.used("") == len(b"open")  # still counted in the total
+
+
+async def test_storage_quotas_per_key_and_in_total_refuse_uploads_with_413(
+    start_batch_router: Callable[..., Any], tmp_path: Path
+) -> None:
+    router: RouterUnderTest = await start_batch_router(
+        api_keys=("key-alice", "key-bob"), file_storage_quota_per_key=1000,
+        file_storage_quota=1500)
+    async with key_sdk(router, "key-alice") as alice, key_sdk(router, "key-bob") as bob:
+        first = await alice.files.create(file=("a", b"a" * 600), purpose="user_data")
+        with pytest.raises(openai.APIStatusError) as over_key:
+            await alice.files.create(file=("b", b"b" * 600), purpose="user_data")
+        assert over_key.value.status_code == 413
+        assert over_key.value.body["code"] == "storage_quota_exceeded"  # type: ignore[index]
+        await bob.files.create(file=("c", b"c" * 600), purpose="user_data")  # his own quota
+        with pytest.raises(openai.APIStatusError) as over_total:  # 1200 + 600 > 1500
+            await bob.files.create(file=("d", b"d" * 600), purpose="user_data")
+        assert over_total.value.status_code == 413
+        await alice.files.delete(first.id)  # room again
+        await alice.files.create(file=("e", b"e" * 900), purpose="user_data")  # 1500 in all
+    files = router.app[BATCHES].files
+    assert (files.used("key:" + hashlib.sha256(b"key-alice").hexdigest()[:16]),
+            files.used("key:" + hashlib.sha256(b"key-bob").hexdigest()[:16])) == (900, 600)
+    on_disk = sorted(p.stat().st_size for p in (tmp_path / "files" / "files").iterdir()
+                     if p.suffix != ".json")
+    assert on_disk == [600, 900]  # nothing left of the refused uploads
+
+
+async def test_an_upload_past_the_quota_is_cut_while_it_streams_and_nothing_is_kept(
+    start_batch_router: Callable[..., Any], tmp_path: Path
+) -> None:
+    quota = 2 * 2**20
+    router: RouterUnderTest = await start_batch_router(file_storage_quota_per_key=quota)
+    block = b"x" * 2**20
+    sent = 0
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+            f"batch\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"big.jsonl\"\r\n\r\n").encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield head
+        for _ in range(64):
+            sent += len(block)
+            yield block
+        yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    stored = 0  # the most the partial file ever held, as seen from outside
+
+    def largest() -> int:
+        return max((p.stat().st_size for p in (tmp_path / "files" / "files").iterdir()),
+                   default=0)
+
+    async def watch() -> None:
+        nonlocal stored
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                stored = max(stored, await asyncio.to_thread(largest))
+            await asyncio.sleep(0.002)
+
+    status = None
+    watcher = asyncio.create_task(watch())
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.post(router.url + "/v1/files", data=body(),
+                                    headers={"Content-Type": content_type()}) as response:
+                status = response.status
+                error = (await response.json())["error"]
+        except aiohttp.ClientError:
+            pass  # the router may close the connection before the client reads its answer
+    watcher.cancel()
+    print(f"\nquota {quota} bytes: the client had sent {sent / 2**20:.0f} MiB of 64 when "
+          f"the upload ended (status {status}); the partial file held at most {stored} bytes")
+    if status is not None:
+        assert status == 413 and error["code"] == "storage_quota_exceeded"
+    assert sent < 64 * len(block) and stored <= quota
+    assert list((tmp_path / "files" / "files").iterdir()) == []
+    assert router.app[BATCHES].files.used("") == 0
+
+
+def test_the_hash_set_of_validation_finds_each_repeat_as_a_set_would() -> None:
+    values = [hash(f"request-{n}") for n in range(50_000)] + [0, 1, -1, -2**63, 2**63 - 1]
+    seen = HashSet()
+    assert all(seen.add(value) for value in values[:-4])  # 0 and 1 share a slot marker
+    assert not seen.add(1)
+    assert all(seen.add(value) for value in values[-3:])
+    assert not any(seen.add(value) for value in values)
+    assert len(seen._table) <= 4 * 2 ** 16  # 8 bytes a slot, at most half full

@@ -80,6 +80,9 @@ BAD_FLAGS = {
     "negative-upstream-connections": (
         ["--demo", "--max-upstream-connections", "-1"], "--max-upstream-connections",
     ),
+    "ejection-percent-over-100": (
+        ["--demo", "--max-ejection-percent", "101"], "--max-ejection-percent",
+    ),
 }
 
 # Run as real `python -m router` processes (all at once: each costs ~0.4 s of imports). One
@@ -137,6 +140,11 @@ def test_timeout_and_retry_budget_flags_build_the_config() -> None:
 
 def test_flag_defaults_are_the_config_defaults() -> None:
     assert parse_config(["--demo"]) == Config(demo=True)
+
+
+def test_max_ejection_percent_reaches_the_config() -> None:
+    assert parse_config(["--demo", "--max-ejection-percent", "100"]).max_ejection_percent == 100
+    assert Config().max_ejection_percent == 50
 
 
 @pytest.mark.parametrize(

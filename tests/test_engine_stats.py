@@ -14,11 +14,16 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.backends import Backend, BackendPool
-from router.stats.engine import EngineScraper, EngineSnapshot, EngineStats, parse_engine_metrics
+from router.config import Config, StaticBackend
+from router.keys import ENGINE_STATS
+from router.stats.engine import (
+    MAX_LINE, EngineScraper, EngineSnapshot, EngineStats, MetricsParser, parse_engine_metrics,
+)
 from router.testing import RunningEngine
+from router.testing.flood import start_flood
 from router.testing.processes import free_port
 
-from .conftest import MODELS
+from .conftest import MODELS, StartRouter
 
 LLAMA = 'model_name="meta-llama/Llama-3.1-8B-Instruct"'
 QWEN = 'model_name="Qwen/Qwen2.5-0.5B-Instruct"'
@@ -409,7 +414,8 @@ async def test_hanging_backends_are_cut_by_the_timeout_concurrently(
     backends = [Backend(str(server.make_url("")), MODELS) for server in hanging]
     healthy = backend_for(engine)
     scraper = scraper_for([*backends, healthy], session, timeout=0.3)
-    assert repr(scraper) == "<EngineScraper backends=4 interval=10.0s timeout=0.3s>"
+    assert repr(scraper) == ("<EngineScraper backends=4 interval=10.0s timeout=0.3s "
+                             "max_size=16777216>")
     started = time.monotonic()
     await scraper.scrape_once()
     elapsed = time.monotonic() - started
@@ -486,3 +492,130 @@ async def test_backend_removed_from_the_pool_is_forgotten(
     assert scraper.store.last_error(dead.id) is None
     assert scraper.store.backend_ids() == {kept.id}
     assert scraper.store.get(kept.id) is not None
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+async def test_parse_in_chunks_agrees_with_the_whole_page() -> None:
+    page = VLLM_METRICS.encode()
+    whole = parse_engine_metrics(VLLM_METRICS, scraped_at=0.0)
+    rng = random.Random(3)
+    for _ in range(200):
+        parser = MetricsParser()
+        cuts = sorted(rng.sample(range(1, len(page)), rng.randint(1, 40)))
+        for start, end in zip([0, *cuts], [*cuts, len(page)]):
+            parser.feed(page[start:end])
+        assert parser.snapshot(0.0) == whole
+    one_byte_at_a_time = MetricsParser()
+    for byte in range(len(page)):
+        one_byte_at_a_time.feed(page[byte:byte + 1])
+    assert one_byte_at_a_time.snapshot(0.0) == whole
+
+
+async def test_parse_skips_a_line_too_long_to_be_wanted_without_keeping_it() -> None:
+    parser = MetricsParser()
+    parser.feed(b"vllm:num_requests_running 1\nvllm:num_requests_waiting{x=\"")
+    for _ in range(64):  # 4 MiB of one line
+        parser.feed(b"y" * 65536)
+        assert len(parser._carry or b"") <= MAX_LINE + 65536
+    parser.feed(b"\"} 5\nvllm:kv_cache_usage_perc 0.5\n")
+    snapshot = parser.snapshot(0.0)
+    assert (snapshot.running, snapshot.waiting, snapshot.kv_cache_usage) == (1.0, None, 0.5)
+
+
+async def test_parse_of_the_largest_page_read_never_holds_the_loop() -> None:
+    page = VLLM_METRICS.encode()
+    big = page * (16 * 1024 * 1024 // len(page))
+    parser = MetricsParser()
+    worst = total = 0.0
+    for start in range(0, len(big), 65536):  # aiohttp hands over at most ~64 KiB at once
+        began = time.thread_time()  # CPU: other processes on a busy machine do not count
+        parser.feed(big[start:start + 65536])
+        spent = time.thread_time() - began
+        worst, total = max(worst, spent), total + spent
+    assert parser.snapshot(0.0).running == 15.0 * (len(big) // len(page))
+    print(f"\nparse of a 16 MiB page in 64 KiB chunks: {total * 1e3:.0f} ms in all, "
+          f"{worst * 1e3:.2f} ms for the slowest chunk")
+    assert worst < 0.02  # generous: ~1 ms here
+
+
+async def test_endless_metrics_page_is_cut_at_the_size_limit_and_its_connection_closed(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with await start_flood(total=256 * 1024 * 1024) as flood:
+        backend = Backend(flood.url, MODELS)
+        scraper = EngineScraper(EngineStats(), BackendPool([backend]), session,
+                                interval=10.0, timeout=2.0, max_size=4 * 1024 * 1024)
+        started = time.monotonic()
+        await scraper.scrape_once()
+        assert time.monotonic() - started < 1.5
+        error = scraper.store.last_error(backend.id)
+        assert error == ("/metrics answered more than 4194304 bytes: raise "
+                         "--engine-stats-max-size if that is real")
+        assert scraper.store.get(backend.id) is None
+        async with asyncio.timeout(2):
+            await flood.state.cut_event.wait()  # the engine saw its connection closed
+        assert flood.state.bytes_sent < 32 * 1024 * 1024
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "connection closed" in warnings[0]
+        await scraper.scrape_once()  # the same failure again: no second warning
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with await start_flood(total=64 * 1024 * 1024, declare_length=True,
+                                 delay=0.05) as flood:
+        backend = Backend(flood.url, MODELS)
+        scraper = EngineScraper(EngineStats(), BackendPool([backend]), session,
+                                interval=10.0, timeout=2.0, max_size=1024 * 1024)
+        await scraper.scrape_once()
+        error = scraper.store.last_error(backend.id)
+        assert error is not None and "more than 1048576 bytes" in error
+        async with asyncio.timeout(2):
+            await flood.state.cut_event.wait()
+        assert flood.state.bytes_sent <= 2 * 1024 * 1024
+
+
+async def test_the_scrape_timeout_bounds_a_body_that_trickles(
+    session: aiohttp.ClientSession,
+) -> None:
+    # One small chunk every 20 ms, for ever: never over the size limit, never silent long
+    # enough for a per-read timeout; only a limit on the whole scrape ends it.
+    async with await start_flood(chunk_size=100, delay=0.02) as flood:
+        backend = Backend(flood.url, MODELS)
+        scraper = scraper_for([backend], session, timeout=0.5)
+        started = time.monotonic()
+        await scraper.scrape_once()
+        assert 0.5 <= time.monotonic() - started < 1.5
+        assert scraper.store.last_error(backend.id) == "timed out after 0.5s"
+        async with asyncio.timeout(2):
+            await flood.state.cut_event.wait()
+
+
+async def test_router_health_answers_quickly_while_a_huge_metrics_page_is_scraped(
+    start_router: StartRouter,
+) -> None:
+    async with await start_flood(total=256 * 1024 * 1024) as flood:
+        router = await start_router(Config(
+            static_backends=(StaticBackend(url=flood.url, models=MODELS),),
+            engine_stats_interval=0.05, health_check_interval=0,
+        ))
+        latencies = []
+        async with aiohttp.ClientSession() as client:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                began = time.monotonic()
+                async with client.get(router.url + "/health") as response:
+                    assert response.status == 200
+                latencies.append(time.monotonic() - began)
+                await asyncio.sleep(0.01)
+        assert flood.state.requests >= 2  # scrapes ran meanwhile, each cut at 16 MiB
+        assert flood.state.cut >= 1
+        error = router.app[ENGINE_STATS].last_error(Backend(flood.url, MODELS).id)
+        assert error is not None and "more than 16777216 bytes" in error
+        print(f"\n/health during 16 MiB scrapes: max {max(latencies) * 1e3:.1f} ms over "
+              f"{len(latencies)} requests, {flood.state.requests} scrapes")
+        assert max(latencies) < 0.3

@@ -46,6 +46,7 @@ from router.discovery.kubernetes import (
 )
 from router.testing import RunningEngine, start_engine
 from router.cli import parse_config
+from router.testing.flood import start_flood
 from router.testing.processes import free_port, wait_until_healthy
 from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready
 
@@ -1050,3 +1051,33 @@ async def test_untrusted_api_server_certificate_is_logged_and_retried(
 def test_settings_refuse_bad_values(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field.split("_")[0]):
         K8sSettings(**{field: value})
+
+
+# --------------------------------------------------------------------------- answer bounds
+
+
+async def test_a_list_page_over_the_answer_limit_is_cut_and_listed_again_later(
+    api: ApiServerStandIn, start: Start, caplog: pytest.LogCaptureFixture,
+) -> None:
+    for number in range(5):  # some 700 bytes a pod
+        api.add(make_pod(f"vllm-{number}", ready=False))
+    run = await start(api, settings(max_answer_size=2000))
+    await eventually(lambda: len(api.seen("list")) >= 2)  # again, after a backoff
+    assert not run.discovery.synced.is_set() and not run.task.done()
+    warnings = messages(caplog, logging.WARNING)
+    assert any("the kubernetes API answered more than 2000 bytes (--k8s-max-answer-size)"
+               in message for message in warnings), warnings
+
+
+async def test_an_engine_whose_models_answer_never_ends_is_not_routed(
+    api: ApiServerStandIn, start: Start, llama: RunningEngine, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with await start_flood(["/v1/models"]) as flood:
+        api.add(make_pod("vllm-0", port=port_of(llama)))
+        api.add(make_pod("vllm-1", port=URL(flood.url).port))
+        run = await start(api, settings(max_answer_size=1024 * 1024))
+        await eventually(lambda: len(run.pool.backends) == 1 and flood.state.cut >= 1)
+        assert routed(run.pool) == {llama.url: LLAMA}
+        assert flood.state.bytes_sent < 16 * 1024 * 1024
+        assert any("vllm-1 is routable but" in message and "answered more than 1048576 bytes"
+                   in message for message in messages(caplog))

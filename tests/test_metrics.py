@@ -374,6 +374,9 @@ def test_breaker_state_and_healthy_pods_come_from_the_health_tracker_at_scrape_t
     assert value(metrics, "vllm:healthy_pods_total", server=A.url, model="m") == 0
     assert value(metrics, "vllm:healthy_pods_total", server=A.url, model="m2") == 0
     assert value(metrics, "vllm:healthy_pods_total", server=B.url, model="m") == 1
+    # A is m2's only backend: the ejection cap keeps routing m2 there; m has B.
+    assert value(metrics, "router_ejection_cap_backends", model="m2") == 1
+    assert value(metrics, "router_ejection_cap_backends", model="m") == 0
     clock.now += 30
     assert value(metrics, "router_breaker_state", server=A.url, backend=A.id) == 1
     health.record_probe(B.id, ok=False, error="HTTP 503")

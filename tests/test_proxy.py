@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from typing import Any
 
 import aiohttp
@@ -13,6 +16,8 @@ from router.config import Config, StaticBackend
 from router.flow import Outcome
 from router.keys import CHOOSER
 from router.testing import RunningEngine
+from router.testing.flood import start_flood
+from router.testing.raw_engine import RawEngine, http_response
 
 from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for
 
@@ -234,3 +239,131 @@ async def test_the_router_adds_no_headers_of_its_own_choosing(
     headers = next(e.state.last_headers for e in engines if e.state.last_headers)
     assert "User-Agent" not in headers and "Content-Type" not in headers
     await router.settled(1)
+
+
+# --------------------------------------------------------------------------- prefill bounds
+
+CHAT_BODY = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def disaggregated(start_router: StartRouter, prefill_url: str, decode: RunningEngine,
+                        **overrides: Any) -> RouterUnderTest:
+    return await start_router(Config(
+        static_backends=(StaticBackend(prefill_url, MODELS, ("prefill",)),
+                         StaticBackend(decode.url, MODELS, ("decode",))),
+        routing_logic="disaggregated_prefill", health_check_interval=0,
+        engine_stats_interval=0, **overrides,
+    ))
+
+
+async def test_endless_prefill_answer_is_a_502_at_the_size_limit_and_closes_the_hop(
+    start_router: StartRouter, engine: RunningEngine,
+) -> None:
+    async with await start_flood(["/v1/chat/completions"]) as flood:
+        router = await disaggregated(start_router, flood.url, engine)
+        latencies = []
+        async with aiohttp.ClientSession() as session:
+            async def health_meanwhile() -> None:
+                while True:
+                    began = time.monotonic()
+                    async with session.get(router.url + "/health") as response:
+                        assert response.status == 200
+                    latencies.append(time.monotonic() - began)
+                    await asyncio.sleep(0.01)
+
+            watcher = asyncio.create_task(health_meanwhile())
+            began = time.monotonic()
+            async with session.post(router.url + "/v1/chat/completions",
+                                    json=CHAT_BODY) as response:
+                answer = await response.json()
+                status, request_id = response.status, response.headers.get("x-request-id")
+            took = time.monotonic() - began
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        assert status == 502 and took < 3.0
+        assert answer["error"]["code"] == "upstream_answer_too_large"
+        assert answer["error"]["message"].endswith("answered more than 1048576 bytes")
+        assert flood.url not in answer["error"]["message"]
+        assert request_id == router.log.only().id
+        async with asyncio.timeout(2):
+            await flood.state.cut_event.wait()  # the prefill engine's connection was closed
+        assert flood.state.bytes_sent < 16 * 1024 * 1024
+        assert engine.state.started == 0  # no decode without a prefill
+        await router.settled(1)
+        assert router.log.only().outcome is Outcome.BACKEND_ERROR
+        assert max(latencies, default=0.0) < 0.3
+
+
+async def test_prefill_answer_that_trickles_is_cut_by_the_prefill_timeout(
+    start_router: StartRouter, engine: RunningEngine,
+) -> None:
+    # Never over the size limit, never silent for a read timeout: only the deadline ends it.
+    async with await start_flood(["/v1/chat/completions"], chunk_size=10, delay=0.02) as flood:
+        router = await disaggregated(start_router, flood.url, engine, prefill_timeout=0.5)
+        began = time.monotonic()
+        status, answer = await post_json(router, CHAT_BODY)
+        assert 0.5 <= time.monotonic() - began < 2.0
+        assert status == 504 and answer["error"]["code"] == "gateway_timeout"
+        async with asyncio.timeout(2):
+            await flood.state.cut_event.wait()
+        await router.settled(1)
+        assert router.log.only().outcome is Outcome.TIMEOUT
+
+
+async def post_json(router: RouterUnderTest, body: dict[str, Any]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + "/v1/chat/completions", json=body) as response:
+            return response.status, await response.json()
+
+
+async def raw_exchange(port: int, head: bytes, body: bytes) -> bytes:
+    """Send bytes no HTTP client library would (a raw target, a Latin-1 header value)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+async def test_the_query_reaches_the_engine_as_the_client_encoded_it(
+    start_router: StartRouter, pinned: bool
+) -> None:
+    async with RawEngine(lambda request: [http_response(200, b"{}")]) as engine:
+        router = await start_router(Config(
+            static_backends=(StaticBackend(url=engine.url, models=(CHAT,)),),
+            health_check_interval=0, engine_stats_interval=0,
+        ))
+        query = b"a=%23frag&b=1&c=%26x&d=a+b&e=%C3%A9"
+        pin = b"id=" + router.app[CHOOSER].pool.backends[0].id.encode() + b"&" if pinned else b""
+        answer = await raw_exchange(
+            router.server.port or 0,
+            b"POST /v1/chat/completions?" + pin + query + b" HTTP/1.1\r\nHost: r\r\n"
+            b"Content-Type: application/json\r\n", json.dumps({"model": CHAT}).encode(),
+        )
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert engine.requests[0].path == "/v1/chat/completions?" + query.decode()
+
+
+async def test_a_header_value_that_is_not_utf8_is_refused_never_altered(
+    start_router: StartRouter,
+) -> None:
+    async with RawEngine(lambda request: [http_response(200, b"{}")]) as engine:
+        router = await start_router(Config(
+            static_backends=(StaticBackend(url=engine.url, models=(CHAT,)),),
+            health_check_interval=0, engine_stats_interval=0,
+        ))
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+                b"Content-Type: application/json\r\nX-Utf8: caf\xc3\xa9\r\n")
+        body = json.dumps({"model": CHAT}).encode()
+        answer = await raw_exchange(router.server.port or 0, head, body)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert engine.requests[0].headers["X-Utf8"].encode("latin-1") == b"caf\xc3\xa9"
+        answer = await raw_exchange(router.server.port or 0, head + b"X-Latin: caf\xe9\r\n", body)
+        status, _, rest = answer.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 400") and b"x-request-id" in rest.lower()
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert "X-Latin" in error["message"] and error["type"] == "invalid_request_error"
+        assert len(engine.requests) == 1
+        await router.settled(2)

@@ -169,6 +169,53 @@ async def test_every_backend_down_is_a_503_at_once(start_router: StartRouter) ->
     assert (flow.outcome, flow.backend) == (Outcome.BACKEND_ERROR, None)
 
 
+async def test_fault_burst_on_every_engine_leaves_the_fleet_routable(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    """Faults of requests (here: every answer a 500) reach both engines and open both
+    breakers, while both pass their probes. The ejection cap keeps one of them routable: the
+    burst's clients get the engines' own 500s, not the router's 503, and the first clean
+    request after it succeeds at once instead of after the cooldown."""
+    router = await start_router(config_for(
+        engines, cb_failure_threshold=2, cb_cooldown=60.0, health_check_interval=0.1,
+    ))
+    health, pool = router.app[HEALTH], router.app[POOL]
+    async with asyncio.timeout(3):
+        while not all(health.state(b.id).probe_ok for b in pool.backends):
+            await asyncio.sleep(0.02)
+    for engine in engines:
+        engine.behaviour.fail_status = 500
+    burst = [(await post(router))[0] for _ in range(8)]
+    assert burst == [500] * 8
+    assert [health.state(b.id).breaker for b in pool.backends] == ["open", "open"]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(router.url + "/ready") as response:
+            assert response.status == 200
+            assert (await response.json())["available_backends"] == 1
+        async with session.get(router.url + "/engines") as response:
+            listing = (await response.json())["engines"]
+        assert sorted(len(entry["kept_by_ejection_cap"]) for entry in listing) == [0, 2]
+        async with session.get(router.url + "/metrics") as response:
+            assert f'router_ejection_cap_backends{{model="{CHAT}"}} 1.0' in await response.text()
+    held = next(entry["id"] for entry in listing if not entry["kept_by_ejection_cap"])
+    status, reply, _ = await post(router, f"/v1/chat/completions?id={held}")
+    assert status == 503 and "not available" in reply["error"]["message"]
+
+    for engine in engines:
+        engine.behaviour.fail_status = None
+    status, reply, served = await post(router)
+    assert status == 200, reply
+    # The request the cap sent was that backend's trial: its good answer closed the breaker,
+    # and cut the other's cooldown short: both engines serve again, long before 60 s.
+    assert served is not None and health.state(served).breaker == "closed"
+    completed = [engine.state.completed for engine in engines]
+    for _ in range(4):
+        assert (await post(router))[0] == 200
+    assert [health.state(b.id).breaker for b in pool.backends] == ["closed", "closed"]
+    assert all(engine.state.completed > before for engine, before in zip(engines, completed))
+    await router.settled(14)
+
+
 async def test_engines_lists_health_load_and_scraped_figures(
     router: RouterUnderTest, engines: list[RunningEngine]
 ) -> None:

@@ -34,8 +34,11 @@ async def ready(request: web.Request) -> web.Response:
     app = request.app
     if app[DRAIN].draining:
         return web.json_response({"status": "draining"}, status=503)
-    health = app[HEALTH]
-    available = sum(1 for backend in app[POOL].backends if health.available(backend))
+    health, pool = app[HEALTH], app[POOL]
+    # What the request path would route to: with every breaker open, the ejection cap still
+    # keeps backends the probes pass, and the router still serves.
+    available = len({backend.id for model in pool.models()
+                     for backend in health.routable(pool.candidates(model))})
     if not available:
         return web.json_response({"status": "no available backend"}, status=503)
     return web.json_response({"status": "ready", "available_backends": available})
@@ -50,8 +53,13 @@ async def engines(request: web.Request) -> web.Response:
     the engine's last scraped figures (`age_s`: seconds since that scrape)."""
     app = request.app
     now = time.monotonic()
+    pool = app[POOL]
+    kept: dict[str, list[str]] = {}
+    for model in pool.models():
+        for backend in app[HEALTH].kept_by_cap(pool.candidates(model)):
+            kept.setdefault(backend.id, []).append(model)
     listing: list[dict[str, Any]] = []
-    for backend in app[POOL].backends:
+    for backend in pool.backends:
         health = app[HEALTH].state(backend.id)
         snapshot = app[ENGINE_STATS].get(backend.id)
         window = app[STATS].for_backend(backend.id).snapshot()
@@ -74,6 +82,7 @@ async def engines(request: web.Request) -> web.Response:
             "healthy": health.available,
             "breaker": health.breaker,
             "consecutive_failures": health.consecutive_failures,
+            "kept_by_ejection_cap": kept.get(backend.id, []),
             "probe_ok": health.probe_ok,
             "last_probe_error": health.last_probe_error,
             "in_flight": window.in_flight,

@@ -12,23 +12,26 @@ import functools
 import logging
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
 
 from router.api import request_id
-from router.errors import RouterError
+from router.errors import RouterError, error_response
 from router.flow import RequestFlow
-from router.inbound import InboundRequest, read_json_request
+from router.inbound import InboundRequest, check_header_bytes, read_json_request
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
-    RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
+    PREFILL_HOP, RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
 )
 from router.lifecycle import Lifecycle
 from router.multipart import read_multipart_request
 from router.plugins import RequestRewriter
 from router.proxy import Failover, forward, upstream_headers
 
-__all__ = ["JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes"]
+__all__ = [
+    "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes", "client_key", "spend_rate_limit",
+]
 
 JSON_ENDPOINTS = (
     "/v1/chat/completions",
@@ -80,9 +83,8 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
     try:
         lifecycle = Lifecycle(request, app[EVENTS], flow)
         try:
-            limiter = app[RATE_LIMITER]
-            if limiter is not None:
-                limiter.take(client_key(request))
+            check_header_bytes(request.raw_headers)
+            spend_rate_limit(request)
             if admission is not None:
                 await admission.acquire()
                 admitted_in = True
@@ -98,6 +100,22 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
             assert admission is not None
             admission.release()
         drain.leave(task)
+
+
+def without_parameter(raw_query: str, name: str) -> str:
+    """`raw_query` without the parameter `name`, every other byte as the client sent it."""
+    return "&".join(
+        part for part in raw_query.split("&")
+        if unquote_plus(part.partition("=")[0]) != name
+    )
+
+
+def spend_rate_limit(request: web.Request) -> None:
+    """Take a token of the client's bucket under `--rate-limit`, or raise `TooManyRequests`:
+    every endpoint of the API spends it, not only the proxied ones."""
+    limiter = request.app[RATE_LIMITER]
+    if limiter is not None:
+        limiter.take(client_key(request))
 
 
 def client_key(request: web.Request) -> str:
@@ -132,8 +150,9 @@ async def admitted(
         except RouterError as error:
             return lifecycle.reject(error)
         if pinned is None:
-            # The route's own path (not the client's, which may carry --root-path).
-            query = request.query_string
+            # The route's own path (not the client's, which may carry --root-path), and the
+            # query as the client encoded it: decoded, `?a=%23b` would become a fragment.
+            query = request.rel_url.raw_query_string
             path = f"{endpoint}?{query}" if query else endpoint
             config = app[CONFIG]
             failover: Failover | None = Failover(
@@ -144,13 +163,13 @@ async def admitted(
                 app[RETRY_BUDGET],
             )
         else:  # pinned to one backend: no failover, and `id` is ours, not the backend's
-            query = request.rel_url.without_query_params("id").query_string
+            query = without_parameter(request.rel_url.raw_query_string, "id")
             path = f"{endpoint}?{query}" if query else endpoint
             failover = None
         headers = upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH])
         async with lifecycle:
             await forward(request, flow, inbound, app[CLIENT_SESSION], lifecycle, path, headers,
-                          failover)
+                          failover, prefill_hop=app[PREFILL_HOP])
         if plugins is not None and flow.response_body is not None:
             plugins.post_request(flow, flow.response_body)
         return lifecycle.result()
@@ -190,6 +209,10 @@ def rewrite(
 
 async def list_models(request: web.Request) -> web.Response:
     """The union of the backends' models, with aliases (their `root` is the served model)."""
+    try:
+        spend_rate_limit(request)
+    except RouterError as error:
+        return error_response(error, request_id(request))
     pool = request.app[POOL]
     created = int(time.time())
     entries = [

@@ -1,8 +1,11 @@
 """The Files and Batches endpoints (`--enable-batch-api`): thin handlers over `Batches`.
 
 An upload goes to disk part by part as it arrives (`FileStore.receive`), never whole in
-memory; its limit is `--max-body-size`, like an audio upload's. A file's content is sent
-from disk (`web.FileResponse`: sendfile, ranges).
+memory; its limit is `--max-body-size`, like an audio upload's, and the owner's storage
+quotas. A file's content is sent from disk (`web.FileResponse`: sendfile, ranges).
+
+Every endpoint spends the caller's `--rate-limit` like a proxied request, and sees only the
+caller's own files and batches (`owner`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from router.api import request_id
-from router.batch.files import PURPOSES, Received
+from router.api.openai import client_key, spend_rate_limit
+from router.batch.files import OPEN, PURPOSES, Received
 from router.errors import BadRequest, PayloadTooLarge, RequestTimeout, RouterError, error_response
-from router.keys import BATCHES, CONFIG
+from router.keys import API_KEYS, BATCHES, CONFIG
 from router.multipart import multipart_boundary
 
 __all__ = ["add_routes"]
@@ -31,16 +35,24 @@ MAX_METADATA = 16
 
 
 def openai_errors(handler: Handler) -> Handler:
-    """A `RouterError` from the handler becomes its OpenAI-style JSON answer."""
+    """The caller's rate limit is spent first (a 429 reads nothing of the request); a
+    `RouterError` from the handler becomes its OpenAI-style JSON answer."""
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
+            spend_rate_limit(request)
             return await handler(request)
         except RouterError as error:
             return error_response(error, request_id(request))
 
     return handle
+
+
+def owner(request: web.Request) -> str:
+    """Whose files and batches the caller sees: its API key's (as `client_key` names it, a
+    digest), or with no keys configured everyone's (`OPEN`: one tenant)."""
+    return client_key(request) if request.app[API_KEYS].enabled else OPEN
 
 
 async def timed(chunk: Awaitable[bytes], timeout: float) -> bytes:
@@ -89,7 +101,8 @@ async def create_file(request: web.Request) -> web.StreamResponse:
                 if received is not None:
                     raise BadRequest("the body has more than one 'file' part")
                 filename = (part.filename or "file")[-255:]
-                received = await store.receive(part_chunks(part, limit, timeout))
+                received = await store.receive(part_chunks(part, limit, timeout),
+                                               owner(request))
             elif part.name == "purpose":
                 purpose = await field_value(part, timeout)
         if received is None:
@@ -134,28 +147,29 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     if order not in ("asc", "desc"):
         raise BadRequest("'order' must be asc or desc")
     items, more = request.app[BATCHES].files.list(
-        purpose=request.query.get("purpose") or None, after=request.query.get("after"),
-        limit=int_query(request, "limit", 10_000, 10_000), descending=order == "desc",
+        owner(request), purpose=request.query.get("purpose") or None,
+        after=request.query.get("after"), limit=int_query(request, "limit", 10_000, 10_000),
+        descending=order == "desc",
     )
     return page([item.to_json() for item in items], more)
 
 
 @openai_errors
 async def retrieve_file(request: web.Request) -> web.StreamResponse:
-    return web.json_response(request.app[BATCHES].files.get(request.match_info["file_id"])
-                             .to_json())
+    item = request.app[BATCHES].files.get(request.match_info["file_id"], owner(request))
+    return web.json_response(item.to_json())
 
 
 @openai_errors
 async def file_content(request: web.Request) -> web.StreamResponse:
-    path = request.app[BATCHES].files.path(request.match_info["file_id"])
+    path = request.app[BATCHES].files.path(request.match_info["file_id"], owner(request))
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
 @openai_errors
 async def delete_file(request: web.Request) -> web.StreamResponse:
     file_id = request.match_info["file_id"]
-    await request.app[BATCHES].delete_file(file_id)
+    await request.app[BATCHES].delete_file(file_id, owner(request))
     return web.json_response({"id": file_id, "object": "file", "deleted": True})
 
 
@@ -194,6 +208,7 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     batch = await request.app[BATCHES].create(
+        owner=owner(request), client=client_key(request),
         input_file_id=string_field(body, "input_file_id"),
         endpoint=string_field(body, "endpoint"),
         completion_window=string_field(body, "completion_window", "24h"),
@@ -204,19 +219,20 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
 
 @openai_errors
 async def list_batches(request: web.Request) -> web.StreamResponse:
-    batches, more = request.app[BATCHES].list(after=request.query.get("after"),
+    batches, more = request.app[BATCHES].list(owner(request), after=request.query.get("after"),
                                               limit=int_query(request, "limit", 20, 100))
     return page([batch.to_json() for batch in batches], more)
 
 
 @openai_errors
 async def retrieve_batch(request: web.Request) -> web.StreamResponse:
-    return web.json_response(request.app[BATCHES].get(request.match_info["batch_id"]).to_json())
+    batch = request.app[BATCHES].get(request.match_info["batch_id"], owner(request))
+    return web.json_response(batch.to_json())
 
 
 @openai_errors
 async def cancel_batch(request: web.Request) -> web.StreamResponse:
-    batch = await request.app[BATCHES].cancel(request.match_info["batch_id"])
+    batch = await request.app[BATCHES].cancel(request.match_info["batch_id"], owner(request))
     return web.json_response(batch.to_json())
 
 

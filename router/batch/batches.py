@@ -15,6 +15,13 @@ State on disk, under `<storage>/batches/`:
 
 One router process owns the storage (a lock file says so), so the state in memory is the
 truth and the disk is its journal.
+
+A batch goes through the same doors as a request: it belongs to the key that created it
+(others do not see it), its lines spend that key's `--rate-limit` (a line that finds no token
+waits for one: it has no client to answer a 429 to), and a line whose body is over
+`--max-json-body-size` fails with the 413 a client would get, without reaching an engine.
+Its input is bounded (`--max-batch-requests`, `--max-batch-input-size`) and validated in
+memory bounded by them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import os
 import re
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,18 +44,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from router.admission import Admission
 from router.api.openai import JSON_ENDPOINTS, extend, rewrite
 from router.batch.files import (
-    Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
+    OPEN, Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
     write_atomically,
 )
-from router.errors import BadRequest, RouterError, TooManyRequests
+from router.errors import BadRequest, PayloadTooLarge, RouterError, TooManyRequests
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, resolve_model
 from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, RETRY_BUDGET, REWRITER,
-    UPSTREAM_AUTH,
+    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, PREFILL_HOP,
+    RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
 )
 from router.lifecycle import Lifecycle
 from router.proxy import Collector, Failover, forward, upstream_headers
+from router.upstream_read import loads_stepwise
 
 __all__ = ["Batch", "Batches", "ENDPOINTS"]
 
@@ -82,6 +91,11 @@ class Batch:
     error_file_id: str | None = None
     times: dict[str, int] = field(default_factory=dict)
     """When it entered each later status: `in_progress_at`, `cancelled_at`..."""
+    owner: str = OPEN
+    """Who sees it (`router.batch.files`): the creator's key, or `OPEN`."""
+    client: str = ""
+    """Whose rate limit its lines spend: the creator's `client_key` (its key, else its
+    address)."""
 
     def count(self, failed: bool) -> None:
         if failed:
@@ -90,7 +104,7 @@ class Batch:
             self.completed += 1
 
     def to_json(self) -> dict[str, Any]:
-        """OpenAI's `Batch` object (also what is saved)."""
+        """OpenAI's `Batch` object (what clients see)."""
         return {
             "id": self.id, "object": "batch", "endpoint": self.endpoint,
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
@@ -104,6 +118,10 @@ class Batch:
             "metadata": self.metadata,
         }
 
+    def to_state(self) -> dict[str, Any]:
+        """What is saved: the `Batch` object, its owner and its client."""
+        return {**self.to_json(), "owner": self.owner, "client": self.client}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Batch:
         counts = data["request_counts"]
@@ -115,6 +133,9 @@ class Batch:
             failed=counts["failed"], errors=(data.get("errors") or {}).get("data") or [],
             output_file_id=data.get("output_file_id"), error_file_id=data.get("error_file_id"),
             times={name: data[name] for name in TIMESTAMPS if data.get(name) is not None},
+            owner=str(data.get("owner", OPEN)),
+            # Saved before clients were: a bucket of its own, still paced.
+            client=str(data.get("client") or f"batch:{data['id']}"),
         )
 
     def __repr__(self) -> str:
@@ -155,28 +176,84 @@ def parse_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any]]:
     return custom_id, body
 
 
-def check_input(path: Path, endpoint: str) -> tuple[int, list[dict[str, Any]]]:
-    """The number of requests in an input file, and its first invalid lines (blocking)."""
-    total, seen = 0, set[str]()
+def check_input(
+    path: Path, endpoint: str, max_requests: int, max_bytes: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """The number of requests in an input file, and its first invalid lines (blocking).
+
+    Memory is bounded by the caps: a file over `max_bytes` is not read at all, reading stops
+    at the first request past `max_requests`, and a `custom_id` is remembered as its 64-bit
+    hash (Python's `hash`, salted per process: a collision cannot be crafted from outside and
+    is about as likely as 1 in 10^10 at 50,000 lines) in a `HashSet`, not as its string."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        return 0, [cap_error("input_too_large",
+                             f"the input file has {size} bytes, over the limit of {max_bytes}")]
+    total, seen = 0, HashSet()
     errors: list[dict[str, Any]] = []
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
             total += 1
+            if total > max_requests:
+                errors.append(cap_error(
+                    "input_too_many_requests",
+                    f"the input file has more than the limit of {max_requests} requests"))
+                break
             try:
                 custom_id, _ = parse_line(raw, endpoint)
-                if custom_id in seen:
-                    raise InvalidLine(f"'custom_id' {custom_id!r} is used twice", "custom_id")
-                seen.add(custom_id)
+                if not seen.add(hash(custom_id)):
+                    raise InvalidLine(f"'custom_id' {custom_id[:64]!r} is used twice",
+                                      "custom_id")
             except InvalidLine as invalid:
                 if len(errors) < MAX_ERRORS:
                     errors.append({"code": "invalid_request", "message": invalid.message,
                                    "param": invalid.param, "line": number})
     if not total:
-        errors.append({"code": "empty_file", "message": "the input file has no requests",
-                       "param": None, "line": None})
+        errors.append(cap_error("empty_file", "the input file has no requests"))
     return total, errors
+
+
+class HashSet:
+    """64-bit hashes in one flat array (open addressing, linear probing, at most half full):
+    8 to 24 bytes an entry, where a `set` of ints takes about 90 (130 MB at 1.5 M)."""
+
+    def __init__(self) -> None:
+        self._table = array("q", bytes(8 * 1024))
+        self._mask = len(self._table) - 1
+        self._room = len(self._table) // 2
+
+    def add(self, value: int) -> bool:
+        """Add `value`; False when it was there already."""
+        table, mask = self._table, self._mask
+        value = value or 1  # 0 marks a free slot
+        slot = value & mask
+        while held := table[slot]:
+            if held == value:
+                return False
+            slot = (slot + 1) & mask
+        table[slot] = value
+        self._room -= 1
+        if not self._room:
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        old = self._table
+        table = self._table = array("q", bytes(16 * len(old)))
+        mask = self._mask = len(table) - 1
+        self._room = len(table) // 2 - len(old) // 2
+        for value in old:
+            if value:
+                slot = value & mask
+                while table[slot]:
+                    slot = (slot + 1) & mask
+                table[slot] = value
+
+
+def cap_error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": None, "line": None}
 
 
 def result_record(custom_id: str, result: LineResult) -> bytes:
@@ -216,9 +293,11 @@ class LineResult:
         return cls(os.urandom(16).hex(), error=dict(EXPIRED))
 
     @classmethod
-    def internal_error(cls, error: Exception) -> LineResult:
+    def internal_error(cls) -> LineResult:
+        # The exception goes to the log, never into the output file a client downloads: its
+        # text may hold anything.
         return cls(os.urandom(16).hex(),
-                   error={"code": "internal_error", "message": f"the router failed: {error!r}"})
+                   error={"code": "internal_error", "message": "the router failed on this line"})
 
 
 async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
@@ -273,17 +352,17 @@ async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
         app[RETRY_BUDGET],
     )
     headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
-    collected = Collector(config.max_json_body_size)
+    collected = Collector(config.batch_max_answer_size)
     async with lifecycle:
         await forward(collected, flow, inbound, app[CLIENT_SESSION], lifecycle, flow.endpoint,
-                      headers, failover)
+                      headers, failover, prefill_hop=app[PREFILL_HOP])
     if lifecycle.error is not None:
         return LineResult.failure(flow.id, lifecycle.error)
     plugins = app[PLUGINS]
     if plugins is not None and flow.response_body is not None:
         plugins.post_request(flow, flow.response_body)
     assert collected.status is not None
-    return LineResult(flow.id, collected.status, parse_body(collected.body))
+    return LineResult(flow.id, collected.status, await parse_answer(collected.body))
 
 
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
@@ -296,11 +375,23 @@ def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
     if served != requested:
         body = {**body, "model": served}
     raw = json.dumps(body).encode()
+    limit = app[CONFIG].max_json_body_size
+    if len(raw) > limit:  # what a client's request would meet, counted on what would be sent
+        raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes")
     flow.request_json, flow.request_body = body, raw
     return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
 
 
-def parse_body(raw: bytes) -> object:
+async def parse_answer(raw: bytes) -> object:
+    """`parse_body` of a backend's answer, which may be big (up to --batch-max-answer-size):
+    parsed in steps, so the event loop is never held for long."""
+    try:
+        return await loads_stepwise(raw)
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace")
+
+
+def parse_body(raw: bytes | bytearray) -> object:
     """An answer's JSON, or its text when it is not JSON."""
     try:
         return json.loads(raw)
@@ -315,11 +406,13 @@ class BatchRun:
         self._batches = batches
         self.batch = batch
         self._lines: set[asyncio.Task[None]] = set()
+        self._cancelled = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"batch {batch.id}")
 
     def cancel(self) -> None:
         """The batch is `cancelling`: start no more lines and cancel the running ones (their
         results are not kept)."""
+        self._cancelled.set()
         for line in self._lines:
             line.cancel()
 
@@ -334,16 +427,22 @@ class BatchRun:
                 await self._finalize()
         except asyncio.CancelledError:
             raise  # the router stops: the next start goes on from what is on disk
-        except Exception as error:
+        except Exception:  # the traceback goes to the log, not into what the client reads
             log.exception("batch %s failed", batch.id)
-            batch.errors = [{"code": "batch_failed", "message": f"the router failed: {error}",
+            batch.errors = [{"code": "batch_failed", "message": "the router failed to run it",
                              "param": None, "line": None}]
             await self._batches.transition(batch, "failed")
 
     async def _validate(self) -> None:
         batch = self.batch
-        path = self._batches.files.path(batch.input_file_id)
-        total, errors = await asyncio.to_thread(check_input, path, batch.endpoint)
+        config = self._batches.app[CONFIG]
+        path = self._batches.files.path(batch.input_file_id, None)
+        async with self._batches.validating:
+            if batch.status != "validating":  # cancelled while it waited
+                return
+            total, errors = await asyncio.to_thread(check_input, path, batch.endpoint,
+                                                    config.max_batch_requests,
+                                                    config.max_batch_input_size)
         if batch.status != "validating":  # cancelled meanwhile
             return
         batch.total, batch.errors = total, errors
@@ -360,7 +459,7 @@ class BatchRun:
         await results.open()
         slots = self._batches.slots
         try:
-            path = self._batches.files.path(batch.input_file_id)
+            path = self._batches.files.path(batch.input_file_id, None)
             async with contextlib.aclosing(input_lines(path)) as lines:
                 async for raw in lines:
                     if batch.status != "in_progress":
@@ -374,6 +473,9 @@ class BatchRun:
                             await self._batches.save(batch)
                         results.append(result_record(custom_id, LineResult.expired()), True)
                         continue
+                    await self._pace()
+                    if batch.status != "in_progress":
+                        break
                     await slots.acquire()
                     if batch.status != "in_progress":
                         slots.release()
@@ -389,6 +491,18 @@ class BatchRun:
         if batch.status == "in_progress":
             await self._batches.transition(batch, "finalizing")
 
+    async def _pace(self) -> None:
+        """Spend a token of the batch's client under `--rate-limit`, waiting for one (and
+        holding no slot meanwhile) rather than failing: the batch is no way around the limit,
+        and its client's own requests meet the 429s while it spends the bucket."""
+        limiter = self._batches.app[RATE_LIMITER]
+        if limiter is None:
+            return
+        while (wait := limiter.try_take(self.batch.client)) and not self._cancelled.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._cancelled.wait()
+
     def _start(self, custom_id: str, body: dict[str, Any], results: ResultLog) -> None:
         line = asyncio.create_task(self._line(custom_id, body, results))
         self._lines.add(line)
@@ -401,9 +515,9 @@ class BatchRun:
     async def _line(self, custom_id: str, body: dict[str, Any], results: ResultLog) -> None:
         try:
             result = await dispatch(self._batches.app, self.batch.endpoint, body)
-        except Exception as error:  # a bug: this line fails, the batch goes on
+        except Exception:  # a bug: this line fails, the batch goes on
             log.exception("batch %s: line %r failed in the router", self.batch.id, custom_id)
-            result = LineResult.internal_error(error)
+            result = LineResult.internal_error()
         results.append(result_record(custom_id, result), not result.ok)
 
     async def _finalize(self) -> None:
@@ -417,9 +531,9 @@ class BatchRun:
         key = batch.id.removeprefix("batch_")
         files = self._batches.files
         made = await files.adopt(output, f"file-{key}-output", f"{batch.id}_output.jsonl",
-                                 "batch_output")
+                                 "batch_output", batch.owner)
         failed = await files.adopt(errors, f"file-{key}-errors", f"{batch.id}_error.jsonl",
-                                   "batch_output")
+                                   "batch_output", batch.owner)
         batch.output_file_id = made.id if made else None
         batch.error_file_id = failed.id if failed else None
         if batch.status == "cancelling":
@@ -438,9 +552,15 @@ class Batches:
     def __init__(self, app: web.Application, storage: str, concurrency: int) -> None:
         self.app = app
         self.root = Path(storage)
-        self.files = FileStore(self.root / "files")
+        config = app[CONFIG]
+        self.files = FileStore(self.root / "files", config.file_storage_quota_per_key,
+                               config.file_storage_quota)
         self.slots = asyncio.Semaphore(concurrency)
         """Batch lines in flight, over all batches."""
+        self.validating = asyncio.Lock()
+        """One input file is validated at a time: the memory it takes is bounded by the caps
+        once, not once per batch, and parsing in threads side by side would not go faster
+        (`json.loads` holds the GIL)."""
         self._directory = self.root / "batches"
         self._batches: dict[str, Batch] = {}
         self._runs: dict[str, BatchRun] = {}
@@ -487,43 +607,47 @@ class Batches:
         return (self._directory / f"{batch_id}.output.jsonl",
                 self._directory / f"{batch_id}.errors.jsonl")
 
-    async def create(self, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None) -> Batch:
-        """Check the request (not yet the input's lines: that is `validating`) and start."""
+    async def create(self, owner: str, client: str, input_file_id: str, endpoint: str,
+                     completion_window: str, metadata: dict[str, str] | None) -> Batch:
+        """Check the request (not yet the input's lines: that is `validating`) and start a
+        batch of `owner`, whose lines spend `client`'s rate limit."""
         if endpoint not in ENDPOINTS:
             raise BadRequest(f"'endpoint' must be one of {', '.join(ENDPOINTS)}")
         window = WINDOW.fullmatch(completion_window)
         if window is None:
             raise BadRequest("'completion_window' must be a number of hours, like 24h")
-        if self.files.get(input_file_id).purpose != "batch":
+        if self.files.get(input_file_id, owner).purpose != "batch":
             raise BadRequest(f"file {input_file_id} was not uploaded with purpose 'batch'")
         now = int(time.time())
         batch = Batch(id="batch_" + os.urandom(12).hex(), endpoint=endpoint,
                       input_file_id=input_file_id, completion_window=completion_window,
                       created_at=now, expires_at=now + 3600 * int(window.group(1)),
-                      metadata=metadata)
+                      metadata=metadata, owner=owner, client=client)
         self._batches[batch.id] = batch
         await self.save(batch)
         self._run(batch)
         log.info("created %r", batch)
         return batch
 
-    def get(self, batch_id: str) -> Batch:
+    def get(self, batch_id: str, owner: str | None) -> Batch:
+        """The batch `batch_id` of `owner` (None: of anyone, for the router's own use);
+        another owner's batch is not found, as if it did not exist."""
         batch = self._batches.get(batch_id) if BATCH_ID.fullmatch(batch_id) else None
-        if batch is None:
+        if batch is None or owner is not None and batch.owner != owner:
             raise NotFound(f"No such Batch object: {batch_id}")
         return batch
 
-    def list(self, after: str | None = None, limit: int = 20) -> tuple[list[Batch], bool]:
-        """A page of batches, newest first, and whether more follow it."""
-        batches = list(reversed(self._batches.values()))
+    def list(self, owner: str, after: str | None = None,
+             limit: int = 20) -> tuple[list[Batch], bool]:
+        """A page of `owner`'s batches, newest first, and whether more follow it."""
+        batches = [b for b in reversed(self._batches.values()) if b.owner == owner]
         if after is not None:
             position = next((n for n, b in enumerate(batches) if b.id == after), None)
             batches = batches[position + 1:] if position is not None else []
         return batches[:limit], len(batches) > limit
 
-    async def cancel(self, batch_id: str) -> Batch:
-        batch = self.get(batch_id)
+    async def cancel(self, batch_id: str, owner: str) -> Batch:
+        batch = self.get(batch_id, owner)
         if batch.status in ("cancelling", "cancelled"):
             return batch
         if batch.status not in ("validating", "in_progress"):
@@ -534,13 +658,13 @@ class Batches:
             run.cancel()
         return batch
 
-    async def delete_file(self, file_id: str) -> None:
-        """Delete a file, unless an unfinished batch still reads it."""
-        self.files.get(file_id)
+    async def delete_file(self, file_id: str, owner: str) -> None:
+        """Delete a file of `owner`, unless an unfinished batch still reads it."""
+        self.files.get(file_id, owner)
         if any(b.input_file_id == file_id and b.status in UNFINISHED
                for b in self._batches.values()):
             raise Conflict(f"file {file_id} is the input of a batch still running")
-        await self.files.delete(file_id)
+        await self.files.delete(file_id, owner)
 
     async def transition(self, batch: Batch, status: str) -> None:
         batch.status = status
@@ -551,7 +675,7 @@ class Batches:
     async def save(self, batch: Batch) -> None:
         async with self._saving:  # one writer at a time, each with the latest state
             await asyncio.to_thread(write_atomically, self._directory / f"{batch.id}.json",
-                                    json.dumps(batch.to_json()))
+                                    json.dumps(batch.to_state()))
 
     def __repr__(self) -> str:
         return f"<Batches {self.root} batches={len(self._batches)} running={len(self._runs)}>"

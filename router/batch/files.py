@@ -7,6 +7,11 @@ never leaves half a file listed, and what it left behind is removed at the next 
 objects are kept in memory too (one router process owns the directory: `lock_storage`), so
 listing never touches the disk.
 
+Every file has an owner: the API key that uploaded it (`client_key`'s `key:<digest>`, never
+the key), or `OPEN` when the router has no keys. Only its owner sees it; to anyone else it
+does not exist. Stored bytes are counted per owner and in total while an upload arrives, so
+an upload over a quota is cut there, not after it was stored.
+
 A batch's results are JSONL files appended by a `ResultLog` in groups, each flushed and
 fsynced before its lines count as done; `recorded_ids` reads them back after a restart.
 
@@ -30,8 +35,8 @@ from typing import IO, Any
 from router.errors import RouterError
 
 __all__ = [
-    "FileObject", "FileStore", "NotFound", "Conflict", "PURPOSES", "ResultLog", "recorded_ids",
-    "input_lines", "lock_storage", "write_atomically",
+    "FileObject", "FileStore", "NotFound", "Conflict", "OPEN", "PURPOSES", "QuotaExceeded",
+    "ResultLog", "recorded_ids", "input_lines", "lock_storage", "write_atomically",
 ]
 
 PURPOSES = frozenset({
@@ -41,6 +46,9 @@ PURPOSES = frozenset({
 """OpenAI's file purposes (`batch_output` is the router's own, for batch results)."""
 FILE_ID = re.compile(r"file-[A-Za-z0-9_-]{1,64}")
 PARTIAL = ".part"
+OPEN = ""
+"""The owner of everything when no API keys are configured, and of what was stored before
+owners were recorded (then, with keys, nobody's: no key sees it)."""
 READ_HINT = 1024 * 1024
 """Bytes of lines read per thread hop."""
 
@@ -49,6 +57,15 @@ class NotFound(RouterError):
     status = 404
     error_type = "invalid_request_error"
     code = "not_found"
+
+
+class QuotaExceeded(RouterError):
+    """A file storage quota is used up. A 413, not a 429: retrying the same upload does not
+    help until files are deleted (and the SDKs retry 429s)."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    code = "storage_quota_exceeded"
 
 
 class Conflict(RouterError):
@@ -67,20 +84,25 @@ class FileObject:
     created_at: int
     filename: str
     purpose: str
+    owner: str = OPEN
 
     def to_json(self) -> dict[str, Any]:
-        """OpenAI's `File` object."""
+        """OpenAI's `File` object (what clients see)."""
         return {
             "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
             "filename": self.filename, "purpose": self.purpose, "status": "processed",
             "expires_at": None, "status_details": None,
         }
 
+    def to_state(self) -> dict[str, Any]:
+        """What is saved: the `File` object and its owner."""
+        return {**self.to_json(), "owner": self.owner}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FileObject:
         return cls(id=str(data["id"]), bytes=int(data["bytes"]),
                    created_at=int(data["created_at"]), filename=str(data["filename"]),
-                   purpose=str(data["purpose"]))
+                   purpose=str(data["purpose"]), owner=str(data.get("owner", OPEN)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +111,49 @@ class Received:
 
     path: Path
     size: int
+    owner: str
 
 
 class FileStore:
-    def __init__(self, directory: Path) -> None:
+    """The files, and the bytes each owner stores (`quota_per_owner`) and all of them do
+    (`quota`, 0: no cap); bytes of uploads still arriving count too."""
+
+    def __init__(self, directory: Path, quota_per_owner: int, quota: int) -> None:
         self.directory = directory
+        self.quota_per_owner = quota_per_owner
+        self.quota = quota
         self._files: dict[str, FileObject] = {}
+        self._used: dict[str, int] = {}
+        self._total = 0
 
     async def load(self) -> None:
         """Read the file objects; remove what an interrupted upload or delete left."""
         self._files = await asyncio.to_thread(self._load)
+        self._used, self._total = {}, 0
+        for item in self._files.values():
+            self._charge(item.owner, item.bytes)
+
+    def used(self, owner: str) -> int:
+        """Bytes `owner` stores (or is uploading)."""
+        return self._used.get(owner, 0)
+
+    def _reserve(self, owner: str, size: int) -> None:
+        """Count `size` more bytes for `owner`, or raise `QuotaExceeded`."""
+        if self.used(owner) + size > self.quota_per_owner:
+            raise QuotaExceeded(
+                f"the file storage quota of {self.quota_per_owner} bytes per key is used up: "
+                "delete files to make room")
+        if self.quota and self._total + size > self.quota:
+            raise QuotaExceeded(f"the router's file storage of {self.quota} bytes is full")
+        self._charge(owner, size)
+
+    def _charge(self, owner: str, size: int) -> None:
+        used = self._used.get(owner, 0) + size
+        if used:
+            self._used[owner] = used
+        else:
+            self._used.pop(owner, None)
+        self._total += size
 
     def _load(self) -> dict[str, FileObject]:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -117,22 +172,25 @@ class FileStore:
                 entry.unlink(missing_ok=True)
         return dict(sorted(found.items(), key=lambda pair: (pair[1].created_at, pair[0])))
 
-    def path(self, file_id: str) -> Path:
+    def path(self, file_id: str, owner: str | None) -> Path:
         """Where the content of an existing file is."""
-        return self.directory / self.get(file_id).id
+        return self.directory / self.get(file_id, owner).id
 
-    def get(self, file_id: str) -> FileObject:
+    def get(self, file_id: str, owner: str | None) -> FileObject:
+        """The file `file_id` of `owner` (None: of anyone, for the router's own use); another
+        owner's file is not found, as if it did not exist."""
         item = self._files.get(file_id) if FILE_ID.fullmatch(file_id) else None
-        if item is None:
+        if item is None or owner is not None and item.owner != owner:
             raise NotFound(f"No such File object: {file_id}")
         return item
 
     def list(
-        self, purpose: str | None = None, after: str | None = None, limit: int = 10_000,
-        descending: bool = True,
+        self, owner: str, purpose: str | None = None, after: str | None = None,
+        limit: int = 10_000, descending: bool = True,
     ) -> tuple[list[FileObject], bool]:
-        """A page of files in creation order, and whether more follow it."""
-        items = [f for f in self._files.values() if purpose is None or f.purpose == purpose]
+        """A page of `owner`'s files in creation order, and whether more follow it."""
+        items = [f for f in self._files.values()
+                 if f.owner == owner and (purpose is None or f.purpose == purpose)]
         if descending:
             items.reverse()
         if after is not None:
@@ -140,37 +198,43 @@ class FileStore:
             items = items[position + 1:] if position is not None else []
         return items[:limit], len(items) > limit
 
-    async def receive(self, chunks: AsyncIterator[bytes]) -> Received:
-        """Write an upload to disk as it arrives; on any failure nothing is left."""
+    async def receive(self, chunks: AsyncIterator[bytes], owner: str) -> Received:
+        """Write an upload of `owner` to disk as it arrives, each chunk counted against the
+        quotas before it is written; on any failure (`QuotaExceeded` too) nothing is left."""
         path = self.directory / (new_file_id() + PARTIAL)
         stream = await asyncio.to_thread(path.open, "wb")
         size = 0
         try:
             async for chunk in chunks:
-                await asyncio.to_thread(stream.write, chunk)
+                self._reserve(owner, len(chunk))
                 size += len(chunk)
+                await asyncio.to_thread(stream.write, chunk)
             await asyncio.to_thread(close_synced, stream)
         except BaseException:
+            self._charge(owner, -size)
             await asyncio.to_thread(discard, stream, path)
             raise
-        return Received(path, size)
+        return Received(path, size, owner)
 
     async def discard(self, received: Received) -> None:
+        self._charge(received.owner, -received.size)
         await asyncio.to_thread(received.path.unlink, True)
 
     async def commit(self, received: Received, filename: str, purpose: str) -> FileObject:
-        """Make a received upload a file."""
+        """Make a received upload a file (its bytes were counted as they came)."""
         item = FileObject(id=received.path.name.removesuffix(PARTIAL), bytes=received.size,
-                          created_at=int(time.time()), filename=filename, purpose=purpose)
+                          created_at=int(time.time()), filename=filename, purpose=purpose,
+                          owner=received.owner)
         await asyncio.to_thread(self._commit, received.path, item)
         self._files[item.id] = item
         return item
 
-    async def adopt(self, source: Path, file_id: str, filename: str,
-                    purpose: str) -> FileObject | None:
-        """Make `source` (in the same file system) the file `file_id`: idempotent, so a batch
-        finalized again after a crash finds its result files made already. None when there is
-        no such file and `source` is missing or empty."""
+    async def adopt(self, source: Path, file_id: str, filename: str, purpose: str,
+                    owner: str) -> FileObject | None:
+        """Make `source` (in the same file system) the file `file_id` of `owner`: idempotent,
+        so a batch finalized again after a crash finds its result files made already. None
+        when there is no such file and `source` is missing or empty. Its bytes count for the
+        quotas but are never refused: a batch's results are not thrown away."""
         if file_id in self._files:
             return self._files[file_id]
         size = await asyncio.to_thread(file_size, source)
@@ -178,20 +242,22 @@ class FileStore:
             await asyncio.to_thread(source.unlink, True)
             return None
         item = FileObject(id=file_id, bytes=size, created_at=int(time.time()),
-                          filename=filename, purpose=purpose)
+                          filename=filename, purpose=purpose, owner=owner)
         await asyncio.to_thread(self._commit, source, item)
         self._files[item.id] = item
+        self._charge(owner, size)
         return item
 
     def _commit(self, content: Path, item: FileObject) -> None:
         # The object first: until the content is in place too, a start drops the object and
         # `content` is where it was, so an `adopt` after a crash still finds it.
-        write_atomically(self.directory / f"{item.id}.json", json.dumps(item.to_json()))
+        write_atomically(self.directory / f"{item.id}.json", json.dumps(item.to_state()))
         content.replace(self.directory / item.id)
 
-    async def delete(self, file_id: str) -> None:
-        item = self.get(file_id)
+    async def delete(self, file_id: str, owner: str) -> None:
+        item = self.get(file_id, owner)
         del self._files[item.id]
+        self._charge(item.owner, -item.bytes)
         await asyncio.to_thread(self._delete, item.id)
 
     def _delete(self, file_id: str) -> None:
@@ -200,7 +266,8 @@ class FileStore:
         (self.directory / file_id).unlink(missing_ok=True)
 
     def __repr__(self) -> str:
-        return f"<FileStore {self.directory} files={len(self._files)}>"
+        return (f"<FileStore {self.directory} files={len(self._files)} bytes={self._total} "
+                f"owners={len(self._used)}>")
 
 
 def new_file_id() -> str:

@@ -73,6 +73,9 @@ class K8sSettings:
     """Seconds for one LIST page, and to connect for a WATCH."""
     token_reload: float = 60.0
     """Seconds between re-reads of a token file (kubelet rotates service-account tokens)."""
+    max_answer_size: int = 16 * 1024 * 1024
+    """Bytes read of one LIST page, one watch event or one engine's `/v1/models`; past them
+    the answer is cut (a list or watch is retried with backoff, an engine asked again)."""
     retry_min: float = 0.5
     retry_max: float = 30.0
 
@@ -91,6 +94,9 @@ class K8sSettings:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"k8s {name} must be a positive number of seconds, not {value}")
+        if self.max_answer_size < 1:
+            raise ValueError(f"k8s max_answer_size must be at least 1 byte, not "
+                             f"{self.max_answer_size}")
         if self.watch_timeout < 1:
             raise ValueError(f"k8s watch_timeout must be at least 1 second, not "
                              f"{self.watch_timeout}")

@@ -53,6 +53,7 @@ from aiohttp import web
 
 from router import __version__
 from router.backends import Backend, BackendPool
+from router.errors import AnswerTooLarge
 from router.discovery.k8s_access import (
     DISCOVERY_TYPES,
     SERVICE_ACCOUNT_DIR,
@@ -75,6 +76,7 @@ from router.discovery.k8s_targets import (
     pod_target,
     service_target,
 )
+from router.upstream_read import loads_stepwise, read_bounded
 
 __all__ = [
     "K8sSettings",
@@ -100,11 +102,6 @@ __all__ = [
 log = logging.getLogger("router.k8s")
 
 LIST_PAGE_SIZE = 500
-MAX_EVENT_BYTES = 16 * 1024 * 1024
-"""Longest watch line accepted; aiohttp's `readline` would stop at 128 KiB, which an object with
-big annotations can pass."""
-PARSE_IN_THREAD_BYTES = 256 * 1024
-"""A list larger than this is decoded in a thread, so a big fleet does not stall requests."""
 QUICK_END = 1.0
 """A watch that ends cleanly within this many seconds with no event counts as a failure (backoff),
 so an API server or proxy that closes every watch at once cannot cause a hot loop."""
@@ -151,7 +148,8 @@ class _Lines:
             start = end + 1
         del buffer[:start]
         if len(buffer) > self._limit:
-            raise _WatchBroken(f"a watch event longer than {self._limit} bytes")
+            raise _WatchBroken(f"a watch event longer than {self._limit} bytes "
+                               "(--k8s-max-answer-size)")
         return lines
 
     def rest(self) -> bytes:
@@ -313,6 +311,9 @@ class KubernetesDiscovery:
         elif isinstance(error, aiohttp.ClientConnectorCertificateError):
             log.error("cannot verify the kubernetes API server %s: %s%s", self.access.server,
                       _short(error), then)
+        elif isinstance(error, AnswerTooLarge):
+            log.warning("%s (--k8s-max-answer-size) when asked for %s: cut%s", error.message,
+                        where, then)
         elif isinstance(error, _WatchBroken):
             log.warning("the %s watch broke: %s%s", self.kind, error, then)
         elif isinstance(error, aiohttp.ClientPayloadError):
@@ -350,12 +351,12 @@ class KubernetesDiscovery:
             ) as response:
                 if response.status != 200:
                     raise await _api_error(response)
-                raw = await response.read()
+                raw = await read_bounded(response, self.settings.max_answer_size,
+                                         "the kubernetes API")
             try:
-                if len(raw) > PARSE_IN_THREAD_BYTES:
-                    body = await asyncio.to_thread(json.loads, raw)
-                else:
-                    body = json.loads(raw)
+                # Item by item, yielding: a page of big objects takes ~50 ms a MiB to
+                # decode, which in one go (or in a thread: the GIL) would stall requests.
+                body = await loads_stepwise(raw)
             except (ValueError, RecursionError):
                 raise _ApiError(200, f"the {self.kind} list is not JSON") from None
             if not isinstance(body, dict) or not isinstance(body.get("items"), list):
@@ -397,7 +398,7 @@ class KubernetesDiscovery:
                 log.info("watching %ss in namespace %s from resourceVersion %s",
                          self.kind, self.namespace, version)
                 self._watching = True
-            lines = _Lines(MAX_EVENT_BYTES)
+            lines = _Lines(self.settings.max_answer_size)
             async for chunk in response.content.iter_any():
                 for line in lines.feed(chunk):
                     if line.strip():
@@ -594,11 +595,14 @@ class KubernetesDiscovery:
                                             allow_redirects=False) as response:
                     if response.status != 200:
                         raise _ModelsError(f"HTTP {response.status}")
-                    body = await response.json(content_type=None)
+                    raw = await read_bounded(response, self.settings.max_answer_size,
+                                             "/v1/models")
+            body = await loads_stepwise(raw)
         except TimeoutError:
             raise _ModelsError(f"no answer within {self.settings.model_fetch_timeout:g}s") \
                 from None
-        except (aiohttp.ClientError, OSError, ValueError) as error:
+        except (aiohttp.ClientError, OSError, ValueError, RecursionError,
+                AnswerTooLarge) as error:
             raise _ModelsError(_short(error)) from None
         data = body.get("data") if isinstance(body, dict) else None
         models = tuple(dict.fromkeys(

@@ -15,8 +15,12 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from router.backends import Backend, BackendPool
+from router.errors import AnswerTooLarge, failure_detail
+from router.upstream_read import chunks_bounded
 
-__all__ = ["EngineSnapshot", "EngineStats", "EngineScraper", "parse_engine_metrics"]
+__all__ = [
+    "EngineSnapshot", "EngineStats", "EngineScraper", "MetricsParser", "parse_engine_metrics",
+]
 
 log = logging.getLogger("router.stats.engine")
 
@@ -68,11 +72,71 @@ each with its own cache) are averaged, where request counts add up."""
 # One sample line of a wanted series: the name at a line start, optional labels (up to the
 # line's last `}`, so a `}` inside a quoted label value does no harm), then the value. The
 # leading newline is a literal the regex engine searches for in C, so the ~200 other lines of a
-# vLLM page are skipped at memchr speed (anchoring with `^` and MULTILINE is 6x slower).
+# vLLM page are skipped at memchr speed (anchoring with `^` and MULTILINE is 6x slower). Bytes,
+# not text: the page is never decoded, only the few values that match are.
 _SAMPLE = re.compile(
-    r"\n(" + "|".join(re.escape(name) for name in sorted(_SERIES, key=len, reverse=True)) + r")"
-    r"(?:\{[^\n]*\})?[ \t]+([^ \t\r\n]+)"
+    rb"\n(" + b"|".join(re.escape(name.encode()) for name in sorted(_SERIES, key=len,
+                                                                    reverse=True)) + rb")"
+    rb"(?:\{[^\n]*\})?[ \t]+([^ \t\r\n]+)"
 )
+_SERIES_BYTES = {name.encode(): key for name, key in _SERIES.items()}
+MAX_LINE = 64 * 1024
+"""Longest line the parser keeps while waiting for its end; a wanted sample line is well under
+a kilobyte, so a longer one is skipped (and a page of one endless line costs nothing)."""
+
+
+class MetricsParser:
+    """Parses a `/metrics` page chunk by chunk as it arrives, keeping only the figures it
+    wants: a big page never becomes one big string, and each chunk costs a regex scan of
+    itself (no line splitting, no decoding)."""
+
+    __slots__ = ("_totals", "_carry")
+
+    def __init__(self) -> None:
+        self._totals: dict[tuple[str, int], list[float]] = {}
+        self._carry: bytes | None = b"\n"
+        """The unfinished last line, from its leading newline; None while skipping the rest
+        of a line too long to be wanted."""
+
+    def feed(self, chunk: bytes) -> None:
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            if self._carry is not None:
+                self._carry += chunk
+                if len(self._carry) > MAX_LINE:
+                    self._carry = None
+            return
+        self._scan(chunk[:end] if self._carry is None else self._carry + chunk[:end])
+        self._carry = chunk[end:]
+
+    def _scan(self, text: bytes) -> None:
+        totals = self._totals
+        for match in _SAMPLE.finditer(text):
+            try:
+                value = float(match[2])
+            except ValueError:
+                continue
+            if not math.isfinite(value):
+                continue
+            key = _SERIES_BYTES[match[1]]
+            acc = totals.get(key)
+            if acc is None:
+                totals[key] = [value, 1.0]
+            else:
+                acc[0] += value
+                acc[1] += 1.0
+
+    def snapshot(self, scraped_at: float) -> EngineSnapshot:
+        """The figures of the whole page (call once, after the last chunk)."""
+        if self._carry is not None:
+            self._scan(self._carry)
+            self._carry = None
+        figures: dict[str, float] = {}
+        for (field, _rank), (total, count) in sorted(self._totals.items(),
+                                                     key=lambda item: item[0][1]):
+            if field not in figures:
+                figures[field] = total / count if field in _AVERAGED else total
+        return EngineSnapshot(scraped_at=scraped_at, **figures)
 
 
 def parse_engine_metrics(text: str, scraped_at: float) -> EngineSnapshot:
@@ -80,26 +144,9 @@ def parse_engine_metrics(text: str, scraped_at: float) -> EngineSnapshot:
 
     Lines of other series, comments and broken lines are skipped; a value that is not a
     finite number counts as absent."""
-    totals: dict[tuple[str, int], list[float]] = {}
-    for match in _SAMPLE.finditer("\n" + text):
-        try:
-            value = float(match[2])
-        except ValueError:
-            continue
-        if not math.isfinite(value):
-            continue
-        key = _SERIES[match[1]]
-        acc = totals.get(key)
-        if acc is None:
-            totals[key] = [value, 1.0]
-        else:
-            acc[0] += value
-            acc[1] += 1.0
-    figures: dict[str, float] = {}
-    for (field, _rank), (total, count) in sorted(totals.items(), key=lambda item: item[0][1]):
-        if field not in figures:
-            figures[field] = total / count if field in _AVERAGED else total
-    return EngineSnapshot(scraped_at=scraped_at, **figures)
+    parser = MetricsParser()
+    parser.feed(text.encode("utf-8", errors="replace"))
+    return parser.snapshot(scraped_at)
 
 
 class EngineStats:
@@ -139,17 +186,22 @@ class EngineStats:
 class EngineScraper:
     """Scrapes every backend's `/metrics` into an `EngineStats`, every `interval` seconds.
 
+    A scrape is bounded twice: `timeout` seconds for all of it (connect, headers and the
+    whole body), and `max_size` bytes of body; past either it is a failed scrape and the
+    connection is closed. The page is parsed as it arrives (`MetricsParser`).
+
     The owner runs `run()` as a task and cancels it before closing `session`."""
 
     def __init__(
         self, store: EngineStats, pool: BackendPool, session: aiohttp.ClientSession,
-        interval: float, timeout: float,
+        interval: float, timeout: float, max_size: int = 16 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.pool = pool
         self.session = session
         self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.max_size = max_size
 
     async def run(self) -> None:
         """Scrape, sleep, repeat until cancelled."""
@@ -183,20 +235,31 @@ class EngineScraper:
                 encoding = response.headers.get("Content-Encoding", "identity")
                 if encoding != "identity" and not self.session.auto_decompress:
                     raise _ScrapeError(f"unexpected Content-Encoding {encoding}")
-                body = await response.read()
+                parser = MetricsParser()
+                async for chunk in chunks_bounded(response, self.max_size, "/metrics"):
+                    parser.feed(chunk)
+        except AnswerTooLarge as exc:
+            # A misconfigured or hostile engine: worth a warning, once per change.
+            error = f"{exc.message}: raise --engine-stats-max-size if that is real"
+            if self.store.last_error(backend.id) != error:
+                log.warning("engine stats: backend %s (%s): %s; scrape cut and the "
+                            "connection closed", backend.id, backend.url, error)
+            self.store.record_error(backend.id, error)
+            return
         except Exception as exc:  # a scrape must never end the loop, whatever went wrong
             error = _describe(exc, self.timeout.total)
             log.debug("engine stats: scraping backend %s (%s) failed: %s",
                       backend.id, backend.url, error)
             self.store.record_error(backend.id, error)
             return
-        snapshot = parse_engine_metrics(body.decode("utf-8", errors="replace"), started)
+        snapshot = parser.snapshot(started)
         self.store.update(backend.id, replace(
             snapshot, scrape_duration=time.monotonic() - started))
 
     def __repr__(self) -> str:
         return (f"<EngineScraper backends={len(self.pool.backends)} "
-                f"interval={self.interval}s timeout={self.timeout.total}s>")
+                f"interval={self.interval}s timeout={self.timeout.total}s "
+                f"max_size={self.max_size}>")
 
 
 class _ScrapeError(Exception):
@@ -208,4 +271,4 @@ def _describe(exc: Exception, timeout: float | None) -> str:
         return str(exc)
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeout}s"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return failure_detail(exc)

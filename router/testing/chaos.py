@@ -687,6 +687,9 @@ class Tally:
     lost: int = 0
     """Requests without a clear end: hung, unclear, or a flow without exactly one
     `on_complete`. Must stay 0."""
+    recoveries: list[float | None] = field(default_factory=list)
+    """Seconds from the end of a fleet-wide fault burst to the first complete answer (None:
+    none came)."""
 
     def add_results(self, results: Iterable[ClientResult]) -> None:
         for result in results:
@@ -710,13 +713,20 @@ class Tally:
             f"faults injected: {sum(self.faults.values())} ({faults or 'none'})",
             f"client results: {results or 'none'}",
             f"lost (hung, unclear or unbalanced): {self.lost}",
-        ]
+        ] + ([self.recovery_line()] if self.recoveries else [])
+
+    def recovery_line(self) -> str:
+        seen = [r for r in self.recoveries if r is not None]
+        worst = f"{max(seen):.3f} s" if seen else "-"
+        return (f"time to recover after fleet-wide fault bursts: {len(self.recoveries)} bursts, "
+                f"{len(self.recoveries) - len(seen)} never recovered, worst {worst}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"scenarios": self.scenarios, "requests": self.requests, "flows": self.flows,
                 "scanner_inputs": self.scanner_inputs,
                 "faults": dict(self.faults), "faults_total": sum(self.faults.values()),
-                "results": dict(self.results), "lost": self.lost}
+                "results": dict(self.results), "lost": self.lost,
+                "recoveries": self.recoveries}
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ class EngineState:
     last_json: JsonDict | None = None
     request_ids: list[str] = field(default_factory=list)
     """With `record_request_ids`: every proxied request's `x-request-id`, in arrival order."""
+    arrivals: list[float] = field(default_factory=list)
+    """`time.monotonic()` of each proxied request's arrival, to see how requests were paced."""
 
 
 ENGINE_STATE = web.AppKey("engine_state", EngineState)
@@ -381,6 +383,7 @@ def _proxied(handler: Handler) -> Handler:
     async def wrapper(request: web.Request) -> web.StreamResponse:
         state = request.app[ENGINE_STATE]
         state.started += 1
+        state.arrivals.append(time.monotonic())
         state.open += 1
         state.last_headers = request.headers
         state.last_path = request.path_qs
