@@ -12,6 +12,9 @@ deadline of its own, so an upstream that trickles header lines cannot hold a req
 with a `ProxyTimeout`. The watch works by shadowing the protocol's `data_received` (until the
 first byte) and `feed_data` (until the head is parsed) with instance attributes: nothing runs
 per body chunk, and one timer exists only while a head is incomplete after its first bytes.
+This leans on aiohttp 3.14's `ResponseHandler` looking both methods up on the instance
+(tests/test_timeouts.py notices a change: the trickled head would no longer be cut). Should
+it stop, a silent body is still cut by `router.app.watch_stalls` after the read timeout.
 """
 
 from __future__ import annotations
