@@ -40,6 +40,7 @@ from router.shutdown import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 from router.tracing import make_tracer
+from router.upstream_pool import GuardedConnector
 
 __all__ = ["make_app", "mounted"]
 
@@ -79,7 +80,7 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
     key = config.backend_api_key
     headers = {"Authorization": f"Bearer {key}"} if key else None
     async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), headers=headers
+        connector=GuardedConnector(), cookie_jar=aiohttp.DummyCookieJar(), headers=headers
     ) as session:
         loops = []
         if config.engine_stats_interval > 0:

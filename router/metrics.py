@@ -47,6 +47,7 @@ from router.flow import Outcome, RequestFlow, Usage
 from router.health import BreakerState, HealthTracker
 from router.stats.requests import RequestStats
 from router.stats.window import Window
+from router.upstream_pool import GuardedConnector
 
 __all__ = ["Metrics", "Usage", "find_usage", "usage_of", "error_kind", "TAIL_BYTES"]
 
@@ -383,7 +384,7 @@ class _FleetCollector(Collector):
         return self._metrics.collect_fleet()
 
 
-class _TimedConnector(aiohttp.TCPConnector):
+class _TimedConnector(GuardedConnector):
     """Times `_create_connection` (aiohttp's hook for opening a new connection; stable through
     3.x). Should aiohttp rename it, the metric goes missing (tests/test_metrics.py notices);
     requests are unaffected."""
@@ -621,8 +622,9 @@ class Metrics:
     # -- upstream connect time --
 
     def connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
-        """A `TCPConnector(**kwargs)` for the proxy's session that times every new connection
-        (DNS, TCP, TLS) into `router_upstream_connect_seconds`. Nothing runs per request:
+        """A `GuardedConnector(**kwargs)` (no stray answers from the pool) for the proxy's
+        session, that times every new connection (DNS, TCP, TLS) into
+        `router_upstream_connect_seconds`. Nothing runs per request for the timing:
         a request on a pooled connection costs nothing (an `aiohttp.TraceConfig` would cost
         ~5-10 µs on every request for the same figure)."""
         return _TimedConnector(self._observe_connect, **kwargs)
