@@ -14,7 +14,9 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDictProxy
 
+from router.backends import backend_id
 from router.config import Config, StaticBackend
+from router.keys import HEALTH
 from router.testing.raw_engine import RawEngine, RawRequest, Step, http_response
 from router.upstream_pool import GuardedConnector, PooledHandler
 
@@ -87,6 +89,24 @@ async def test_stray_response_on_idle_connection_never_reaches_the_next_client(
             "req-alice", "req-bob"]
         assert engine.connections == 2
         await router.settled(2)
+
+
+async def test_health_probe_never_reads_a_stray_answer(start_router: StartRouter) -> None:
+    """The fleet watchers' session is guarded too: a stray 503 on the prober's idle
+    connection must not become the next probe's verdict."""
+    async with RawEngine(honest) as engine:
+        router = await start_router(config(engine, health_check_interval=0.1))
+        health = router.app[HEALTH]
+        engine_id = backend_id(engine.url)
+        await eventually(lambda: health.state(engine_id).probe_ok is True)
+        engine.write_idle(http_response(503, b"{}"))
+        probes = len(engine.requests)
+        verdicts = set()
+        while len(engine.requests) < probes + 3:
+            verdicts.add(health.state(engine_id).probe_ok)
+            await asyncio.sleep(0.005)
+        assert verdicts == {True}
+        assert engine.connections == 2
 
 
 async def test_idle_pooled_connection_is_closed_on_its_first_unasked_byte() -> None:
