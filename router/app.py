@@ -53,6 +53,7 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
     connector = app[METRICS].connector(
         limit=config.max_upstream_connections,
         keepalive_timeout=config.upstream_keepalive,
+        read_size=config.stream_buffer_size,
     )
     # No total timeout: streams may run for hours; connect and per-read limits catch a dead
     # or stalled backend instead.
@@ -67,6 +68,8 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         timeout=timeout,
         auto_decompress=False,  # bytes pass through with their Content-Encoding
         cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+        # A body's read buffer stops reading the socket at twice this: `stream_buffer_size`.
+        read_bufsize=config.stream_buffer_size // 2,
     ) as session:
         app[CLIENT_SESSION] = session
         yield

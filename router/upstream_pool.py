@@ -56,12 +56,26 @@ class PooledHandler(ResponseHandler):
 
 class GuardedConnector(aiohttp.TCPConnector):
     """`TCPConnector` whose pooled connections are `PooledHandler`s: parked on release,
-    unparked and checked when taken again (see the module docstring)."""
+    unparked and checked when taken again (see the module docstring). With `read_size`, a
+    connection reads at most that many bytes from its socket at once."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, read_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.read_size = read_size
         self._factory = cast("functools.partial[ResponseHandler]",
                              functools.partial(PooledHandler, loop=self._loop))
+
+    async def _create_connection(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        protocol = await super()._create_connection(req, traces, timeout)
+        transport = protocol.transport
+        if self.read_size is not None and hasattr(transport, "max_size"):
+            # asyncio's socket transports read up to `max_size` (256 KiB) at once, all of it
+            # into the body's buffer before that buffer can pause reading: with a client
+            # that stopped reading, that is what a stream holds. uvloop has no such knob.
+            setattr(transport, "max_size", self.read_size)
+        return protocol
 
     async def connect(
         self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
