@@ -4,7 +4,8 @@ On a shared 2-core machine, end-to-end CPU per request moves by 10-20 % between 
 than the steps a change would save. These timings (best of several repeats, in-process, no
 sockets) are stable to a microsecond or two, and price the changes proposed in
 docs/benchmarks.md. Each uses the router's real code on a request like the benchmark's; a
-step whose code is gone from the router prints "n/a".
+step whose code is gone from the router prints "n/a". (The pooled-connection steps hold one
+loopback connection to a raw engine, opened before the timing.)
 """
 
 from __future__ import annotations
@@ -244,7 +245,46 @@ def measure_all() -> list[tuple[str, str]]:
 
     add("request events, all subscribers (new+response+complete)", events(False))
     add("  of which the Prometheus metrics", events(True))
+
+    def pool(guarded: bool) -> Callable[[], float]:
+        def step() -> float:
+            import aiohttp
+            from router.upstream_pool import GuardedConnector
+            return asyncio.run(pooled_connection_us(
+                GuardedConnector if guarded else aiohttp.TCPConnector))
+        return step
+
+    add("pooled upstream connection, take + give back (aiohttp)", pool(False))
+    add("pooled upstream connection, take + give back (router)", pool(True))
     return results
+
+
+async def pooled_connection_us(make: Callable[[], Any], number: int = 5000,
+                               repeat: int = 15) -> float:
+    """Best time to take a pooled keep-alive connection and give it back (one loopback
+    connection to a raw engine, opened before the timing)."""
+    import aiohttp
+    from yarl import URL
+
+    from router.testing.raw_engine import RawEngine, http_response
+
+    async with RawEngine(lambda request: [http_response(200, b"{}")]) as engine:
+        connector = make()
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.get(engine.url) as response:
+                await response.read()
+            request = aiohttp.ClientRequest("GET", URL(engine.url),
+                                            loop=asyncio.get_running_loop())
+            timeout = aiohttp.ClientTimeout()
+            best = float("inf")
+            for _ in range(repeat):
+                started = time.perf_counter()
+                for _ in range(number):
+                    connection = await connector.connect(request, [], timeout)
+                    connection.release()
+                best = min(best, time.perf_counter() - started)
+            assert engine.connections == 1
+            return best / number * 1e6
 
 
 def main() -> None:

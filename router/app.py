@@ -42,6 +42,7 @@ from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 from router.timeouts import ProxyTimeout
 from router.tracing import make_tracer
+from router.upstream_pool import GuardedConnector
 
 __all__ = ["make_app", "mounted"]
 
@@ -54,6 +55,7 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
     connector = app[METRICS].connector(
         limit=config.max_upstream_connections,
         keepalive_timeout=config.upstream_keepalive,
+        read_size=config.stream_buffer_size,
     )
     # No total timeout: streams may run for hours. Each phase has its own bound instead
     # (router.timeouts): connecting, waiting for the answer (a non-streamed generation
@@ -71,6 +73,8 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         timeout=timeout,
         auto_decompress=False,  # bytes pass through with their Content-Encoding
         cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+        # A body's read buffer stops reading the socket at twice this: `stream_buffer_size`.
+        read_bufsize=config.stream_buffer_size // 2,
     ) as session:
         app[CLIENT_SESSION] = session
         yield
@@ -84,7 +88,7 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
     key = config.backend_api_key
     headers = {"Authorization": f"Bearer {key}"} if key else None
     async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), headers=headers
+        connector=GuardedConnector(), cookie_jar=aiohttp.DummyCookieJar(), headers=headers
     ) as session:
         loops = []
         if config.engine_stats_interval > 0:

@@ -106,6 +106,13 @@ def non_negative_size(text: str) -> int:
     return value
 
 
+def buffer_size(text: str) -> int:
+    value = size(text)
+    if value < 4096:
+        raise ValueError(text)
+    return value
+
+
 # argparse names the type function in its message ("invalid size value"): give them names.
 positive_float.__name__ = "positive number"
 non_negative_float.__name__ = "number >= 0"
@@ -116,6 +123,7 @@ non_negative_int.__name__ = "integer >= 0"
 port_number.__name__ = "port"
 size.__name__ = "size"
 non_negative_size.__name__ = "size"
+buffer_size.__name__ = "size of at least 4KiB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may leave an answer unread before it is cut off (default 120)")
     add("--keepalive-timeout", type=positive_float, default=75.0,
         help="seconds an idle client connection stays open (default 75)")
+    add("--stream-buffer-size", type=buffer_size, default="64KiB",
+        help="bytes of an answer buffered per stream on each side before the router stops "
+             "reading from the backend (default 64KiB; smaller: less memory per stalled "
+             "client, more CPU per MiB of large answers)")
 
     k8s = parser.add_argument_group("Kubernetes discovery (--service-discovery k8s)")
     add = k8s.add_argument
@@ -558,6 +570,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         client_body_timeout=args.client_body_timeout,
         client_write_timeout=args.client_write_timeout,
         keepalive_timeout=args.keepalive_timeout,
+        stream_buffer_size=args.stream_buffer_size,
         workers=args.workers,
         enable_batch_api=args.enable_batch_api,
         file_storage_path=args.file_storage_path,

@@ -119,6 +119,10 @@ class Config:
     so a client that stops reading cannot hold a backend request for ever."""
     keepalive_timeout: float = 75.0
     """Seconds an idle client connection is kept open."""
+    stream_buffer_size: int = 64 * KIB
+    """Bytes of an answer the router holds per stream on each side: past it in a client's
+    write buffer the router stops reading from the backend, whose read buffer stops at the
+    same size, so a client that stops reading holds a few times this, not megabytes."""
 
     workers: int = 1
     """Processes serving the same port (SO_REUSEPORT); metrics aggregate across them."""

@@ -622,8 +622,9 @@ class Metrics:
     # -- upstream connect time --
 
     def connector(self, **kwargs: Any) -> aiohttp.TCPConnector:
-        """A `TCPConnector(**kwargs)` for the proxy's session that times every new connection
-        (DNS, TCP, TLS) into `router_upstream_connect_seconds`. Nothing runs per request:
+        """A `GuardedConnector(**kwargs)` (no stray answers from the pool) for the proxy's
+        session, that times every new connection (DNS, TCP, TLS) into
+        `router_upstream_connect_seconds`. Nothing runs per request for the timing:
         a request on a pooled connection costs nothing (an `aiohttp.TraceConfig` would cost
         ~5-10 µs on every request for the same figure). It also watches response heads
         (`router.timeouts.HeadWatchingConnector`)."""

@@ -412,7 +412,8 @@ async def exchange(
                 flow.t_first_byte = time.monotonic()
                 events.on_response(flow)
             flow.bytes_down += len(chunk)
-            last_chunks.append(chunk)
+            # A big chunk would be pinned here long after it was written: keep its tail only.
+            last_chunks.append(chunk if len(chunk) <= TAIL_BYTES else chunk[-TAIL_BYTES:])
             if kept is not None:
                 kept.append(chunk)
                 if flow.bytes_down > MAX_BODY:
@@ -489,6 +490,12 @@ class ClientSink:
         response = web.StreamResponse(status=self.status, reason=self.reason,
                                       headers=self.headers)
         await self._prepare(response)
+        transport = self.request.transport
+        if transport is not None:
+            from router.keys import CONFIG  # router.keys imports this module
+
+            # Writes wait for the client past this, and the backend is not read meanwhile.
+            transport.set_write_buffer_limits(high=self.request.app[CONFIG].stream_buffer_size)
         return response.write
 
     async def _start_and_write(self, chunk: bytes) -> None:

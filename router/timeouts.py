@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import attr
 
+from router.upstream_pool import GuardedConnector
+
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler
     from aiohttp.client_reqrep import ClientRequest
@@ -96,9 +98,9 @@ class HeadWatch:
                 f"its response head took more than {self.timeout.head:g} s"))
 
 
-class HeadWatchingConnector(aiohttp.TCPConnector):
-    """A `TCPConnector` that arms a `HeadWatch` for each request sent with a
-    `ProxyTimeout` (on a new or a pooled connection alike)."""
+class HeadWatchingConnector(GuardedConnector):
+    """The guarded pool's connector (no stray answer reused), arming a `HeadWatch` for each
+    request sent with a `ProxyTimeout` (on a new or a pooled connection alike)."""
 
     async def connect(
         self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout

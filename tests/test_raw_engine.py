@@ -73,3 +73,14 @@ async def test_hang_holds_the_connection_until_the_peer_closes() -> None:
                 break
             await asyncio.sleep(0.01)
         assert engine.open == 0
+
+
+async def test_write_idle_reaches_only_connections_waiting_for_a_request() -> None:
+    async with RawEngine(echo_path) as engine:
+        reader, writer = await asyncio.open_connection("127.0.0.1", engine.port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: e\r\n\r\n")
+        answer = http_response(200, b"/a 0")
+        assert await asyncio.wait_for(reader.readexactly(len(answer)), 5) == answer
+        assert engine.write_idle(b"extra") == 1
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"extra"
+        writer.close()

@@ -134,6 +134,7 @@ class RawEngine:
     """Connections open now."""
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _idle: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -156,6 +157,14 @@ class RawEngine:
         await self._server.wait_closed()
         self._server = None
 
+    def write_idle(self, data: bytes | Callable[[int], bytes]) -> int:
+        """Write `data` (or `data(connection)`) now on every connection that waits for its
+        next request with nothing of it received yet; return how many. For bytes that land
+        on a keep-alive connection the peer holds idle, without racing its next request."""
+        for connection, writer in self._idle.items():
+            writer.write(data(connection) if callable(data) else data)
+        return len(self._idle)
+
     async def __aenter__(self) -> RawEngine:
         return await self.start()
 
@@ -174,9 +183,15 @@ class RawEngine:
         self.open += 1
         try:
             for index in range(1 << 30):
-                request = await _read_request(reader, connection, index, len(self.requests))
-                if request is None:
+                self._idle[connection] = writer
+                try:
+                    first = await reader.read(1)
+                finally:
+                    self._idle.pop(connection, None)
+                if not first:  # the peer closed between requests
                     return
+                request = await _read_request(first, reader, connection, index,
+                                              len(self.requests))
                 self.requests.append(request)
                 if not await _play(self.script(request), reader, writer):
                     return
@@ -221,15 +236,10 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 async def _read_request(
-    reader: asyncio.StreamReader, connection: int, index: int, number: int
-) -> RawRequest | None:
-    """The next request on the connection, or None when the peer closed between requests."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as error:
-        if error.partial.strip():
-            raise
-        return None
+    first: bytes, reader: asyncio.StreamReader, connection: int, index: int, number: int
+) -> RawRequest:
+    """The request that starts with the byte `first`."""
+    head = first + await reader.readuntil(b"\r\n\r\n")
     request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
     method, path, _version = request_line.split(" ", 2)
     headers: CIMultiDict[str] = CIMultiDict()
