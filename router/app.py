@@ -119,8 +119,9 @@ the watch cuts a stalled backend read: normally aiohttp's own read timeout fires
 async def watch_stalls(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: cut requests whose client read nothing for `client_write_timeout` seconds
     (backpressure would otherwise hold them, and their backend request, for ever), and, as a
-    backstop, those whose backend sent nothing for longer than the read timeout (aiohttp's
-    parser can lose its read timer on a malformed chunked body)."""
+    backstop, those whose backend sent nothing for longer than the read timeout (should a
+    future aiohttp lose a read timer as 3.14 does on a malformed chunk: see
+    `router.upstream_pool.PooledHandler.set_exception`)."""
     config = app[CONFIG]
     write_limit = config.client_write_timeout
     read_limit = config.read_timeout + min(STALL_GRACE, config.read_timeout)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL
 
 if TYPE_CHECKING:
     from aiohttp.client_reqrep import ClientRequest, ConnectionKey
@@ -52,6 +53,17 @@ class PooledHandler(ResponseHandler):
         log.warning("dropped an upstream connection that sent %d bytes while idle", len(data))
         self.force_close()
         self.close()
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        """Also fail the body being read. aiohttp fails only its queue of answers when its
+        parser rejects a chunk of a body already started, and drops the read timer: the
+        reader of that body (a client's stream) would wait for ever."""
+        payload = self._payload
+        super().set_exception(exc, exc_cause)
+        if payload is not None and not payload.is_eof():
+            message = getattr(exc, "message", "") or type(exc).__name__
+            payload.set_exception(
+                aiohttp.ClientPayloadError(f"invalid response body: {message}"), exc)
 
 
 class GuardedConnector(aiohttp.TCPConnector):
