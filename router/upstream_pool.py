@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL
+from aiohttp.http_exceptions import HttpProcessingError
 
 if TYPE_CHECKING:
     from aiohttp.client_reqrep import ClientRequest, ConnectionKey
@@ -60,10 +61,9 @@ class PooledHandler(ResponseHandler):
         reader of that body (a client's stream) would wait for ever."""
         payload = self._payload
         super().set_exception(exc, exc_cause)
-        if payload is not None and not payload.is_eof():
-            message = getattr(exc, "message", "") or type(exc).__name__
+        if isinstance(exc, HttpProcessingError) and payload is not None and not payload.is_eof():
             payload.set_exception(
-                aiohttp.ClientPayloadError(f"invalid response body: {message}"), exc)
+                aiohttp.ClientPayloadError(f"invalid response body: {exc.message}"), exc)
 
 
 class GuardedConnector(aiohttp.TCPConnector):
