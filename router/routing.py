@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from router.backends import Backend, BackendPool
-from router.errors import BadRequest, NoBackendAvailable
+from router.errors import BadRequest, NoBackendAvailable, shorten
 from router.inbound import InboundRequest
 from router.policies import RoutingPolicy
 from router.policies.disaggregated import PREFILL_ENDPOINTS
@@ -74,7 +74,7 @@ class BackendChooser:
     def _pinned(self, model: str, backend_id: str) -> Backend:
         backend = next((b for b in self.pool.candidates(model) if b.id == backend_id), None)
         if backend is None:
-            raise BadRequest(f"no backend with id {backend_id!r} serves {model}")
+            raise BadRequest(f"no backend with id {shorten(backend_id)!r} serves {model}")
         if not self.health.available(backend):
             raise NoBackendAvailable(f"backend {backend_id} is not available right now")
         return backend

@@ -39,7 +39,7 @@ from router.batch.files import (
     Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
     write_atomically,
 )
-from router.errors import BadRequest, RouterError, TooManyRequests
+from router.errors import BadRequest, RouterError, TooManyRequests, shorten
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, resolve_model
 from router.keys import (
@@ -509,7 +509,7 @@ class Batches:
     def get(self, batch_id: str) -> Batch:
         batch = self._batches.get(batch_id) if BATCH_ID.fullmatch(batch_id) else None
         if batch is None:
-            raise NotFound(f"No such Batch object: {batch_id}")
+            raise NotFound(f"No such Batch object: {shorten(batch_id)}")
         return batch
 
     def list(self, after: str | None = None, limit: int = 20) -> tuple[list[Batch], bool]:

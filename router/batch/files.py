@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from router.errors import RouterError
+from router.errors import RouterError, shorten
 
 __all__ = [
     "FileObject", "FileStore", "NotFound", "Conflict", "PURPOSES", "ResultLog", "recorded_ids",
@@ -124,7 +124,7 @@ class FileStore:
     def get(self, file_id: str) -> FileObject:
         item = self._files.get(file_id) if FILE_ID.fullmatch(file_id) else None
         if item is None:
-            raise NotFound(f"No such File object: {file_id}")
+            raise NotFound(f"No such File object: {shorten(file_id)}")
         return item
 
     def list(
