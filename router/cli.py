@@ -356,6 +356,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     ):
         raise ConfigError(f"argument --file-storage-path: {storage!r} is not a writable "
                           "directory")
+    if args.max_headers_total_size < args.max_header_size:
+        raise ConfigError("argument --max-headers-total-size: smaller than --max-header-size "
+                          "(one header field may be that long)")
     if args.workers > 1 and args.demo:
         raise ConfigError("argument --workers: not with --demo (each worker would run its "
                           "own demo engines)")
