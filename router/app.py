@@ -15,7 +15,7 @@ from router.access import ApiKeys, auth_middleware
 from router.admission import Admission, RateLimiter
 from router.access_log import AccessLog
 from router import batch
-from router.api import admin, dashboard, json_errors, openai
+from router.api import admin, dashboard, guard, json_errors, openai
 from router.backends import BackendPool
 from router.config import Config
 from router.discovery.external import external_backends
@@ -178,6 +178,7 @@ def make_app(config: Config) -> web.Application:
     api_keys = ApiKeys(config.api_keys)
     refusals: list[Callable[[], None]] = []
     middlewares: list[Middleware] = [
+        guard(config.max_headers_total_size),
         json_errors,
         # Always there, so a reload can add keys; without keys it checks one flag.
         auth_middleware(api_keys, config.protect_admin, config.root_path,
@@ -270,6 +271,7 @@ def mounted(app: web.Application) -> web.Application:
     config = app[CONFIG]
     if not config.root_path:
         return app
-    root = web.Application(client_max_size=config.max_json_body_size, middlewares=[json_errors])
+    root = web.Application(client_max_size=config.max_json_body_size,
+                           middlewares=[guard(config.max_headers_total_size), json_errors])
     root.add_subapp(config.root_path, app)
     return root

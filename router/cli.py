@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest multipart (audio) body (default 2GiB)")
     add("--max-json-body-size", type=size, default="64MiB",
         help="largest JSON body (default 64MiB)")
+    add("--max-inflate-ratio", type=non_negative_float, default=100.0,
+        help="how many times its compressed size a gzip/deflate request body may inflate to, "
+             "past its first MiB; 0 = no limit (default 100)")
     add("--max-upstream-connections", type=int, default=0,
         help="cap on concurrent backend connections; 0 = no cap (default)")
     add("--workers", type=positive_int, default=1,
@@ -222,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-client limit RPS[:BURST] (clients: API key, else address), e.g. 10:20")
     add("--max-header-size", type=size, default="8190",
         help="longest request line and header field (default 8190 bytes)")
+    add("--max-headers-total-size", type=size, default="32KiB",
+        help="the request line and all headers together (default 32KiB)")
     add("--client-header-timeout", type=positive_float, default=30.0,
         help="seconds a new connection has to send its request headers (default 30)")
     add("--client-body-timeout", type=positive_float, default=60.0,
@@ -415,6 +420,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     ):
         raise ConfigError(f"argument --file-storage-path: {storage!r} is not a writable "
                           "directory")
+    if args.max_headers_total_size < args.max_header_size:
+        raise ConfigError("argument --max-headers-total-size: smaller than --max-header-size "
+                          "(one header field may be that long)")
     if args.workers > 1 and args.demo:
         raise ConfigError("argument --workers: not with --demo (each worker would run its "
                           "own demo engines)")
@@ -549,6 +557,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         response_head_timeout=args.response_head_timeout,
         max_body_size=args.max_body_size,
         max_json_body_size=args.max_json_body_size,
+        max_inflate_ratio=args.max_inflate_ratio,
         max_upstream_connections=args.max_upstream_connections,
         spool_dir=args.spool_dir,
         k8s=k8s,
@@ -566,6 +575,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         rate_limit=rate,
         rate_limit_burst=burst,
         max_header_size=args.max_header_size,
+        max_headers_total_size=args.max_headers_total_size,
         client_header_timeout=args.client_header_timeout,
         client_body_timeout=args.client_body_timeout,
         client_write_timeout=args.client_write_timeout,

@@ -71,6 +71,9 @@ class Config:
     """Largest multipart (audio) request body."""
     max_json_body_size: int = 64 * MIB
     """Largest JSON request body."""
+    max_inflate_ratio: float = 100.0
+    """How many times its compressed size a gzip/deflate request body may inflate to (past
+    its first MiB); 0 means no limit. The size limits count decoded bytes in any case."""
     max_upstream_connections: int = 0
     """Concurrent connections to all backends together; 0 means no limit (aiohttp's default
     of 100 would quietly cap concurrent streams)."""
@@ -110,6 +113,8 @@ class Config:
     rate_limit_burst: float = 0.0
     max_header_size: int = 8190
     """Longest request line and header field, in bytes."""
+    max_headers_total_size: int = 32 * KIB
+    """The request line and all the headers together, in bytes (nginx's default buffers)."""
     client_header_timeout: float = 30.0
     """Seconds a new connection has to deliver its first request's headers."""
     client_body_timeout: float = 60.0

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from router.api import HTTPStatusError, request_id
-from router.errors import HeadersTooLarge, MalformedRequest, RouterError, error_response
+from router.errors import (
+    HeadersTooLarge, MalformedRequest, RouterError, UnsupportedEncoding, error_response,
+)
 
 __all__ = ["JsonErrorsHandler"]
 
@@ -49,6 +51,9 @@ class JsonErrorsHandler(RequestHandler):
 
 
 def refusal(status: int, exc: BaseException | None) -> RouterError:
+    if isinstance(exc, ContentEncodingError):  # `br` or `zstd` without their library
+        return UnsupportedEncoding("the request's Content-Encoding is not supported: send the "
+                                   "body uncompressed, or with gzip or deflate")
     if isinstance(exc, LineTooLong) or (
         isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower()
     ):

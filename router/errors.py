@@ -22,6 +22,7 @@ __all__ = [
     "BadRequest",
     "ModelNotFound",
     "PayloadTooLarge",
+    "UnsupportedEncoding",
     "Unauthorized",
     "RequestTimeout",
     "TooManyRequests",
@@ -34,7 +35,17 @@ __all__ = [
     "error_response",
     "error_body",
     "failure_detail",
+    "shorten",
 ]
+
+SHORTEN_LIMIT = 200
+"""Characters of a client-chosen value (a model name, a file id) an error message echoes."""
+
+
+def shorten(text: str, limit: int = SHORTEN_LIMIT) -> str:
+    """`text` cut to `limit` characters (marked with "..."), for echoing a value a client chose:
+    a 100 KB model name must not come back whole in the answer and the access line."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
 
 
 class RouterError(Exception):
@@ -113,6 +124,14 @@ class PayloadTooLarge(RouterError):
     status = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedEncoding(RouterError):
+    """The body's Content-Encoding is one the router does not decode."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_content_encoding"
 
 
 class NoBackendAvailable(RouterError):

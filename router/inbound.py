@@ -2,6 +2,11 @@
 
 JSON bodies are forwarded as received (re-serialised only when an alias renames the model).
 Multipart bodies are forwarded as a stream (see `router.multipart`).
+
+A body sent with `Content-Encoding: gzip` or `deflate` is read decoded (aiohttp's server
+decodes it as it is read, in steps as small as the reads: 64-256 KiB), every decoded byte
+counts against the body's limit (`BodySize`), and it is forwarded decoded: vLLM does not
+decode request bodies, and the router must read `model` to route. Any other coding is a 415.
 """
 
 from __future__ import annotations
@@ -12,15 +17,126 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import StreamReader, hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError
 from multidict import CIMultiDictProxy
 
 from router.backends import BackendPool
-from router.errors import BadRequest, ModelNotFound, PayloadTooLarge, RequestTimeout
+from router.errors import (
+    BadRequest, MalformedRequest, ModelNotFound, PayloadTooLarge, RequestTimeout,
+    UnsupportedEncoding, shorten,
+)
 
 __all__ = [
-    "InboundRequest", "UploadBody", "check_header_bytes", "read_json_request", "resolve_model",
+    "BodySize", "InboundRequest", "UploadBody", "body_coding", "check_header_bytes", "read_body",
+    "read_chunk", "read_json_request", "resolve_model", "unreadable",
 ]
+
+DECODED = frozenset({"gzip", "deflate"})
+"""Content codings the router accepts. aiohttp decodes `br` and `zstd` too, but only with
+optional libraries whose bounds were not measured here: those are refused (415)."""
+INFLATE_GRACE = 1024 * 1024
+"""Decoded bytes a compressed body may reach before its inflation ratio is checked."""
+
+
+def body_coding(request: web.BaseRequest) -> str | None:
+    """The body's content coding: None when there is none (or `identity`), else one aiohttp's
+    server decodes as the body is read. Anything else, or several codings, is a 415: the
+    router would have to forward bytes it cannot read. The test is aiohttp's own (ASCII, any
+    case, no spaces), so what is accepted here is exactly what aiohttp decoded."""
+    values = request.headers.getall(hdrs.CONTENT_ENCODING, ())
+    if not values:
+        return None
+    coding = values[0].lower() if len(values) == 1 and values[0].isascii() else "?"
+    if coding in ("", "identity"):
+        return None
+    if coding not in DECODED:
+        raise UnsupportedEncoding(
+            "the request's Content-Encoding is not supported: send the body uncompressed, "
+            "or with gzip or deflate"
+        )
+    return coding
+
+
+class BodySize:
+    """Counts a request body's bytes as they are read (decoded) against `limit`; a compressed
+    body may also inflate to no more than `ratio` times the bytes that came on the wire
+    (0: no ratio limit), so a small bomb is refused long before the limit.
+
+    An uncompressed body whose Content-Length is over the limit is refused at once."""
+
+    __slots__ = ("content", "limit", "ratio", "what", "coding", "size")
+
+    def __init__(self, request: web.BaseRequest, limit: int, ratio: float, what: str) -> None:
+        self.content: StreamReader = request.content
+        self.limit = limit
+        self.what = what
+        self.coding = body_coding(request)
+        self.ratio = ratio if self.coding is not None else 0.0
+        self.size = 0
+        length = request.content_length
+        if self.coding is None and length is not None and length > limit:
+            raise self.too_large()
+
+    async def add(self, count: int) -> None:
+        """Count `count` more bytes read; raise the client's error past a limit."""
+        self.size = size = self.size + count
+        if size > self.limit:
+            raise self.too_large()
+        if self.coding is not None:
+            if self.ratio and size > INFLATE_GRACE and (
+                size > self.ratio * self.content.total_raw_bytes
+            ):
+                raise PayloadTooLarge(
+                    f"{self.what} inflates to over {self.ratio:g} times its compressed size"
+                )
+            # Compressed bytes already received decode without waiting for the network, so
+            # a read loop would never give the event loop back: give it back at each step.
+            await asyncio.sleep(0)
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"{self.what} is over the limit of {self.limit} bytes")
+
+
+def unreadable(error: web.RequestPayloadError) -> BadRequest:
+    """aiohttp's failure to read a body (bad compressed data, broken chunked framing)."""
+    if isinstance(error.__cause__, ContentEncodingError):
+        return BadRequest("the request body is not valid data for its Content-Encoding")
+    return MalformedRequest("the request body is not valid HTTP")
+
+
+async def read_chunk(content: StreamReader, timeout: float) -> bytes:
+    """The next chunk of a client's body; a client silent for `timeout` seconds is cut off."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await content.readany()
+    except TimeoutError:
+        raise RequestTimeout(f"the client sent nothing for {timeout:g} s") from None
+    except web.RequestPayloadError as error:
+        raise unreadable(error) from None
+
+
+async def read_body(request: web.BaseRequest, size: BodySize, timeout: float) -> bytes:
+    """The whole body, decoded, counted by `size`; the client has `timeout` seconds to send
+    it all. Read chunk by chunk (`request.read()` would let aiohttp decode a compressed body
+    in steps as large as the limit)."""
+    content = request.content
+    chunks: list[bytes] = []
+    try:
+        if content.is_eof():  # it came with the headers: nothing to wait for
+            while chunk := await content.readany():
+                await size.add(len(chunk))
+                chunks.append(chunk)
+        else:
+            async with asyncio.timeout(timeout):
+                while chunk := await content.readany():
+                    await size.add(len(chunk))
+                    chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
+    except web.RequestPayloadError as error:
+        raise unreadable(error) from None
+    return b"".join(chunks)
 
 
 class UploadBody(Protocol):
@@ -76,7 +192,8 @@ def resolve_model(pool: BackendPool, model: object) -> str:
     if not pool.candidates(served):
         known = sorted({*pool.models(), *pool.routable_aliases()})
         raise ModelNotFound(
-            f"The model `{model}` does not exist. Known models: {', '.join(known) or 'none'}."
+            f"The model `{shorten(model)}` does not exist. "
+            f"Known models: {', '.join(known) or 'none'}."
         )
     return served
 
@@ -87,21 +204,13 @@ Rewrite = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 async def read_json_request(
     request: web.Request, pool: BackendPool, limit: int, timeout: float,
-    rewrite: Rewrite | None = None,
+    rewrite: Rewrite | None = None, inflate_ratio: float = 0.0,
 ) -> InboundRequest:
-    """Read and check a JSON body; `limit` is the app's `client_max_size`, which aiohttp
-    enforces while reading; the client has `timeout` seconds to send it all. The body is
-    serialised again only when `rewrite` or an alias changed it."""
-    try:
-        if request.content.is_eof():  # it came with the headers: nothing to wait for
-            raw = await request.read()
-        else:
-            async with asyncio.timeout(timeout):
-                raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes") from None
-    except TimeoutError:
-        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
+    """Read and check a JSON body of at most `limit` bytes (decoded; a compressed one inflating
+    at most `inflate_ratio` times); the client has `timeout` seconds to send it all. The body
+    is serialised again only when `rewrite` or an alias changed it."""
+    raw = await read_body(request, BodySize(request, limit, inflate_ratio, "the JSON body"),
+                          timeout)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):

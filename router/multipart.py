@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from aiohttp import StreamReader, web
+from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from aiohttp.multipart import (
     BadContentDispositionHeader,
@@ -26,8 +26,8 @@ from aiohttp.multipart import (
 )
 
 from router.backends import BackendPool
-from router.errors import BadRequest, PayloadTooLarge, RequestTimeout
-from router.inbound import InboundRequest, resolve_model
+from router.errors import BadRequest, PayloadTooLarge
+from router.inbound import BodySize, InboundRequest, read_chunk, resolve_model
 
 __all__ = ["MultipartScanner", "Part", "read_multipart_request"]
 
@@ -41,6 +41,11 @@ PEEK_LIMIT = 1024 * 1024
 """Bytes read into memory looking for `model` before the body is spooled instead."""
 MAX_FIELD_SIZE = 64 * 1024
 """Field values larger than this are not kept (they are forwarded all the same)."""
+MAX_PARTS = 1000
+"""Parts a body may have (vLLM's audio requests have a few dozen fields and one file)."""
+MAX_FIELDS_BYTES = 1024 * 1024
+"""Bytes all the parts other than the file may have together: when the file comes first the
+scanner reads to the end of the body, and what it keeps must stay small."""
 MAX_HEADERS_SIZE = 16 * 1024
 SPOOL_CHUNK = 256 * 1024
 TRUE_VALUES = ("true", "1", "yes", "on")
@@ -61,6 +66,10 @@ class Part:
     value: bytearray | None = field(default_factory=bytearray)
     """The body of a small non-file part; None for files and oversized values."""
 
+    @property
+    def is_file(self) -> bool:
+        return self.filename is not None or self.name == "file"
+
 
 class MultipartScanner:
     """Finds the parts of a multipart/form-data stream fed chunk by chunk.
@@ -78,6 +87,7 @@ class MultipartScanner:
         self._state = self.PREAMBLE
         self.parts: list[Part] = []
         self.fields: dict[str, str] = {}
+        self._field_bytes = 0
 
     @property
     def current(self) -> Part | None:
@@ -137,6 +147,12 @@ class MultipartScanner:
         if count <= 0:
             return
         part = self.current
+        if part is not None and not part.is_file:
+            self._field_bytes += count
+            if self._field_bytes > MAX_FIELDS_BYTES:
+                raise PayloadTooLarge(
+                    f"the multipart fields other than 'file' are over {MAX_FIELDS_BYTES} bytes"
+                )
         if part is not None and part.value is not None:
             if len(part.value) + count <= MAX_FIELD_SIZE:
                 part.value += self._buffer[:count]
@@ -159,8 +175,10 @@ class MultipartScanner:
                     raise MalformedMultipart(
                         "malformed multipart body: bad Content-Disposition"
                     ) from None
+        if len(self.parts) >= MAX_PARTS:
+            raise PayloadTooLarge(f"the multipart body has over {MAX_PARTS} parts")
         part = Part(name=name, filename=filename, start=start)
-        if filename is not None or name == "file":
+        if part.is_file:
             part.value = None
         self.parts.append(part)
 
@@ -210,7 +228,7 @@ class MultipartUpload:
         request: web.Request,
         head: list[bytes],
         spool: _Spool | None,
-        limit: int,
+        size: BodySize,
         content_length: int | None,
         timeout: float,
     ) -> None:
@@ -218,8 +236,7 @@ class MultipartUpload:
         self._timeout = timeout
         self._head = head
         self._spool = spool
-        self._limit = limit
-        self._read = sum(len(chunk) for chunk in head)
+        self._size = size
         self._rename: tuple[int, int, bytes] | None = None
         self._started = False
         self.content_length = content_length
@@ -257,9 +274,7 @@ class MultipartUpload:
         content = self._request.content
         try:
             while chunk := await read_chunk(content, self._timeout):
-                self._read += len(chunk)
-                if self._read > self._limit:
-                    raise PayloadTooLarge(f"the body is over the limit of {self._limit} bytes")
+                await self._size.add(len(chunk))
                 yield chunk
         except Exception as error:
             self.error = error
@@ -299,33 +314,23 @@ def multipart_boundary(request: web.Request) -> str:
     return boundary
 
 
-async def read_chunk(content: StreamReader, timeout: float) -> bytes:
-    """The next chunk of a client's body; a client silent for `timeout` seconds is cut off."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await content.readany()
-    except TimeoutError:
-        raise RequestTimeout(f"the client sent nothing for {timeout:g} s") from None
-
-
 async def read_multipart_request(
     request: web.Request, pool: BackendPool, limit: int, spool_dir: str | None,
-    timeout: float,
+    timeout: float, inflate_ratio: float = 0.0,
 ) -> InboundRequest:
-    """Read the head of a multipart body until `model` and the start of `file` are known."""
+    """Read the head of a multipart body until `model` and the start of `file` are known.
+
+    A compressed body is read (and forwarded) decoded: its Content-Length, which counts the
+    compressed bytes, is not forwarded; the decoded length is when the whole body was read."""
     boundary = multipart_boundary(request)
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    size = BodySize(request, limit, inflate_ratio, "the body")
     scanner = MultipartScanner(boundary)
     head: list[bytes] = []
-    size = 0
     spool: _Spool | None = None
     at_eof = False
     try:
         while chunk := await read_chunk(request.content, timeout):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+            await size.add(len(chunk))
             scanner.feed(chunk)
             if spool is not None:
                 await spool.write(chunk)
@@ -333,7 +338,7 @@ async def read_multipart_request(
             head.append(chunk)
             if scanner.has_part("file") and "model" in scanner.fields:
                 break  # forward the head, then stream the rest
-            if scanner.has_part("file") or size > PEEK_LIMIT:
+            if scanner.has_part("file") or size.size > PEEK_LIMIT:
                 spool = _Spool(spool_dir)
                 for held in head:
                     await spool.write(held)
@@ -350,9 +355,11 @@ async def read_multipart_request(
         served = resolve_model(pool, requested)
         if spool is not None:
             length: int | None = spool.size
+        elif at_eof:
+            length = size.size
         else:
-            length = size if at_eof else request.content_length
-        upload = MultipartUpload(request, head, spool, limit, length, timeout)
+            length = request.content_length if size.coding is None else None
+        upload = MultipartUpload(request, head, spool, size, length, timeout)
     except BaseException:
         if spool is not None:
             await spool.aclose()

@@ -56,9 +56,12 @@ HOP_BY_HOP = frozenset(
         "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
     )
 )
-# Also not forwarded upstream: aiohttp sets Host and Content-Length itself, and an `Expect`
-# was already answered by our own server.
-NOT_FORWARDED_UP = HOP_BY_HOP | {hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID}
+# Also not forwarded upstream: aiohttp sets Host and Content-Length itself, an `Expect`
+# was already answered by our own server, and a body is always sent decoded
+# (`router.inbound.body_coding`).
+NOT_FORWARDED_UP = HOP_BY_HOP | {
+    hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID, hdrs.CONTENT_ENCODING,
+}
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {REQUEST_ID}
 AUTHORIZATION = hdrs.AUTHORIZATION
 AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)

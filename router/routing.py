@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 from router.backends import Backend, BackendPool
-from router.errors import BadRequest, NoBackendAvailable
+from router.errors import BadRequest, NoBackendAvailable, shorten
 from router.inbound import InboundRequest
 from router.policies import RoutingPolicy
 from router.policies.disaggregated import PREFILL_ENDPOINTS
@@ -74,7 +74,7 @@ class BackendChooser:
         backends = self.pool.candidates(model)
         backend = next((b for b in backends if b.id == backend_id), None)
         if backend is None:
-            raise BadRequest(f"no backend with id {backend_id!r} serves {model}")
+            raise BadRequest(f"no backend with id {shorten(backend_id)!r} serves {model}")
         if backend not in self.health.routable(backends):
             raise NoBackendAvailable(f"backend {backend_id} is not available right now")
         return backend

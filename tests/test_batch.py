@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import tracemalloc
@@ -443,6 +444,79 @@ async def test_an_upload_is_refused_past_the_size_limit_or_without_a_purpose(
         assert (await client.files.list()).data == []
     leftovers = [p.name for p in (tmp_path / "files" / "files").iterdir()]
     assert leftovers == []
+
+
+def upload_body(content: bytes, purpose: bytes = b"batch") -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n".encode()
+            + purpose + f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"in.jsonl\"\r\n\r\n".encode() + content
+            + f"\r\n--{BOUNDARY}--\r\n".encode())
+
+
+async def post_upload(router: RouterUnderTest, body: bytes,
+                      encoding: str | None = "gzip") -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": content_type()}
+    if encoding:
+        headers["Content-Encoding"] = encoding
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + "/v1/files", data=body,
+                                headers=headers) as response:
+            return response.status, await response.json()
+
+
+async def test_a_gzip_upload_is_stored_decoded_and_counted_decoded(
+    start_batch_router: Callable[..., Any], tmp_path: Path
+) -> None:
+    router: RouterUnderTest = await start_batch_router(max_body_size=1024 * 1024,
+                                                       max_inflate_ratio=0)
+    content = jsonl([line(n) for n in range(1000)])  # ~190 KB
+    status, item = await post_upload(router, gzip.compress(upload_body(content)))
+    assert status == 200, item
+    assert item["bytes"] == len(content)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{router.url}/v1/files/{item['id']}/content") as response:
+            assert await response.read() == content
+    # 2 MiB decoded, 2 KB sent: over the 1 MiB limit all the same.
+    status, error = await post_upload(router, gzip.compress(upload_body(b"x" * 2**21)))
+    assert (status, error["error"]["code"]) == (413, "payload_too_large")
+    stored = sorted(p.name for p in (tmp_path / "files" / "files").iterdir())
+    assert stored == sorted([item["id"], item["id"] + ".json"])
+
+
+async def test_a_gzip_bomb_upload_is_refused_and_stores_nothing(
+    router: RouterUnderTest, tmp_path: Path
+) -> None:
+    # 200 MiB in 200 KB (gzip members one after the other), under the 2 GiB size limit:
+    # refused for its inflation ratio once the first MiB is past.
+    member = gzip.compress(b"\0" * 2**20, 9)
+    head, _, tail = upload_body(b"|").partition(b"|")
+    body = gzip.compress(head) + member * 200 + gzip.compress(tail)
+    status, error = await post_upload(router, body)
+    assert (status, error["error"]["code"]) == (413, "payload_too_large"), error
+    assert "inflates" in error["error"]["message"]
+    assert [p.name for p in (tmp_path / "files" / "files").iterdir()] == []
+
+
+async def test_bad_uploads_get_a_json_400_and_one_log_line(
+    router: RouterUnderTest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    long_header = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+                   f"filename=\"a.jsonl\"\r\nX-Padding: {'p' * 20_000}\r\n\r\n{{}}\r\n"
+                   f"--{BOUNDARY}--\r\n").encode()
+    for body, encoding, message in [
+        (long_header, None, "part header line is too long"),
+        (b"\x1f\x8b\x08\x00not gzip at all", "gzip", "Content-Encoding"),
+    ]:
+        caplog.clear()
+        status, error = await post_upload(router, body, encoding)
+        assert (status, error["error"]["type"]) == (400, "invalid_request_error"), error
+        assert message in error["error"]["message"]
+        await asyncio.sleep(0.1)
+        assert [r.name for r in caplog.records if r.name.startswith("router")] == [
+            "router.batch"]
+        assert not any(r.exc_info for r in caplog.records)
+    assert [p.name for p in (tmp_path / "files" / "files").iterdir()] == []
 
 
 async def test_a_second_router_cannot_take_the_same_storage(

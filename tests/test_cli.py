@@ -23,6 +23,10 @@ BAD_FLAGS = {
     "port-negative": (["--demo", "--port", "-1"], "--port"),
     "unknown-routing-logic": (["--demo", "--routing-logic", "leastloaded"], "--routing-logic"),
     "unknown-log-level": (["--demo", "--log-level", "verbose"], "--log-level"),
+    "headers-total-under-one-field": (
+        ["--demo", "--max-header-size", "64KiB"], "--max-headers-total-size",
+    ),
+    "negative-inflate-ratio": (["--demo", "--max-inflate-ratio", "-1"], "--max-inflate-ratio"),
     "fewer-models-than-backends": (
         ["--static-backends", "http://a:8000,http://b:8000", "--static-models", "m"],
         "--static-models",

@@ -4,6 +4,7 @@ and the request accounted with the right outcome."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -128,6 +129,52 @@ async def test_unknown_model_404_lists_the_models_that_v1_models_lists(
         known = message.partition("Known models: ")[2].rstrip(".").split(", ")
         assert sorted(known) == listed, message
     await router.settled(2)
+
+
+async def test_a_long_model_name_is_cut_in_the_404_and_the_access_line(
+    router: RouterUnderTest, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="router.access")
+    name = "m" * 100_000
+    reply = await call("POST", router.url + "/v1/chat/completions", headers=JSON,
+                       data=json.dumps({"model": name, "messages": []}).encode())
+    message = assert_openai_error(reply, 404, "model_not_found")
+    assert "m" * 150 in message and len(message) < 1000, len(message)
+    await assert_one_flow(router, Outcome.REJECTED, 404)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "router.access"]
+    assert "m" * 150 in line and len(line) < 1500, len(line)
+
+
+async def test_an_expectation_other_than_100_continue_is_a_json_417(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    body = json.dumps({"model": CHAT, "messages": []}).encode()
+    for path in ("/v1/chat/completions", "/health"):
+        reply = await call("POST" if path != "/health" else "GET", router.url + path,
+                           data=body, headers={**JSON, "Expect": "200-ok"})
+        assert_openai_error(reply, 417, "417")
+    assert sum(engine.state.started for engine in engines) == 0
+    async with aiohttp.ClientSession() as session:  # 100-continue still works
+        async with session.post(router.url + "/v1/chat/completions", data=body,
+                                headers=JSON, expect100=True) as response:
+            assert response.status == 200
+
+
+async def test_headers_over_the_total_limit_are_a_json_431(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    router = await start_router(config_for(engines, max_headers_total_size=32 * 1024))
+    body = json.dumps({"model": CHAT, "messages": []}).encode()
+    many = {f"x-header-{n}": "v" * 8000 for n in range(100)}  # 800 KB, each one allowed
+    for path in ("/v1/chat/completions", "/health", "/nope"):
+        reply = await call("POST" if path != "/health" else "GET", router.url + path,
+                           data=body, headers={**JSON, **many})
+        assert_openai_error(reply, 431, "request_header_fields_too_large")
+    assert sum(engine.state.started for engine in engines) == 0
+    few = {f"x-header-{n}": "v" * 8000 for n in range(3)}  # 24 KB: under the limit
+    reply = await call("POST", router.url + "/v1/chat/completions", data=body,
+                       headers={**JSON, **few})
+    assert reply[0] == 200
 
 
 @pytest.fixture

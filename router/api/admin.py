@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
 from router import multiprocess_metrics
+from router.api import expect_handler
 from router.keys import (
     CHOOSER, DRAIN, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, METRICS, POOL, STATS,
 )
@@ -108,8 +109,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/version", version)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/engines", engines)
+    app.router.add_get("/health", health, expect_handler=expect_handler)
+    app.router.add_get("/ready", ready, expect_handler=expect_handler)
+    app.router.add_get("/version", version, expect_handler=expect_handler)
+    app.router.add_get("/metrics", metrics, expect_handler=expect_handler)
+    app.router.add_get("/engines", engines, expect_handler=expect_handler)

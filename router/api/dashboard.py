@@ -16,6 +16,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from router.api import expect_handler
+
 __all__ = ["add_routes"]
 
 PAGE = resources.files("router.api").joinpath("dashboard.html").read_bytes()
@@ -48,4 +50,4 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/dashboard", dashboard, expect_handler=expect_handler)

@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import hdrs, web
 
-from router.api import request_id
+from router.api import expect_handler, request_id
 from router.errors import RouterError, error_response
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, check_header_bytes, read_json_request
@@ -59,12 +59,13 @@ async def read_inbound(
     if multipart:  # uploads are never rewritten
         return await read_multipart_request(
             request, app[POOL], config.max_body_size, config.spool_dir,
-            config.client_body_timeout,
+            config.client_body_timeout, config.max_inflate_ratio,
         )
     rewriter = app[REWRITER]
     return await read_json_request(
         request, app[POOL], config.max_json_body_size, config.client_body_timeout,
         None if rewriter is None else (lambda body: rewrite(rewriter, flow, body)),
+        config.max_inflate_ratio,
     )
 
 
@@ -229,8 +230,10 @@ async def list_models(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     for endpoint in JSON_ENDPOINTS:
         app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
-                                                        multipart=False))
+                                                        multipart=False),
+                            expect_handler=expect_handler)
     for endpoint in MULTIPART_ENDPOINTS:
         app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
-                                                        multipart=True))
-    app.router.add_get("/v1/models", list_models)
+                                                        multipart=True),
+                            expect_handler=expect_handler)
+    app.router.add_get("/v1/models", list_models, expect_handler=expect_handler)

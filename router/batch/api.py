@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from router.api import request_id
+from router.api import expect_handler, request_id
 from router.api.openai import client_key, spend_rate_limit
 from router.batch.files import OPEN, PURPOSES, Received
-from router.errors import BadRequest, PayloadTooLarge, RequestTimeout, RouterError, error_response
+from router.errors import (
+    BadRequest, RequestTimeout, RouterError, error_response, shorten,
+)
+from router.inbound import BodySize, read_body, unreadable
 from router.keys import API_KEYS, BATCHES, CONFIG
 from router.multipart import multipart_boundary
 
 __all__ = ["add_routes"]
+
+log = logging.getLogger("router.batch")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,7 +44,8 @@ MAX_METADATA = 16
 
 def openai_errors(handler: Handler) -> Handler:
     """The caller's rate limit is spent first (a 429 reads nothing of the request); a
-    `RouterError` from the handler becomes its OpenAI-style JSON answer."""
+    `RouterError` from the handler becomes its OpenAI-style JSON answer, and one log line
+    (these endpoints have no access line)."""
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -44,7 +53,10 @@ def openai_errors(handler: Handler) -> Handler:
             spend_rate_limit(request)
             return await handler(request)
         except RouterError as error:
-            return error_response(error, request_id(request))
+            rid = request_id(request)
+            log.info("request %s: %s %s refused (%d): %s", rid, request.method,
+                     shorten(request.path), error.status, error.message)
+            return error_response(error, rid)
 
     return handle
 
@@ -61,14 +73,14 @@ async def timed(chunk: Awaitable[bytes], timeout: float) -> bytes:
             return await chunk
     except TimeoutError:
         raise RequestTimeout(f"the client sent nothing for {timeout:g} s") from None
+    except web.RequestPayloadError as error:
+        raise unreadable(error) from None
 
 
-async def part_chunks(part: BodyPartReader, limit: int, timeout: float) -> AsyncIterator[bytes]:
-    size = 0
+async def part_chunks(part: BodyPartReader, size: BodySize,
+                      timeout: float) -> AsyncIterator[bytes]:
     while chunk := await timed(part.read_chunk(UPLOAD_CHUNK), timeout):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the file is over the limit of {limit} bytes")
+        await size.add(len(chunk))
         yield chunk
 
 
@@ -77,19 +89,20 @@ async def field_value(part: BodyPartReader, timeout: float) -> str:
     while chunk := await timed(part.read_chunk(), timeout):
         value += chunk
         if len(value) > MAX_FIELD:
-            raise BadRequest(f"the '{part.name}' field is longer than {MAX_FIELD} bytes")
+            raise BadRequest(f"the '{shorten(part.name or '')}' field is longer than "
+                             f"{MAX_FIELD} bytes")
     return value.decode("utf-8", "replace").strip()
 
 
 @openai_errors
 async def create_file(request: web.Request) -> web.StreamResponse:
-    """`POST /v1/files`: multipart `file` and `purpose`, in either order."""
+    """`POST /v1/files`: multipart `file` and `purpose`, in either order. A compressed body is
+    stored decoded, its decoded bytes counted against the limit."""
     config = request.app[CONFIG]
     store = request.app[BATCHES].files
-    limit, timeout = config.max_body_size, config.client_body_timeout
+    timeout = config.client_body_timeout
     multipart_boundary(request)
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    size = BodySize(request, config.max_body_size, config.max_inflate_ratio, "the file")
     received: Received | None = None
     try:
         filename, purpose = "file", None
@@ -101,7 +114,7 @@ async def create_file(request: web.Request) -> web.StreamResponse:
                 if received is not None:
                     raise BadRequest("the body has more than one 'file' part")
                 filename = (part.filename or "file")[-255:]
-                received = await store.receive(part_chunks(part, limit, timeout),
+                received = await store.receive(part_chunks(part, size, timeout),
                                                owner(request))
             elif part.name == "purpose":
                 purpose = await field_value(part, timeout)
@@ -110,10 +123,17 @@ async def create_file(request: web.Request) -> web.StreamResponse:
         if purpose not in PURPOSES:
             raise BadRequest(f"'purpose' must be one of {', '.join(sorted(PURPOSES))}")
         item = await store.commit(received, filename, purpose)
-    except ValueError as error:  # aiohttp's word for a malformed multipart body
+    except (ValueError, BadHttpMessage) as error:  # aiohttp's words for a malformed body
         if received is not None:
             await store.discard(received)
-        raise BadRequest(f"malformed multipart body: {error}") from None
+        if isinstance(error, LineTooLong):
+            raise BadRequest("malformed multipart body: a part header line is too long") \
+                from None
+        raise BadRequest(f"malformed multipart body: {shorten(str(error))}") from None
+    except web.RequestPayloadError as error:
+        if received is not None:
+            await store.discard(received)
+        raise unreadable(error) from None
     except BaseException:
         if received is not None:
             await store.discard(received)
@@ -197,13 +217,13 @@ def metadata_field(body: dict[str, Any]) -> dict[str, str] | None:
 
 @openai_errors
 async def create_batch(request: web.Request) -> web.StreamResponse:
-    timeout = request.app[CONFIG].client_body_timeout
+    config = request.app[CONFIG]
+    size = BodySize(request, config.max_json_body_size, config.max_inflate_ratio,
+                    "the JSON body")
+    raw = await read_body(request, size, config.client_body_timeout)
     try:
-        async with asyncio.timeout(timeout):
-            body = await request.json()
-    except TimeoutError:
-        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -238,13 +258,14 @@ async def cancel_batch(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     add = app.router
-    add.add_post("/v1/files", create_file)
-    add.add_get("/v1/files", list_files)
-    add.add_get("/v1/files/{file_id}", retrieve_file)
-    add.add_delete("/v1/files/{file_id}", delete_file)
-    add.add_get("/v1/files/{file_id}/content", file_content)
-    add.add_post("/v1/batches", create_batch)
-    add.add_get("/v1/batches", list_batches)
-    add.add_get("/v1/batches/{batch_id}", retrieve_batch)
-    add.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
-    add.add_delete("/v1/batches/{batch_id}", cancel_batch)  # production-stack's cancel
+    add.add_post("/v1/files", create_file, expect_handler=expect_handler)
+    add.add_get("/v1/files", list_files, expect_handler=expect_handler)
+    add.add_get("/v1/files/{file_id}", retrieve_file, expect_handler=expect_handler)
+    add.add_delete("/v1/files/{file_id}", delete_file, expect_handler=expect_handler)
+    add.add_get("/v1/files/{file_id}/content", file_content, expect_handler=expect_handler)
+    add.add_post("/v1/batches", create_batch, expect_handler=expect_handler)
+    add.add_get("/v1/batches", list_batches, expect_handler=expect_handler)
+    add.add_get("/v1/batches/{batch_id}", retrieve_batch, expect_handler=expect_handler)
+    add.add_post("/v1/batches/{batch_id}/cancel", cancel_batch, expect_handler=expect_handler)
+    # production-stack's cancel
+    add.add_delete("/v1/batches/{batch_id}", cancel_batch, expect_handler=expect_handler)

@@ -47,7 +47,7 @@ from router.batch.files import (
     OPEN, Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
     write_atomically,
 )
-from router.errors import BadRequest, PayloadTooLarge, RouterError, TooManyRequests
+from router.errors import BadRequest, PayloadTooLarge, RouterError, TooManyRequests, shorten
 from router.flow import RequestFlow
 from router.inbound import InboundRequest, resolve_model
 from router.keys import (
@@ -634,7 +634,7 @@ class Batches:
         another owner's batch is not found, as if it did not exist."""
         batch = self._batches.get(batch_id) if BATCH_ID.fullmatch(batch_id) else None
         if batch is None or owner is not None and batch.owner != owner:
-            raise NotFound(f"No such Batch object: {batch_id}")
+            raise NotFound(f"No such Batch object: {shorten(batch_id)}")
         return batch
 
     def list(self, owner: str, after: str | None = None,

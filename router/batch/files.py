@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from router.errors import RouterError
+from router.errors import RouterError, shorten
 
 __all__ = [
     "FileObject", "FileStore", "NotFound", "Conflict", "OPEN", "PURPOSES", "QuotaExceeded",
@@ -181,7 +181,7 @@ class FileStore:
         owner's file is not found, as if it did not exist."""
         item = self._files.get(file_id) if FILE_ID.fullmatch(file_id) else None
         if item is None or owner is not None and item.owner != owner:
-            raise NotFound(f"No such File object: {file_id}")
+            raise NotFound(f"No such File object: {shorten(file_id)}")
         return item
 
     def list(
