@@ -267,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
              "restarts (default /tmp/vllm_files)")
     add("--batch-concurrency", type=positive_int, default=8,
         help="batch lines in flight at once, over all batches (default 8)")
-    add("--batch-max-answer-size", type=size, default="16MiB",
+    add("--batch-max-answer-size", type=size, default="8MiB",
         help="largest answer kept for one batch line; a bigger one fails the line "
-             "(default 16MiB)")
+             "(default 8MiB: with --batch-concurrency 8, at most 64 MiB of answers held)")
     add("--max-batch-requests", type=positive_int, default=50_000,
         help="lines in one batch's input file; more fail the batch (default 50000)")
     add("--max-batch-input-size", type=size, default="200MiB",

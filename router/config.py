@@ -151,7 +151,7 @@ class Config:
     """Uploaded files, batch results and batch state; kept across restarts."""
     batch_concurrency: int = 8
     """Batch lines in flight at once, over all batches."""
-    batch_max_answer_size: int = 16 * MIB
+    batch_max_answer_size: int = 8 * MIB
     """Largest answer kept for one batch line (a bigger one fails the line): the batch runner
     holds at most `batch_concurrency` times this in answers."""
     max_batch_requests: int = 50_000

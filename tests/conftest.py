@@ -134,6 +134,14 @@ async def engines() -> AsyncIterator[list[RunningEngine]]:
 
 
 @pytest.fixture
+async def three_engines() -> AsyncIterator[list[RunningEngine]]:
+    started = [await start_engine(MODELS, name=f"engine-{n}") for n in range(3)]
+    yield started
+    for engine in started:
+        await engine.close()
+
+
+@pytest.fixture
 async def engine(engines: list[RunningEngine]) -> RunningEngine:
     return engines[0]
 

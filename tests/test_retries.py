@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,7 +14,7 @@ import pytest
 from router.config import Config, StaticBackend
 from router.keys import RETRY_BUDGET
 from router.retries import RetryBudget
-from router.testing import RunningEngine, start_engine
+from router.testing import RunningEngine
 from router.testing.chaos import Fault, MisbehavingBackend
 from router.testing.processes import free_port
 
@@ -36,14 +35,6 @@ async def post(session: aiohttp.ClientSession, url: str,
                body: dict[str, Any] = BODY) -> tuple[int, dict[str, Any]]:
     async with session.post(url + "/v1/chat/completions", json=body) as response:
         return response.status, await response.json()
-
-
-@pytest.fixture
-async def three_engines() -> AsyncIterator[list[RunningEngine]]:
-    started = [await start_engine(MODELS, name=f"engine-{n}") for n in range(3)]
-    yield started
-    for engine in started:
-        await engine.close()
 
 
 # --------------------------------------------------------------------------- the budget

@@ -6,29 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from router.config import Config, StaticBackend
 from router.flow import Outcome
 from router.keys import HEALTH
-from router.testing import RunningEngine, start_engine
+from router.testing import RunningEngine
 from router.testing.chaos import Fault, MisbehavingBackend
 
 from .conftest import CHAT, MODELS, StartRouter, config_for
 
 BODY = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-@pytest.fixture
-async def three_engines() -> AsyncIterator[list[RunningEngine]]:
-    started = [await start_engine(MODELS, name=f"engine-{n}") for n in range(3)]
-    yield started
-    for engine in started:
-        await engine.close()
 
 
 async def post(url: str, body: dict[str, Any] = BODY) -> tuple[int, dict[str, Any], float]:

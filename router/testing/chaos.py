@@ -33,8 +33,6 @@ import itertools
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -48,6 +46,7 @@ from aiohttp import web
 
 from router.testing.engine import ENGINE_BEHAVIOUR, ENGINE_STATE, EngineBehaviour, make_engine_app
 from router.testing.processes import free_port, wait_until_healthy
+from router.testing.raw_engine import reset as reset_connection
 
 __all__ = [
     "AFTER_HEADERS",
@@ -145,15 +144,6 @@ class Served:
     fault: Fault
     request_id: str | None
     stream: bool
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with an RST: SO_LINGER with a zero timeout, then abort."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 def _sse_event(n: int) -> bytes:
@@ -286,7 +276,7 @@ class MisbehavingBackend:
         elif fault is Fault.CLOSE_BEFORE_HEADERS:
             pass
         elif fault is Fault.RESET_BEFORE_HEADERS:
-            _reset(writer)
+            reset_connection(writer)
             return
         elif fault is Fault.SILENT:
             await reader.read()  # until the router gives up and closes
@@ -304,7 +294,7 @@ class MisbehavingBackend:
             writer.write(_SSE_HEAD + _chunk(_sse_event(0)) + _chunk(_sse_event(1)))
             await writer.drain()
             await asyncio.sleep(0.01)
-            _reset(writer)
+            reset_connection(writer)
             return
         elif fault is Fault.STALL_MID_BODY:
             writer.write(_SSE_HEAD + _chunk(_sse_event(0)))
@@ -578,7 +568,7 @@ def request_head(
 
 async def _leave(writer: asyncio.StreamWriter, reset: bool) -> None:
     if reset:
-        _reset(writer)
+        reset_connection(writer)
     else:
         writer.close()
     with contextlib.suppress(ConnectionError):

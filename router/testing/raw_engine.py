@@ -42,6 +42,7 @@ __all__ = [
     "Step",
     "chunk",
     "http_response",
+    "reset",
     "trickle_lines",
 ]
 
@@ -217,7 +218,7 @@ async def _play(steps: Iterable[Step], reader: asyncio.StreamReader,
             writer.close()
             return False
         elif step is RESET:
-            _reset(writer)
+            reset(writer)
             return False
         else:  # HANG
             while await reader.read(65536):
@@ -226,7 +227,7 @@ async def _play(steps: Iterable[Step], reader: asyncio.StreamReader,
     return True
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
+def reset(writer: asyncio.StreamWriter) -> None:
     """Close with an RST: SO_LINGER with a zero timeout, then abort."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
