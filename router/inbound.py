@@ -28,7 +28,7 @@ from router.errors import (
 )
 
 __all__ = [
-    "BodySize", "InboundRequest", "UploadBody", "body_coding", "check_header_bytes", "read_body",
+    "BodySize", "InboundRequest", "UploadBody", "body_coding", "read_body",
     "read_chunk", "read_json_request", "resolve_model", "unreadable",
 ]
 
@@ -231,18 +231,3 @@ async def read_json_request(
         model=served, stream=body.get("stream") is True, headers=request.headers,
         json=body, body=raw,
     )
-
-
-def check_header_bytes(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
-    """Refuse a header value that is not UTF-8 (an obsolete Latin-1 byte): aiohttp decodes
-    it with surrogates and its writer silently drops them, so the engine would get another
-    value than the client sent. The router forwards a header byte for byte, or not at all."""
-    for name, value in raw_headers:
-        if not value.isascii():
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                shown = name[:64].decode("ascii", "replace")
-                raise BadRequest(
-                    f"the value of header {shown} is not UTF-8; send it as UTF-8 or ASCII"
-                ) from None

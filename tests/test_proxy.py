@@ -366,4 +366,4 @@ async def test_a_header_value_that_is_not_utf8_is_refused_never_altered(
         error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
         assert "X-Latin" in error["message"] and error["type"] == "invalid_request_error"
         assert len(engine.requests) == 1
-        await router.settled(2)
+        await router.settled(1)  # refused before any handler: no flow, like a 431

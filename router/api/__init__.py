@@ -11,7 +11,9 @@ from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from router.errors import HeadersTooLarge, InternalError, RouterError, error_response, shorten
+from router.errors import (
+    BadRequest, HeadersTooLarge, InternalError, RouterError, error_response, shorten,
+)
 
 __all__ = ["request_id", "json_errors", "expect_handler", "guard"]
 
@@ -90,25 +92,43 @@ def guard(max_headers_total: int) -> Middleware:
     """The outermost middleware, for what aiohttp's server does not bound: a request whose
     request line and headers together are over `max_headers_total` bytes is refused (431)
     before anything looks at it (aiohttp limits each line and the number of headers only:
-    128 headers of 8 KiB would be 1 MiB), and a compressed or broken body left unread is not
-    read after the answer (`BodyLeftUnread`)."""
+    128 headers of 8 KiB would be 1 MiB), a header value that is not UTF-8 is refused (400:
+    see `not_utf8`), and a compressed or broken body left unread is not read after the
+    answer (`BodyLeftUnread`)."""
 
     @web.middleware
     async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
         total = len(request.method) + len(request.raw_path) + 11  # " HTTP/1.1\r\n"
+        refusal: RouterError | None = None
         for name, value in request.raw_headers:
             total += len(name) + len(value) + HEADER_LINE_OVERHEAD
+            if not value.isascii() and refusal is None:
+                refusal = not_utf8(name, value)
         try:
             if total > max_headers_total:
-                error = HeadersTooLarge(
+                refusal = HeadersTooLarge(
                     f"the request line and headers are over {max_headers_total} bytes"
                 )
-                return error_response(error, request_id(request))
+            if refusal is not None:
+                return error_response(refusal, request_id(request))
             return await handler(request)
         finally:
             drop_unread_body(request)
 
     return guarded
+
+
+def not_utf8(name: bytes, value: bytes) -> BadRequest | None:
+    """The refusal of a header value that is not UTF-8 (an obsolete Latin-1 byte), else
+    None: aiohttp decodes it with surrogates and its writer silently drops them, so an engine
+    would get another value than the client sent. A header goes on byte for byte, or not at
+    all."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = name[:64].decode("ascii", "replace")
+        return BadRequest(f"the value of header {shown} is not UTF-8; send it as UTF-8 or ASCII")
+    return None
 
 
 def drop_unread_body(request: web.BaseRequest) -> None:

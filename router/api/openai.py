@@ -19,7 +19,7 @@ from aiohttp import hdrs, web
 from router.api import expect_handler, request_id
 from router.errors import RouterError, error_response
 from router.flow import RequestFlow
-from router.inbound import InboundRequest, check_header_bytes, read_json_request
+from router.inbound import InboundRequest, read_json_request
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
     PREFILL_HOP, RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
@@ -84,7 +84,6 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
     try:
         lifecycle = Lifecycle(request, app[EVENTS], flow)
         try:
-            check_header_bytes(request.raw_headers)
             spend_rate_limit(request)
             if admission is not None:
                 await admission.acquire()
