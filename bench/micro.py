@@ -16,7 +16,7 @@ import json
 import os
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -103,6 +103,25 @@ def head_watch_cost() -> float:
     return asyncio.run(run())
 
 
+def async_cost_over(
+    costly: Callable[[], Awaitable[object]], baseline: Callable[[], Awaitable[object]],
+    number: int = 5000, repeats: int = 7,
+) -> float:
+    """µs per call that `costly()` takes over `baseline()`: the best of `repeats` runs each."""
+    async def run() -> float:
+        best = []
+        for coroutine in (costly, baseline):
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for _ in range(number):
+                    await coroutine()
+                runs.append(time.perf_counter() - started)
+            best.append(min(runs) / number * 1e6)
+        return best[0] - best[1]
+    return asyncio.run(run())
+
+
 def connect_frame_cost() -> float:
     """One more coroutine frame around `TCPConnector.connect` (plus its isinstance check)."""
     from router.timeouts import ProxyTimeout
@@ -118,19 +137,7 @@ def connect_frame_cost() -> float:
             pass
         return result
 
-    async def run() -> float:
-        number = 5000
-        best = []
-        for coroutine in (outer, inner):
-            runs = []
-            for _ in range(7):
-                started = time.perf_counter()
-                for _ in range(number):
-                    await coroutine()
-                runs.append(time.perf_counter() - started)
-            best.append(min(runs) / number * 1e6)
-        return best[0] - best[1]
-    return asyncio.run(run())
+    return async_cost_over(outer, inner)
 
 
 def retry_ticket() -> Callable[[], None]:
@@ -193,19 +200,7 @@ def measure_all() -> list[tuple[str, str]]:
         async def without() -> None:
             pass
 
-        async def run() -> float:
-            number = 5000
-            best = []
-            for coroutine in (with_timeout, without):
-                runs = []
-                for _ in range(7):
-                    started = time.perf_counter()
-                    for _ in range(number):
-                        await coroutine()
-                    runs.append(time.perf_counter() - started)
-                best.append(min(runs) / number * 1e6)
-            return best[0] - best[1]
-        return asyncio.run(run())
+        return async_cost_over(with_timeout, without)
     add("asyncio.timeout around reading the body", timeout_cost)
     add("response head watch (the timeouts by phase), per request", head_watch_cost)
     add("  of which the connect() override's frame", connect_frame_cost)
