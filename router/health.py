@@ -6,7 +6,8 @@ Two signals decide whether a backend may take a request (`HealthTracker.availabl
   errors, timeouts) open it; after a cooldown it lets one trial request through, whose result
   closes it again or restarts the cooldown. What the client or the router caused (a client
   that left, a 400 for a too-long prompt, a 429) never counts: a breaker that trips on those
-  turns one bad client into an outage (USER-ASKS 16, 29).
+  turns one bad client into an outage (a context-length 400 counted as a worker failure
+  has emptied a fleet in production).
 - The prober GETs every backend's `/health` (an external provider's `/v1/models`, with its
   key: it has no `/health`, and a bad key must show). A clear "no" (a status other than 200,
   a refused connection) removes the backend at once; silence (a timeout) only on the second
@@ -20,7 +21,8 @@ hangs) reach every engine alike and would otherwise open every breaker of a heal
 A backend the cap keeps routable closes at its first good answer, and that answer ends the
 cooldown of the model's other open breakers (`HealthTracker._end_cooldowns`).
 
-Neither touches load counters: health says yes or no, the policies weigh the load (USER-ASKS 14).
+Neither touches load counters: health says yes or no, the policies weigh the load (a health checker that zeroed load counters made
+cache-aware routing pile onto hot spots).
 """
 
 from __future__ import annotations
@@ -514,8 +516,8 @@ SILENT_STRIKES = 2
 
 An answer that says no (a non-200 status, a refused connection) ejects at once: the engine
 itself says it cannot serve, or nothing listens. Silence is different: a busy engine's API
-server can miss one probe's deadline while it streams fine (USER-ASKS 3: liveness probes that
-time out under load restarted healthy routers). One missed deadline is noise; two in a row,
+server can miss one probe's deadline while it streams fine (liveness probes that time out
+under load have restarted healthy routers). One missed deadline is noise; two in a row,
 an interval apart, is an engine that stopped answering."""
 
 

@@ -285,7 +285,7 @@ async def test_410_after_a_watch_gap_relists_and_drops_the_pod_whose_deletion_wa
     gone_as: str, api: ApiServerStandIn, start: Start, llama: RunningEngine,
     qwen: RunningEngine, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """USER-ASKS 8: a missed DELETED must not keep a dead pod routed."""
+    """A missed DELETED must not keep a dead pod routed."""
     api.gone_as_http_status = gone_as == "http_status"
     api.add(make_pod("vllm-0", port=port_of(llama)))
     api.add(make_pod("vllm-1", port=port_of(qwen)))

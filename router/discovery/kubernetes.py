@@ -18,7 +18,8 @@ Per pod or service, two annotations refine what the flags say:
   disaggregated-prefill policy. Without it, the label `model` is the one label, as in
   production-stack's router (label values cannot hold a list, hence an annotation).
 
-How the set stays right (USER-ASKS 7, 8): LIST gives the full set and a `resourceVersion`;
+How the set stays right (traffic must never reach a Terminating or still-loading pod, nor
+a dead pod whose DELETED event was lost): LIST gives the full set and a `resourceVersion`;
 WATCH from there streams ADDED / MODIFIED / DELETED / BOOKMARK / ERROR events, one JSON object
 a line. A watch that the API server ends cleanly (`timeoutSeconds`) is resumed from the last
 resourceVersion, which bookmarks keep fresh. Everything else lists again, because events may
@@ -461,7 +462,7 @@ class KubernetesDiscovery:
                 fresh[target.name] = target
         for name, old in self._objects.items():
             if name not in fresh and old.url:
-                # The USER-ASKS 8 case: its DELETED event was lost; the list tells.
+                # Its DELETED event was lost (a dead pod kept routed for hours): the list tells.
                 log.info("%s %s is gone (not in the new %s list)", self.kind, name, self.kind)
         for name, target in fresh.items():
             self._log_transition(self._objects.get(name), target)
