@@ -21,8 +21,8 @@ hangs) reach every engine alike and would otherwise open every breaker of a heal
 A backend the cap keeps routable closes at its first good answer, and that answer ends the
 cooldown of the model's other open breakers (`HealthTracker._end_cooldowns`).
 
-Neither touches load counters: health says yes or no, the policies weigh the load (a health checker that zeroed load counters made
-cache-aware routing pile onto hot spots).
+Neither touches load counters: health says yes or no, the policies weigh the load (a health
+checker that zeroed load counters made cache-aware routing pile onto hot spots).
 """
 
 from __future__ import annotations
