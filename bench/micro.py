@@ -171,6 +171,24 @@ def measure_all() -> list[tuple[str, str]]:
         return best_us(lambda: orjson.loads(body))
     add("orjson.loads of the chat body", orjson_loads)
 
+    def metrics_page(ours: bool) -> Callable[[], float]:
+        """One engine-stats scrape's parse of a real vLLM page, against prometheus_client's."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from router.stats.engine import parse_engine_metrics
+        from router.testing.vllm_metrics import VLLM_METRICS
+
+        def library() -> None:
+            for family in text_string_to_metric_families(VLLM_METRICS):
+                for _sample in family.samples:
+                    pass
+
+        return lambda: best_us(
+            (lambda: parse_engine_metrics(VLLM_METRICS, scraped_at=0.0)) if ours else library,
+            number=200)
+    add("engine-stats parse of a vLLM /metrics page (per scrape)", metrics_page(True))
+    add("  prometheus_client's parser of the same page", metrics_page(False))
+
     def forward(direction: str) -> Callable[[], float]:
         def step() -> float:
             from router import proxy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from router.app import make_app
+from router.backends import Backend
 from router.config import Config, StaticBackend
 from router.flow import Outcome, RequestFlow
 from router.keys import CLIENT_SESSION, EVENTS, STATS
@@ -86,6 +88,29 @@ class EventLog:
     def only(self) -> RequestFlow:
         assert len(self.flows) == 1, self.flows
         return next(iter(self.flows.values()))
+
+
+_flow_ids = itertools.count()
+
+
+def make_flow(
+    backend: Backend | None = None, t_start: float | None = None, *, model: str | None = "m",
+    stream: bool = False, endpoint: str = "/v1/chat/completions",
+    outcome: Outcome | None = None, status: int | None = None,
+) -> RequestFlow:
+    """A flow as the handler makes one, for unit tests of subscribers and policies."""
+    flow = RequestFlow(id=f"flow-{next(_flow_ids)}", endpoint=endpoint, model=model,
+                       stream=stream, backend=backend, outcome=outcome, status=status)
+    if t_start is not None:
+        flow.t_start = t_start
+    return flow
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
+    """Wait until `check()` holds, polling; fail the test after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
 
 
 @dataclass

@@ -4,7 +4,6 @@ loopback engines and small misbehaving servers."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -26,7 +25,7 @@ from router.health import (
 from router.testing import RunningEngine
 from router.testing.processes import free_port
 
-from .conftest import Clock, MODELS
+from .conftest import Clock, MODELS, make_flow
 
 THRESHOLD = 3
 COOLDOWN = 30.0
@@ -44,16 +43,6 @@ def breaker(clock: Clock) -> CircuitBreaker:
 @pytest.fixture
 def tracker(clock: Clock) -> HealthTracker:
     return HealthTracker(THRESHOLD, COOLDOWN, clock)
-
-
-ids = itertools.count()
-
-
-def make_flow(
-    backend: Backend | None, outcome: Outcome | None = None, status: int | None = None
-) -> RequestFlow:
-    return RequestFlow(id=f"flow-{next(ids)}", endpoint="/v1/chat/completions", model="m",
-                       backend=backend, outcome=outcome, status=status)
 
 
 def start(tracker: HealthTracker, backend: Backend | None = A) -> RequestFlow:
@@ -230,16 +219,19 @@ def test_bad_breaker_settings_are_refused(threshold: int, cooldown: float) -> No
     (Outcome.ROUTER_ERROR, 500, Verdict.NEUTRAL),  # the router's bug, not the backend's
 ])
 def test_classify(outcome: Outcome, status: int | None, verdict: Verdict) -> None:
-    assert classify(make_flow(A, outcome, status)) is verdict
+    assert classify(make_flow(A, outcome=outcome, status=status)) is verdict
 
 
 def test_a_timeout_waiting_for_the_answer_is_neutral_but_a_silent_stream_is_a_failure() -> None:
-    waited = make_flow(A, Outcome.TIMEOUT, 504)  # no head within --response-timeout: busy
+    # No head within --response-timeout: a busy engine.
+    waited = make_flow(A, outcome=Outcome.TIMEOUT, status=504)
     assert classify(waited) is Verdict.NEUTRAL
-    silent = make_flow(A, Outcome.TIMEOUT, 200)  # the answer started, then went silent
+    # The answer started, then went silent.
+    silent = make_flow(A, outcome=Outcome.TIMEOUT, status=200)
     silent.t_headers = 1.0
     assert classify(silent) is Verdict.FAILURE
-    trickled = make_flow(A, Outcome.BACKEND_ERROR, 504)  # a head past its own deadline
+    # A head past its own deadline.
+    trickled = make_flow(A, outcome=Outcome.BACKEND_ERROR, status=504)
     assert classify(trickled) is Verdict.FAILURE
 
 

@@ -49,6 +49,7 @@ from router.cli import parse_config
 from router.testing.flood import start_flood
 from router.testing.processes import free_port, wait_until_healthy
 from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready
+from tests.conftest import eventually
 
 NAMESPACE = "llm"
 SELECTOR = "app=vllm"
@@ -64,12 +65,6 @@ def settings(**overrides: Any) -> K8sSettings:
     )
     values.update(overrides)
     return K8sSettings(**values)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
 
 
 def routed(pool: BackendPool) -> dict[str, tuple[str, ...]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import json
 import shutil
 import time
@@ -38,7 +37,7 @@ from router.metrics import (
 from router.stats.requests import RequestStats
 from router.testing import RunningEngine
 
-from .conftest import Clock, CHAT, RouterUnderTest
+from .conftest import Clock, CHAT, RouterUnderTest, make_flow
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -148,15 +147,6 @@ def test_find_usage_in_the_last_4_kib_of_a_long_stream() -> None:
 WINDOW = 10.0
 A = Backend("http://a:8000", ("m", "m2"))
 B = Backend("http://b:8000", ("m",))
-
-
-ids = itertools.count()
-
-
-def make_flow(backend: Backend | None, t_start: float, *, model: str | None = "m",
-              stream: bool = False, endpoint: str = CHAT_PATH) -> RequestFlow:
-    return RequestFlow(id=f"flow-{next(ids)}", endpoint=endpoint, t_start=t_start,
-                       model=model, stream=stream, backend=backend)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 
@@ -10,7 +9,7 @@ from router.backends import Backend
 from router.flow import Outcome, RequestFlow
 from router.stats.requests import BackendSnapshot, RequestStats
 
-from .conftest import Clock
+from .conftest import Clock, make_flow
 
 WINDOW = 10.0
 A = Backend("http://a:8000", ("m",))
@@ -20,14 +19,6 @@ B = Backend("http://b:8000", ("m",))
 @pytest.fixture
 def stats(clock: Clock) -> RequestStats:
     return RequestStats(WINDOW, clock=clock)
-
-
-ids = itertools.count()
-
-
-def make_flow(backend: Backend | None, t_start: float) -> RequestFlow:
-    return RequestFlow(id=f"flow-{next(ids)}", endpoint="/v1/chat/completions",
-                       t_start=t_start, model="m", backend=backend)
 
 
 def start(stats: RequestStats, clock: Clock, backend: Backend | None = A) -> RequestFlow:

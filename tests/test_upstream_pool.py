@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ from router.keys import HEALTH
 from router.testing.raw_engine import RawEngine, RawRequest, Step, http_response
 from router.upstream_pool import GuardedConnector, PooledHandler
 
-from .conftest import CHAT, MODELS, StartRouter
+from .conftest import CHAT, MODELS, StartRouter, eventually
 
 STRAY_DELAY = 0.3
 STRAY = http_response(200, b'{"stray": true}', (
@@ -62,13 +61,6 @@ async def ask(session: aiohttp.ClientSession, url: str, request_id: str,
         headers={"Authorization": f"Bearer {key}", "X-Request-Id": request_id},
     ) as response:
         return response.status, await response.json(), response.headers
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    return True
 
 
 async def test_stray_response_on_idle_connection_never_reaches_the_next_client(
@@ -117,7 +109,7 @@ async def test_idle_pooled_connection_is_closed_on_its_first_unasked_byte() -> N
         assert engine.open == 1  # kept alive in the pool
         assert engine.write_idle(b"H") == 1  # not even a whole status line
         # Closed at once, not at the next request or the keep-alive timeout.
-        assert await eventually(lambda: engine.open == 0, timeout=1.0)
+        await eventually(lambda: engine.open == 0, timeout=1.0)
         status, body, _ = await ask(session, engine.url, "two")
         assert (status, body["answer_to"], engine.connections) == (200, "two", 2)
 
