@@ -9,9 +9,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from router.api import HTTPStatusError, request_id
+from router.api import request_id
 from router.errors import (
-    HeadersTooLarge, MalformedRequest, RouterError, UnsupportedEncoding, error_response,
+    HeadersTooLarge, HTTPStatusError, MalformedRequest, RouterError, UnsupportedEncoding,
+    error_response,
 )
 
 __all__ = ["JsonErrorsHandler"]

@@ -18,6 +18,10 @@ from router.flow import Outcome
 
 __all__ = [
     "RouterError",
+    "ClientGone",
+    "BackendStatus",
+    "PrefillFailed",
+    "HTTPStatusError",
     "InternalError",
     "BadRequest",
     "ModelNotFound",
@@ -245,3 +249,45 @@ def failure_detail(error: BaseException) -> str:
     text = QUOTED_BYTES.split(text, 1)[0].rstrip(": ")[:200]
     name = type(error).__name__
     return f"{name}: {text}" if text else name
+
+
+class ClientGone(Exception):
+    """The client's connection broke while we wrote to it."""
+
+
+class BackendStatus(RouterError):
+    """The backend answered a retryable 5xx before anything reached the client."""
+
+    error_type = "upstream_error"
+    code = "backend_unavailable"
+    outcome = Outcome.BACKEND_ERROR
+
+    def __init__(self, status: int, backend_id: str) -> None:
+        super().__init__(f"backend {backend_id} answered {status}")
+        self.status = status
+
+
+class PrefillFailed(RouterError):
+    """The prefill backend answered with an error: its status and message go to the client."""
+
+    error_type = "upstream_error"
+
+    def __init__(self, status: int, answer: bytes, backend_id: str) -> None:
+        try:
+            message = str(json.loads(answer)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = answer[:SHORTEN_LIMIT].decode("utf-8", "replace")
+        super().__init__(f"prefill backend {backend_id} answered {status}: {shorten(message)}")
+        self.status = status
+        self.code = "prefill_failed"
+        self.outcome = Outcome.REJECTED if status < 500 else Outcome.BACKEND_ERROR
+
+
+class HTTPStatusError(RouterError):
+    """aiohttp's own 404/405/413... re-dressed as OpenAI-style errors."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = "invalid_request_error" if status < 500 else "internal_error"
+        self.code = str(status)

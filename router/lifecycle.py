@@ -15,10 +15,10 @@ from types import TracebackType
 
 from aiohttp import web
 
-from router.errors import InternalError, RouterError, error_response
+from router.errors import ClientGone, InternalError, RouterError, error_response
 from router.events import RequestEvents
 from router.flow import Outcome, RequestFlow
-from router.proxy import REQUEST_ID, ClientGone, cut_client
+from router.proxy import REQUEST_ID, cut_client
 
 __all__ = ["Lifecycle"]
 

@@ -24,8 +24,8 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from router.errors import (
-    AnswerTooLarge, BackendUnreachable, ResponseHeadTimeout, RouterError, UpstreamError,
-    UpstreamTimeout, failure_detail,
+    AnswerTooLarge, BackendStatus, BackendUnreachable, ClientGone, PrefillFailed,
+    ResponseHeadTimeout, RouterError, UpstreamError, UpstreamTimeout, failure_detail,
 )
 from router.backends import Backend
 from router.events import RequestEvents
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Failover", "PrefillHop", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
-    "ClientSink", "Collector", "ClientGone",
+    "ClientSink", "Collector",
 ]
 
 log = logging.getLogger("router.proxy")
@@ -71,10 +71,6 @@ CLIENT_CREDENTIALS = frozenset(
 )
 """What a client may authenticate to the router (or the fleet) with: never sent to an
 external provider, whatever --forward-client-auth says."""
-
-
-class ClientGone(Exception):
-    """The client's connection broke while we wrote to it."""
 
 
 def forward_headers(
@@ -187,18 +183,6 @@ class PrefillHop:
 RETRIED_STATUSES = frozenset({502, 503, 504})
 """Backend answers worth another backend: a gateway in front of it failed, or it is
 overloaded or shutting down (vLLM answers 503 while draining)."""
-
-
-class BackendStatus(RouterError):
-    """The backend answered a retryable 5xx before anything reached the client."""
-
-    error_type = "upstream_error"
-    code = "backend_unavailable"
-    outcome = Outcome.BACKEND_ERROR
-
-    def __init__(self, status: int, backend_id: str) -> None:
-        super().__init__(f"backend {backend_id} answered {status}")
-        self.status = status
 
 
 RETRIED_ERRORS = (BackendUnreachable, BackendStatus)
@@ -338,22 +322,6 @@ async def prefill(
     if not isinstance(params, dict):
         raise UpstreamError(f"prefill backend {backend.id} returned no kv_transfer_params")
     inbound.body = json.dumps({**inbound.json, "kv_transfer_params": params}).encode()
-
-
-class PrefillFailed(RouterError):
-    """The prefill backend answered with an error: its status and message go to the client."""
-
-    error_type = "upstream_error"
-
-    def __init__(self, status: int, answer: bytes, backend_id: str) -> None:
-        try:
-            message = str(json.loads(answer)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            message = answer[:200].decode("utf-8", "replace")
-        super().__init__(f"prefill backend {backend_id} answered {status}: {message}")
-        self.status = status
-        self.code = "prefill_failed"
-        self.outcome = Outcome.REJECTED if status < 500 else Outcome.BACKEND_ERROR
 
 
 async def exchange(

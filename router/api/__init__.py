@@ -12,7 +12,8 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from router.errors import (
-    BadRequest, HeadersTooLarge, InternalError, RouterError, error_response, shorten,
+    BadRequest, HeadersTooLarge, HTTPStatusError, InternalError, RouterError, error_response,
+    shorten,
 )
 
 __all__ = ["request_id", "json_errors", "expect_handler", "guard"]
@@ -32,16 +33,6 @@ def request_id(request: web.BaseRequest) -> str:
     # Unique, not secret (nothing authenticates with it): a Mersenne Twister costs a fifth of
     # an os.urandom system call.
     return _random_bits(128).to_bytes(16).hex()
-
-
-class HTTPStatusError(RouterError):
-    """aiohttp's own 404/405/413... re-dressed as OpenAI-style errors."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = "invalid_request_error" if status < 500 else "internal_error"
-        self.code = str(status)
 
 
 @web.middleware
