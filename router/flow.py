@@ -105,6 +105,9 @@ class RequestFlow:
     """With disaggregated prefill: the backend that computed the prompt's KV cache."""
     attempts: list[Attempt] = field(default_factory=list)
     """Failed tries on other backends before `backend`, oldest first (see `on_retry`)."""
+    retry_refused: bool = False
+    """The retry budget was spent when this request could have retried a 502/503/504: the
+    backend's own answer went to the client."""
     trace_headers: dict[str, str] | None = None
     """Set by the tracer (`--otel-endpoint`) for each attempt: `traceparent`/`tracestate`
     sent to the backend in place of the client's."""

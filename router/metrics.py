@@ -502,6 +502,12 @@ class Metrics:
             "backend; server is the backend that failed, reason the attempt's outcome.",
             ["server", "model", "reason"],
         )
+        self._budget_refusals = families.counter(
+            "router_retry_budget_refusals",
+            "Answers of 502/503/504 that could have been retried on another backend but went "
+            "to the client because the retry budget (--retry-budget-percent) was spent.",
+            ["server", "model"],
+        )
         self._unauthorized = families.counter(
             "router_unauthorized_requests",
             "Requests refused for want of a valid API key (401).", [], server_index=None,
@@ -509,7 +515,7 @@ class Metrics:
         self._all = (
             self._incoming, self._input_tokens, self._output_tokens, self._errors,
             self._latency, self._duration, self._ttft, self._ttfb, self._tpot, self._connect,
-            self._retries,
+            self._retries, self._budget_refusals,
         )
         families.register()
         registry.register(BackendCollector(stats, pool))
@@ -586,6 +592,8 @@ class Metrics:
         kind = error_kind(flow)
         if kind is not None:
             self._errors.record((server, model, kind))
+        if flow.retry_refused:
+            self._budget_refusals.record((server, model))
         duration = flow.duration
         route = (server, model, flow.endpoint, "true" if flow.stream else "false")
         if duration is not None:

@@ -233,6 +233,7 @@ async def forward(
                     return False
                 if ticket.retry():
                     return True
+                flow.retry_refused = True
                 log.warning("request %s: the retry budget is spent (%r): the answer of "
                             "backend %s goes to the client", flow.id, failover.budget,
                             flow.backend.id if flow.backend else None)

@@ -145,6 +145,17 @@ async def test_the_retry_budget_caps_retries_under_a_burst_of_failures(
     if budget["retry_budget_min"] < 1000:
         assert engine_requests < 90 and router.app[RETRY_BUDGET].denied > 0
     await router.settled(30)
+    # Every answer that went out for want of budget is counted, once per request.
+    refused = sum(flow.retry_refused for flow in router.log.flows.values())
+    assert (refused > 0) is (budget["retry_budget_min"] < 1000)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{router.url}/metrics") as response:
+            exposition = await response.text()
+    counted = sum(
+        float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+        if line.startswith("router_retry_budget_refusals_total{")
+    )
+    assert counted == refused
     assert (router.app[RETRY_BUDGET].requests, router.app[RETRY_BUDGET].retries) == (0, 0)
 
 
