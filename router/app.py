@@ -229,8 +229,8 @@ def make_app(config: Config) -> web.Application:
     app[CHOOSER] = BackendChooser(pool, policy, health)
     # AccessLog after Metrics: it reuses the usage Metrics parsed from the flow's tail.
     app[EVENTS] = RequestEvents([stats, health, metrics, AccessLog(), policy])
-    if app[PLUGINS] is not None:
-        app[EVENTS].subscribe(app[PLUGINS])
+    if (plugins_host := app[PLUGINS]) is not None:
+        plugins_host.subscribe(app[EVENTS])
     if config.otel_endpoint:  # without it OpenTelemetry is never imported
         tracer = make_tracer(config.otel_endpoint, config.otel_service_name,
                              config.otel_secure, config.otel_protocol)

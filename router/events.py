@@ -27,7 +27,7 @@ from typing import Protocol
 
 from router.flow import RequestFlow
 
-__all__ = ["Subscriber", "RequestEvents"]
+__all__ = ["EVENT_NAMES", "Subscriber", "RequestEvents"]
 
 log = logging.getLogger("router.events")
 
@@ -60,6 +60,10 @@ class RequestEvents:
             method = getattr(subscriber, name, None)
             if method is not None:
                 self._handlers[name].append(method)
+
+    def add_handler(self, name: str, handler: Handler) -> None:
+        """Call `handler` on the event `name` (one of `EVENT_NAMES`), after those before."""
+        self._handlers[name].append(handler)
 
     def replace(self, old: object, new: object) -> None:
         """Swap one subscriber for another in place (a reloaded routing policy)."""

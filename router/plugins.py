@@ -26,6 +26,7 @@ request_body, request_json)` and `post_request(request, response_content)`) load
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import logging
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from router.config import ConfigError
+from router.events import EVENT_NAMES, RequestEvents
 from router.flow import RequestFlow
 
 __all__ = ["find_class", "load_object", "PluginHost", "RequestRewriter", "MAX_BODY"]
@@ -50,7 +52,6 @@ MAX_PENDING = 10_000
 INLINE_BUDGET = 0.001
 """Seconds a sync plugin call may take on the event loop before its method moves to the
 plugin threads."""
-EVENTS = ("on_new", "on_retry", "on_response", "on_complete")
 
 
 def find_class(spec: str, flag: str) -> Callable[[], object]:
@@ -159,7 +160,7 @@ class PluginHost:
         self.wants_body = any(getattr(p, "wants_body", False) for p in self.plugins)
         self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="plugin")
         self._pending: set[asyncio.Future[Any]] = set()
-        self._methods = {name: self._resolve(name) for name in (*EVENTS, "pre_request")}
+        self._methods = {name: self._resolve(name) for name in (*EVENT_NAMES, "pre_request")}
         self._methods["post_request"] = self._resolve(
             "post_request", lambda plugin: bool(getattr(plugin, "wants_body", False)))
 
@@ -194,21 +195,12 @@ class PluginHost:
         if not future.cancelled() and (error := future.exception()) is not None:
             log.error("plugin failed", exc_info=error)
 
-    def _emit(self, name: str, flow: RequestFlow) -> None:
-        for method in self._methods[name]:
-            self._call(method, flow)
-
-    def on_new(self, flow: RequestFlow) -> None:
-        self._emit("on_new", flow)
-
-    def on_retry(self, flow: RequestFlow) -> None:
-        self._emit("on_retry", flow)
-
-    def on_response(self, flow: RequestFlow) -> None:
-        self._emit("on_response", flow)
-
-    def on_complete(self, flow: RequestFlow) -> None:
-        self._emit("on_complete", flow)
+    def subscribe(self, events: RequestEvents) -> None:
+        """Each plugin's event methods join the request events' one fan-out, each through
+        `_call` (inline while fast, else a task or a thread)."""
+        for name in EVENT_NAMES:
+            for method in self._methods[name]:
+                events.add_handler(name, functools.partial(self._call, method))
 
     async def pre_request(self, flow: RequestFlow) -> web.StreamResponse | None:
         """The first plugin answer, or None: the request goes on to a backend."""
