@@ -16,7 +16,14 @@ if TYPE_CHECKING:
 
     from router.backends import Backend
 
-__all__ = ["Outcome", "Attempt", "Usage", "RequestFlow"]
+__all__ = ["Outcome", "Attempt", "Usage", "RequestFlow", "TAIL_BYTES", "MAX_BODY"]
+
+TAIL_BYTES = 4096
+"""How much of the end of a response body the proxy keeps (`RequestFlow.tail`): where the
+`usage` object is, for metrics and the access line."""
+MAX_BODY = 16 * 1024 * 1024
+"""Largest response body kept whole for plugins' `post_request` (`RequestFlow.response_body`);
+a longer one is not kept."""
 
 
 class Outcome(enum.Enum):
@@ -100,7 +107,7 @@ class RequestFlow:
     keep_body: bool = False
     """Collect the response body for plugins' `post_request` (only when one wants it)."""
     response_body: bytes | None = None
-    """The whole response body, when `keep_body` and it fit `router.plugins.MAX_BODY`."""
+    """The whole response body, when `keep_body` and it fit `MAX_BODY`."""
     prefill_backend: Backend | None = None
     """With disaggregated prefill: the backend that computed the prompt's KV cache."""
     attempts: list[Attempt] = field(default_factory=list)

@@ -49,12 +49,9 @@ from router.stats.requests import RequestStats
 from router.stats.window import Window
 from router.timeouts import HeadWatchingConnector
 
-__all__ = ["Metrics", "Usage", "find_usage", "usage_of", "error_kind", "TAIL_BYTES"]
+__all__ = ["Metrics", "Usage", "find_usage", "usage_of", "error_kind"]
 
 Clock = Callable[[], float]
-
-TAIL_BYTES = 4096
-"""How much of the end of a response body the proxy keeps (`flow.tail`) for `usage`."""
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,

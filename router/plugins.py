@@ -41,12 +41,10 @@ from router.config import ConfigError
 from router.events import EVENT_NAMES, RequestEvents
 from router.flow import RequestFlow
 
-__all__ = ["find_class", "load_object", "PluginHost", "RequestRewriter", "MAX_BODY"]
+__all__ = ["find_class", "load_object", "PluginHost", "RequestRewriter"]
 
 log = logging.getLogger("router.plugins")
 
-MAX_BODY = 16 * 1024 * 1024
-"""Largest response body kept for `post_request`; a longer one is not passed on."""
 MAX_PENDING = 10_000
 """Event calls waiting for the plugin threads; past it events are dropped, with a warning."""
 INLINE_BUDGET = 0.001

@@ -29,10 +29,8 @@ from router.errors import (
 )
 from router.backends import Backend
 from router.events import RequestEvents
-from router.flow import Attempt, Outcome, RequestFlow
+from router.flow import MAX_BODY, TAIL_BYTES, Attempt, Outcome, RequestFlow
 from router.inbound import InboundRequest, UploadBody
-from router.metrics import TAIL_BYTES
-from router.plugins import MAX_BODY
 from router.retries import RetryBudget
 from router.timeouts import HeadTimeout, ProxyTimeout
 from router.upstream_read import read_bounded
