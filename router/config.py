@@ -5,16 +5,15 @@ Nothing else in the package reads `argv` or the environment; `router.cli` builds
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from router.discovery.kubernetes import K8sSettings
-
-if TYPE_CHECKING:  # that module imports ConfigError from here
-    from router.discovery.external import ExternalProvider
-
-__all__ = ["Config", "StaticBackend", "ConfigError", "parse_size", "DEMO_MODELS"]
+__all__ = [
+    "Config", "StaticBackend", "ConfigError", "parse_size", "DEMO_MODELS", "K8sSettings",
+    "DISCOVERY_TYPES", "SERVICE_ACCOUNT_DIR", "ExternalModel", "ExternalProvider",
+    "DEFAULT_MAX_RETRIES", "DEFAULT_MODEL_TYPE",
+]
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -22,6 +21,123 @@ GIB = 1024 * MIB
 
 DEMO_MODELS = ("demo-llm", "demo-whisper")
 """Models the built-in demo engines serve (`--demo`)."""
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DISCOVERY_TYPES = ("pod-ip", "service-name")
+"""What discovery watches: pods, routed at their IPs, or services, routed at their DNS names."""
+
+
+@dataclass(frozen=True)
+class K8sSettings:
+    """What to discover and how to reach the API server. Validated on creation (ValueError)."""
+
+    namespace: str | None = None
+    """None: the router pod's own namespace (service account), else the kubeconfig context's,
+    else `default`."""
+    label_selector: str = ""
+    """As in `kubectl get pods -l`, e.g. `app=vllm,tier!=canary`; empty selects every pod (or
+    service)."""
+    port: int = 8000
+    """The engine port on each pod (a pod's `router.vllm.ai/port` annotation overrides it); for
+    services, see `router.discovery.k8s_targets`."""
+    discovery_type: str = "pod-ip"
+    """`pod-ip`: watch pods, route to `POD_IP:PORT`; `service-name`: watch services, route to
+    `NAME:PORT` through the cluster's DNS (`DISCOVERY_TYPES`)."""
+    scheme: str = "http"
+    kubeconfig: str | None = None
+    """A kubeconfig path; when set it wins over the in-cluster service account."""
+    context: str | None = None
+    """The kubeconfig context; None: its `current-context`."""
+    api_server: str | None = None
+    """In-cluster API server URL (`in_cluster_api_server(os.environ)`); None outside a pod."""
+    service_account_dir: str = SERVICE_ACCOUNT_DIR
+    models_refresh: float = 30.0
+    """Seconds between re-reads of every engine's `/v1/models` (LoRA adapters come and go); also
+    the longest wait between retries for an engine whose models are not known yet."""
+    model_fetch_timeout: float = 5.0
+    engine_api_key: str | None = field(default=None, repr=False)
+    """Bearer token for the engines' `/v1/models` (vLLM `--api-key`)."""
+    watch_timeout: int = 300
+    """`timeoutSeconds` of each watch; the server ends it then and it is resumed."""
+    request_timeout: float = 30.0
+    """Seconds for one LIST page, and to connect for a WATCH."""
+    token_reload: float = 60.0
+    """Seconds between re-reads of a token file (kubelet rotates service-account tokens)."""
+    max_answer_size: int = 16 * 1024 * 1024
+    """Bytes read of one LIST page, one watch event or one engine's `/v1/models`; past them
+    the answer is cut (a list or watch is retried with backoff, an engine asked again)."""
+    retry_min: float = 0.5
+    retry_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"k8s port must be between 1 and 65535, not {self.port}")
+        if self.discovery_type not in DISCOVERY_TYPES:
+            raise ValueError(f"k8s discovery_type must be one of {', '.join(DISCOVERY_TYPES)}, "
+                             f"not {self.discovery_type!r}")
+        if self.scheme not in ("http", "https"):
+            raise ValueError(f"k8s scheme must be http or https, not {self.scheme!r}")
+        if self.namespace is not None and not self.namespace.strip():
+            raise ValueError("k8s namespace must not be empty (leave it unset for the pod's own)")
+        for name in ("models_refresh", "model_fetch_timeout", "request_timeout", "token_reload",
+                     "retry_min", "retry_max"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"k8s {name} must be a positive number of seconds, not {value}")
+        if self.max_answer_size < 1:
+            raise ValueError(f"k8s max_answer_size must be at least 1 byte, not "
+                             f"{self.max_answer_size}")
+        if self.watch_timeout < 1:
+            raise ValueError(f"k8s watch_timeout must be at least 1 second, not "
+                             f"{self.watch_timeout}")
+        if self.retry_max < self.retry_min:
+            raise ValueError("k8s retry_max must not be below retry_min")
+
+
+DEFAULT_MAX_RETRIES = 3
+"""An external provider's retries when its file says none."""
+DEFAULT_MODEL_TYPE = "chat"
+
+
+@dataclass(frozen=True)
+class ExternalModel:
+    id: str
+    type: str = DEFAULT_MODEL_TYPE
+    """`chat`, `completion`, `embeddings`...: what production-stack's file says the model is."""
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExternalProvider:
+    """One provider from the file, its key already read from the environment."""
+
+    name: str
+    url: str
+    """`api_base` normalised: no trailing slash, and no trailing `/v1`, since the router's
+    request paths start with `/v1` (production-stack appends `/v1/...` to `api_base`)."""
+    models: tuple[ExternalModel, ...]
+    api_key_env_var: str
+    api_key: str = field(repr=False)
+    type: str = "openai"
+    timeout: float | None = None
+    """Seconds to the first byte and between two chunks; None: the router's
+    --response-timeout and --read-timeout."""
+    max_retries: int = DEFAULT_MAX_RETRIES
+    custom_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """Values may be secrets too (an Azure `api-key`): kept out of `repr`."""
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return tuple(model.id for model in self.models)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """alias -> model id."""
+        return {alias: model.id for model in self.models for alias in model.aliases}
+
+    def headers(self) -> dict[str, str]:
+        """What every request to the provider carries: its key, then its custom headers."""
+        return {"Authorization": f"Bearer {self.api_key}", **dict(self.custom_headers)}
 
 
 class ConfigError(ValueError):

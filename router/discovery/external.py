@@ -28,14 +28,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import yaml
 
 from router.backends import Backend, parse_url
-from router.config import ConfigError
+from router.config import (
+    DEFAULT_MAX_RETRIES, DEFAULT_MODEL_TYPE, ConfigError, ExternalModel, ExternalProvider,
+)
 
 __all__ = [
     "ExternalModel",
@@ -56,8 +57,6 @@ MODEL_KEYS = ("id", "type", "aliases")
 PROVIDER_TYPES = ("openai",)
 DEFAULT_KEY_VARIABLE = "OPENAI_API_KEY"
 """production-stack's default for an `openai` provider without `api_key_env_var`."""
-DEFAULT_MAX_RETRIES = 3
-DEFAULT_MODEL_TYPE = "chat"
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 """A provider's name is its backend id: it appears in headers, metric labels and `?id=`."""
@@ -68,47 +67,6 @@ SET_BY_ROUTER = frozenset({
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "x-request-id",
 })
 """Headers the router or aiohttp set per request: a fixed value would break the exchange."""
-
-
-@dataclass(frozen=True)
-class ExternalModel:
-    id: str
-    type: str = DEFAULT_MODEL_TYPE
-    """`chat`, `completion`, `embeddings`...: what production-stack's file says the model is."""
-    aliases: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ExternalProvider:
-    """One provider from the file, its key already read from the environment."""
-
-    name: str
-    url: str
-    """`api_base` normalised: no trailing slash, and no trailing `/v1`, since the router's
-    request paths start with `/v1` (production-stack appends `/v1/...` to `api_base`)."""
-    models: tuple[ExternalModel, ...]
-    api_key_env_var: str
-    api_key: str = field(repr=False)
-    type: str = "openai"
-    timeout: float | None = None
-    """Seconds to the first byte and between two chunks; None: the router's
-    --response-timeout and --read-timeout."""
-    max_retries: int = DEFAULT_MAX_RETRIES
-    custom_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    """Values may be secrets too (an Azure `api-key`): kept out of `repr`."""
-
-    @property
-    def model_ids(self) -> tuple[str, ...]:
-        return tuple(model.id for model in self.models)
-
-    @property
-    def aliases(self) -> dict[str, str]:
-        """alias -> model id."""
-        return {alias: model.id for model in self.models for alias in model.aliases}
-
-    def headers(self) -> dict[str, str]:
-        """What every request to the provider carries: its key, then its custom headers."""
-        return {"Authorization": f"Bearer {self.api_key}", **dict(self.custom_headers)}
 
 
 def load_external_providers(
