@@ -5,22 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from aiohttp import web
 
 from router import __version__
-from router.access_log import configure_logging
 from router.app import make_app, mounted
-from router.cli import load_config
 from router.config import DEMO_MODELS, Config
 from router.connection import JsonErrorsHandler
-from router.discovery.kubernetes import K8sConfigError
 from router.keys import DRAIN
 from router.reload import Reloader
 from router.systemd import Notifier
 
-__all__ = ["run", "serve"]
+__all__ = ["serve"]
 
 log = logging.getLogger("router")
 
@@ -130,17 +127,3 @@ def close_if_idle(handler: asyncio.Protocol) -> None:
         transport = getattr(handler, "transport", None)
         if transport is not None:
             transport.close()
-
-
-def run(config: Config, argv: Sequence[str]) -> None:
-    """Serve with `config` (parsed from `argv`, which a reload or a worker parses again)."""
-    configure_logging(config.log_level, config.log_format, access_log=config.access_log)
-    try:
-        if config.workers > 1:
-            from router.workers import supervise
-
-            raise SystemExit(supervise(config, argv))
-        asyncio.run(serve(config, load=lambda: load_config(argv)))
-    except (OSError, K8sConfigError) as error:  # e.g. the port is taken: one line
-        log.critical("router stopped: %s", error)
-        raise SystemExit(1) from None
