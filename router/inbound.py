@@ -122,16 +122,18 @@ async def read_body(request: web.BaseRequest, size: BodySize, timeout: float) ->
     in steps as large as the limit)."""
     content = request.content
     chunks: list[bytes] = []
+
+    async def collect() -> None:
+        while chunk := await content.readany():
+            await size.add(len(chunk))
+            chunks.append(chunk)
+
     try:
-        if content.is_eof():  # it came with the headers: nothing to wait for
-            while chunk := await content.readany():
-                await size.add(len(chunk))
-                chunks.append(chunk)
+        if content.is_eof():  # it came with the headers: no timer to wait on
+            await collect()
         else:
             async with asyncio.timeout(timeout):
-                while chunk := await content.readany():
-                    await size.add(len(chunk))
-                    chunks.append(chunk)
+                await collect()
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
     except web.RequestPayloadError as error:
