@@ -64,7 +64,7 @@ async def loads_stepwise(raw: bytes | bytearray, step: float = STEP) -> Any:
     pos = _skip(text, 0)
     if not text.startswith("{", pos):
         return _DECODER.decode(text)
-    deadline = time.monotonic() + step
+    pace = _Pace(step)
     result: dict[str, Any] = {}
     pos = _skip(text, pos + 1)
     if text.startswith("}", pos):
@@ -80,36 +80,47 @@ async def loads_stepwise(raw: bytes | bytearray, step: float = STEP) -> Any:
         if text.startswith("[", pos):
             items: list[Any] = []
             pos = _skip(text, pos + 1)
-            if text.startswith("]", pos):
+            closed = text.startswith("]", pos)
+            if closed:
                 pos += 1
-            else:
-                while True:
-                    item, pos = _DECODER.raw_decode(text, pos)
-                    items.append(item)
-                    if time.monotonic() >= deadline:
-                        await asyncio.sleep(0)
-                        deadline = time.monotonic() + step
-                    pos = _skip(text, pos)
-                    if text.startswith(",", pos):
-                        pos = _skip(text, pos + 1)
-                    elif text.startswith("]", pos):
-                        pos += 1
-                        break
-                    else:
-                        raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            while not closed:
+                item, pos = _DECODER.raw_decode(text, pos)
+                items.append(item)
+                await pace()
+                pos, closed = _after_value(text, pos, "]")
             result[key] = items
         else:
             result[key], pos = _DECODER.raw_decode(text, pos)
-        if time.monotonic() >= deadline:
+        await pace()
+        pos, closed = _after_value(text, pos, "}")
+        if closed:
+            return _end(text, pos, result)
+
+
+class _Pace:
+    """Gives the event loop back whenever `step` seconds of parsing went by."""
+
+    __slots__ = ("step", "deadline")
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.deadline = time.monotonic() + step
+
+    async def __call__(self) -> None:
+        if time.monotonic() >= self.deadline:
             await asyncio.sleep(0)
-            deadline = time.monotonic() + step
-        pos = _skip(text, pos)
-        if text.startswith(",", pos):
-            pos = _skip(text, pos + 1)
-        elif text.startswith("}", pos):
-            return _end(text, pos + 1, result)
-        else:
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            self.deadline = time.monotonic() + self.step
+
+
+def _after_value(text: str, pos: int, close: str) -> tuple[int, bool]:
+    """Past a member or an element: the position of the next one, or past `close`, and
+    whether it was `close`."""
+    pos = _skip(text, pos)
+    if text.startswith(",", pos):
+        return _skip(text, pos + 1), False
+    if text.startswith(close, pos):
+        return pos + 1, True
+    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
 
 
 def _skip(text: str, pos: int) -> int:
