@@ -75,7 +75,7 @@ def head_watch_cost() -> float:
     router's `HeadWatch` armed, minus the same without it: what the phase timeouts add."""
     from aiohttp.client_proto import ResponseHandler
 
-    from router.timeouts import HeadWatch, ProxyTimeout
+    from router.proxy.timeouts import HeadWatch, ProxyTimeout
 
     timeout = ProxyTimeout(sock_read=1800.0, body_read=600.0, head=30.0)
 
@@ -124,7 +124,7 @@ def async_cost_over(
 
 def connect_frame_cost() -> float:
     """One more coroutine frame around `TCPConnector.connect` (plus its isinstance check)."""
-    from router.timeouts import ProxyTimeout
+    from router.proxy.timeouts import ProxyTimeout
 
     timeout = ProxyTimeout()
 
@@ -141,7 +141,7 @@ def connect_frame_cost() -> float:
 
 
 def retry_ticket() -> Callable[[], None]:
-    from router.retries import RetryBudget
+    from router.proxy.retries import RetryBudget
 
     budget = RetryBudget(20.0, 3)
 
@@ -229,7 +229,7 @@ def measure_all() -> list[tuple[str, str]]:
     def events(only_metrics: bool) -> Callable[[], float]:
         def step() -> float:
             from router.app import make_app
-            from router.cli import parse_config
+            from router.config.flags import parse_config
             from router.flow import Outcome, RequestFlow
             from router.keys import EVENTS, METRICS, POOL
 
@@ -262,7 +262,7 @@ def measure_all() -> list[tuple[str, str]]:
     def pool(guarded: bool) -> Callable[[], float]:
         def step() -> float:
             import aiohttp
-            from router.upstream_pool import GuardedConnector
+            from router.proxy.upstream_pool import GuardedConnector
             return asyncio.run(pooled_connection_us(
                 GuardedConnector if guarded else aiohttp.TCPConnector))
         return step

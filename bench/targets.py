@@ -227,7 +227,7 @@ def start_canned_engines(count: int, log_dir: Path) -> tuple[list[str], Proc]:
 def _needs_otel() -> str | None:
     """Why `router+otel` cannot run here (the SDK, its OTLP/HTTP exporter and, for the sink,
     the OTLP protobuf messages), or None."""
-    from router.tracing import sdk_missing
+    from router.observe.tracing import sdk_missing
 
     missing = sdk_missing("http")
     if missing is None:

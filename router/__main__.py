@@ -8,12 +8,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from router.access_log import configure_logging
-from router.cli import load_config, parse_config
-from router.config import Config
+from router.observe.access_log import configure_logging
+from router.config.flags import load_config, parse_config
+from router.config.settings import Config
 from router.discovery.kubernetes import K8sConfigError
-from router.server import serve
-from router.workers import supervise
+from router.serve.server import serve
+from router.serve.workers import supervise
 
 __all__ = ["main", "run"]
 

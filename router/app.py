@@ -11,38 +11,38 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from router.access import ApiKeys, auth_middleware
-from router.admission import Admission, RateLimiter
-from router.access_log import AccessLog
+from router.api.auth import ApiKeys, auth_middleware
+from router.proxy.admission import Admission, RateLimiter
+from router.observe.access_log import AccessLog
 from router import batch
 from router.api import admin, dashboard, guard, json_errors, openai
-from router.backends import BackendPool
-from router.config import Config
+from router.backends.pool import BackendPool
+from router.config.settings import Config
 from router.discovery.external import external_backends
 from router.discovery.kubernetes import kubernetes_discovery
 from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.flow import Outcome
-from router.health import HealthProber, HealthTracker
+from router.backends.health import HealthProber, HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, RETRY_BUDGET, REWRITER,
     STATS, UPSTREAM_AUTH, BATCHES, PREFILL_HOP,
 )
-from router import multiprocess_metrics
-from router.metrics import Metrics
-from router.multiprocess_metrics import FleetPublisher
+from router.observe import multiprocess
+from router.observe.metrics import Metrics
+from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
-from router.proxy import PrefillHop, UpstreamAuth, cut_client
-from router.retries import RetryBudget
-from router.routing import BackendChooser
-from router.shutdown import Drain
+from router.proxy.forward import PrefillHop, UpstreamAuth, cut_client
+from router.proxy.retries import RetryBudget
+from router.policies.chooser import BackendChooser
+from router.proxy.live import Drain
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
-from router.timeouts import ProxyTimeout
-from router.tracing import make_tracer
-from router.upstream_pool import GuardedConnector
+from router.proxy.timeouts import ProxyTimeout
+from router.observe.tracing import make_tracer
+from router.proxy.upstream_pool import GuardedConnector
 
 __all__ = ["make_app", "mounted"]
 
@@ -58,7 +58,7 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         read_size=config.stream_buffer_size,
     )
     # No total timeout: streams may run for hours. Each phase has its own bound instead
-    # (router.timeouts): connecting, waiting for the answer (a non-streamed generation
+    # (router.proxy.timeouts): connecting, waiting for the answer (a non-streamed generation
     # answers only when done), the head once started, and each silence of the body.
     timeout = ProxyTimeout(
         total=None,
@@ -121,7 +121,7 @@ async def watch_stalls(app: web.Application) -> AsyncIterator[None]:
     (backpressure would otherwise hold them, and their backend request, for ever), and, as a
     backstop, those whose backend sent nothing for longer than the read timeout (should a
     future aiohttp lose a read timer as 3.14 does on a malformed chunk: see
-    `router.upstream_pool.PooledHandler.set_exception`)."""
+    `router.proxy.upstream_pool.PooledHandler.set_exception`)."""
     config = app[CONFIG]
     write_limit = config.client_write_timeout
     read_limit = config.read_timeout + min(STALL_GRACE, config.read_timeout)
@@ -199,7 +199,7 @@ def make_app(config: Config) -> web.Application:
     stats = RequestStats(config.request_stats_window)
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown,
                            max_ejection_percent=config.max_ejection_percent)
-    metrics = Metrics(stats, pool, health, multiprocess=multiprocess_metrics.enabled())
+    metrics = Metrics(stats, pool, health, multiprocess=multiprocess.enabled())
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config
@@ -222,7 +222,7 @@ def make_app(config: Config) -> web.Application:
         if config.request_rewriter else None
     )
     app[FLEET_PUBLISHER] = None
-    if multiprocess_metrics.enabled():
+    if multiprocess.enabled():
         app[FLEET_PUBLISHER] = FleetPublisher(metrics)
         app.cleanup_ctx.append(publish_fleet_gauges)
     app[HEALTH] = health

@@ -1,6 +1,6 @@
 """The flow: one object per proxied request, carried through every layer and every event.
 
-The invariant, which `router.lifecycle.Lifecycle` guarantees: every flow gets exactly one
+The invariant, which `router.proxy.lifecycle.Lifecycle` guarantees: every flow gets exactly one
 `on_new`, at most one `on_response`, and exactly one `on_complete`, whose `outcome` is set.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from router.backends import Backend
+    from router.backends.pool import Backend
 
 __all__ = ["Outcome", "Attempt", "Usage", "RequestFlow", "TAIL_BYTES", "MAX_BODY"]
 
@@ -97,7 +97,7 @@ class RequestFlow:
     tail: bytes = b""
     """The last few KiB of the response body, where the `usage` object is (for metrics)."""
     parsed_usage: tuple[Usage | None] | None = None
-    """`router.metrics.usage_of`'s memo, so every subscriber shares one parse of `tail`."""
+    """`router.observe.metrics.usage_of`'s memo, so every subscriber shares one parse of `tail`."""
     request: web.Request | None = None
     """The client's request (for plugins: headers, address, path)."""
     request_json: dict[str, Any] | None = None

@@ -7,19 +7,19 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from router.access import ApiKeys
-from router.admission import Admission, RateLimiter
-from router.backends import BackendPool
-from router.config import Config
+from router.api.auth import ApiKeys
+from router.proxy.admission import Admission, RateLimiter
+from router.backends.pool import BackendPool
+from router.config.settings import Config
 from router.events import RequestEvents
-from router.health import HealthTracker
-from router.metrics import Metrics
-from router.multiprocess_metrics import FleetPublisher
+from router.backends.health import HealthTracker
+from router.observe.metrics import Metrics
+from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter
-from router.routing import BackendChooser
-from router.proxy import PrefillHop, UpstreamAuth
-from router.retries import RetryBudget
-from router.shutdown import Drain
+from router.policies.chooser import BackendChooser
+from router.proxy.forward import PrefillHop, UpstreamAuth
+from router.proxy.retries import RetryBudget
+from router.proxy.live import Drain
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 

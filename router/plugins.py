@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from router.config import ConfigError
+from router.config.settings import ConfigError
 from router.events import EVENT_NAMES, RequestEvents
 from router.flow import RequestFlow
 

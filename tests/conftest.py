@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from router.app import make_app
-from router.backends import Backend
-from router.config import Config, StaticBackend
+from router.backends.pool import Backend
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome, RequestFlow
 from router.keys import CLIENT_SESSION, EVENTS, STATS
 from router.testing import RunningEngine, start_engine

@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 
 from router.app import make_app, mounted
-from router.cli import load_config
-from router.config import Config, StaticBackend
+from router.config.flags import load_config
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
-from router.server import serve
+from router.serve.server import serve
 from router.testing import RunningEngine
 from router.testing.processes import free_port, wait_until_healthy
 

@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 import aiohttp
 import pytest
 
-from router.access_log import (
+from router.observe.access_log import (
     ACCESS_LOGGER,
     AccessLog,
     AccessRecord,
     configure_logging,
     redact,
 )
-from router.backends import Backend
+from router.backends.pool import Backend
 from router.flow import Attempt, Outcome, RequestFlow
 from router.keys import EVENTS, POOL
 from router.testing import RunningEngine
@@ -143,7 +143,7 @@ def test_no_work_when_the_access_logger_is_off(
     def boom(flow: RequestFlow) -> None:
         raise AssertionError("the access line was built")
 
-    monkeypatch.setattr("router.access_log.usage_of", boom)
+    monkeypatch.setattr("router.observe.access_log.usage_of", boom)
     for level, fmt, access_log in (("warning", "text", True), ("info", "json", False)):
         stream = logs(level, fmt, access_log=access_log)
         AccessLog().on_complete(finished_flow())

@@ -20,8 +20,8 @@ from openai.types import Batch
 
 from router.batch import Batches
 from router.batch.batches import HashSet
-from router.cli import load_config
-from router.config import Config, ConfigError, StaticBackend
+from router.config.flags import load_config
+from router.config.settings import Config, ConfigError, StaticBackend
 from router.flow import Outcome
 from router.keys import BATCHES, EVENTS
 from router.testing import RunningEngine

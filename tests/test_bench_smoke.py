@@ -18,7 +18,7 @@ import pytest
 from bench.__main__ import check_target, running
 from bench.targets import CHAT, executable, start_canned_engines, start_router
 from bench.targets import target as bench_target
-from router import tracing
+from router.observe import tracing
 
 TIMEOUT = 120
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from router.cli import parse_config
-from router.config import GIB, KIB, MIB, Config, StaticBackend
+from router.config.flags import parse_config
+from router.config.settings import GIB, KIB, MIB, Config, StaticBackend
 from router.testing.processes import free_port, wait_until_healthy
 
 BAD_FLAGS = {

@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router.cli import load_config
-from router.config import Config, ConfigError, StaticBackend
-from router.server import serve
+from router.config.flags import load_config
+from router.config.settings import Config, ConfigError, StaticBackend
+from router.serve.server import serve
 from router.testing import RunningEngine
 from router.testing.processes import free_port, wait_until_healthy
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from router import __version__
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.keys import CHOOSER, HEALTH, POOL
 from router.testing import RunningEngine
 

@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.backends import Backend, BackendPool
-from router.config import Config, StaticBackend
+from router.backends.pool import Backend, BackendPool
+from router.config.settings import Config, StaticBackend
 from router.keys import ENGINE_STATS
 from router.stats.engine import (
     MAX_LINE, EngineScraper, EngineSnapshot, EngineStats, MetricsParser, parse_engine_metrics,

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
 from router.testing import RunningEngine
 

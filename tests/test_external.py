@@ -23,9 +23,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 
-from router.backends import Backend, BackendPool
-from router.cli import load_config
-from router.config import Config, ConfigError
+from router.backends.pool import Backend, BackendPool
+from router.config.flags import load_config
+from router.config.settings import Config, ConfigError
 from router.discovery.external import (
     ExternalProvider,
     external_backends,
@@ -34,7 +34,7 @@ from router.discovery.external import (
     parse_external_providers,
 )
 from router.keys import POOL
-from router.reload import Reloader
+from router.serve.reload import Reloader
 from router.testing import ENGINE_BEHAVIOUR, ENGINE_STATE, EngineBehaviour, EngineState
 from router.testing import RunningEngine, make_engine_app
 from router.testing.processes import free_port

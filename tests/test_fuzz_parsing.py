@@ -25,9 +25,9 @@ from aiohttp.multipart import BadContentDispositionHeader, BadContentDisposition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.errors import BadRequest
-from router.multipart import MAX_FIELD_SIZE, MultipartScanner
+from router.proxy.multipart import MAX_FIELD_SIZE, MultipartScanner
 from router.testing import RunningEngine
 from router.testing.chaos import Kind
 

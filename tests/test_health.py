@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.backends import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool
 from router.flow import Attempt, Outcome, RequestFlow
-from router.health import (
+from router.backends.health import (
     BreakerState,
     CircuitBreaker,
     HealthProber,

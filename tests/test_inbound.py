@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
-from router.server import serve
+from router.serve.server import serve
 from router.testing import RunningEngine
 from router.testing.processes import free_port, wait_until_healthy
 

@@ -32,7 +32,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from router.backends import BackendPool
+from router.backends.pool import BackendPool
 from router.discovery import kubernetes  # for monkeypatching its constants
 from router.discovery.kubernetes import (
     LABELS_ANNOTATION,
@@ -45,7 +45,7 @@ from router.discovery.kubernetes import (
     load_access,
 )
 from router.testing import RunningEngine, start_engine
-from router.cli import parse_config
+from router.config.flags import parse_config
 from router.testing.flood import start_flood
 from router.testing.processes import free_port, wait_until_healthy
 from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready

@@ -13,7 +13,7 @@ import pytest
 
 from router.errors import BadRequest, PayloadTooLarge
 from router.flow import Outcome
-from router.multipart import MAX_FIELDS_BYTES, MAX_PARTS, MultipartScanner, splice
+from router.proxy.multipart import MAX_FIELDS_BYTES, MAX_PARTS, MultipartScanner, splice
 from router.testing import RunningEngine
 
 from .conftest import WHISPER, RouterUnderTest, StartRouter, config_for

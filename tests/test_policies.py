@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.backends import Backend
-from router.config import Config
-from router.inbound import InboundRequest
+from router.backends.pool import Backend
+from router.config.settings import Config
+from router.proxy.inbound import InboundRequest
 from router.policies import PolicyContext, RoutingPolicy
 from router.policies.features import CONTENT, ESC, ROLE, prompt_text, session_key
 from router.policies.leastload import LeastLoad

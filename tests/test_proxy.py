@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from router.app import make_app
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
 from router.keys import CHOOSER
 from router.testing import RunningEngine

@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.keys import RETRY_BUDGET
-from router.retries import RetryBudget
+from router.proxy.retries import RetryBudget
 from router.testing import RunningEngine
 from router.testing.chaos import Fault, MisbehavingBackend
 from router.testing.processes import free_port

@@ -14,9 +14,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.app import make_app, mounted
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
-from router.inbound import InboundRequest
+from router.proxy.inbound import InboundRequest
 from router.keys import CHOOSER, ENGINE_STATS, HEALTH, POOL
 from router.policies.features import prompt_text
 from router.policies.prefixaware import PrefixAware

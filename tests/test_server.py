@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.config import Config, StaticBackend
-from router.server import serve
+from router.config.settings import Config, StaticBackend
+from router.serve.server import serve
 from router.testing import RunningEngine
 from router.testing.processes import free_port, wait_until_healthy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.backends import Backend
+from router.backends.pool import Backend
 from router.flow import Outcome, RequestFlow
 from router.stats.requests import BackendSnapshot, RequestStats
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from router.config import Config, StaticBackend
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
 from router.keys import HEALTH
 from router.testing import RunningEngine

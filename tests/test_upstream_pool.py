@@ -13,11 +13,11 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDictProxy
 
-from router.backends import backend_id
-from router.config import Config, StaticBackend
+from router.backends.pool import backend_id
+from router.config.settings import Config, StaticBackend
 from router.keys import HEALTH
 from router.testing.raw_engine import RawEngine, RawRequest, Step, http_response
-from router.upstream_pool import GuardedConnector, PooledHandler
+from router.proxy.upstream_pool import GuardedConnector, PooledHandler
 
 from .conftest import CHAT, MODELS, StartRouter, eventually
 

@@ -12,7 +12,7 @@ import pytest
 
 from router.errors import AnswerTooLarge
 from router.testing.flood import FILLER, start_flood
-from router.upstream_read import loads_stepwise, read_bounded
+from router.proxy.upstream_read import loads_stepwise, read_bounded
 
 MIB = 1024 * 1024
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router import multiprocess_metrics
+from router.observe import multiprocess
 from router.api import expect_handler
 from router.keys import (
     CHOOSER, DRAIN, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, METRICS, POOL, STATS,
@@ -102,7 +102,7 @@ async def engines(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     publisher = request.app[FLEET_PUBLISHER]
     if publisher is not None:  # --workers: every worker's figures
-        body = await multiprocess_metrics.render(publisher)
+        body = await multiprocess.render(publisher)
     else:
         body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -19,15 +19,15 @@ from aiohttp import hdrs, web
 from router.api import expect_handler, request_id
 from router.errors import RouterError, error_response
 from router.flow import RequestFlow
-from router.inbound import InboundRequest, read_json_request
+from router.proxy.inbound import InboundRequest, read_json_request
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, EVENTS, PLUGINS, POOL,
     PREFILL_HOP, RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
 )
-from router.lifecycle import Lifecycle
-from router.multipart import read_multipart_request
+from router.proxy.lifecycle import Lifecycle
+from router.proxy.multipart import read_multipart_request
 from router.plugins import RequestRewriter
-from router.proxy import Failover, forward, upstream_headers
+from router.proxy.forward import Failover, forward, upstream_headers
 
 __all__ = [
     "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "add_routes", "client_key", "spend_rate_limit",

@@ -26,9 +26,9 @@ from router.batch.files import OPEN, PURPOSES, Received
 from router.errors import (
     BadRequest, RequestTimeout, RouterError, error_response, shorten,
 )
-from router.inbound import BodySize, read_body, unreadable
+from router.proxy.inbound import BodySize, read_body, unreadable
 from router.keys import API_KEYS, BATCHES, CONFIG
-from router.multipart import multipart_boundary
+from router.proxy.multipart import multipart_boundary
 
 __all__ = ["add_routes"]
 

@@ -41,7 +41,7 @@ from typing import IO, Any
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.admission import Admission
+from router.proxy.admission import Admission
 from router.api.openai import JSON_ENDPOINTS, extend, rewrite
 from router.batch.files import (
     OPEN, Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
@@ -49,14 +49,14 @@ from router.batch.files import (
 )
 from router.errors import BadRequest, PayloadTooLarge, RouterError, TooManyRequests, shorten
 from router.flow import RequestFlow
-from router.inbound import InboundRequest, resolve_model
+from router.proxy.inbound import InboundRequest, resolve_model
 from router.keys import (
     ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, PREFILL_HOP,
     RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
 )
-from router.lifecycle import Lifecycle
-from router.proxy import Collector, Failover, forward, upstream_headers
-from router.upstream_read import loads_stepwise
+from router.proxy.lifecycle import Lifecycle
+from router.proxy.forward import Collector, Failover, forward, upstream_headers
+from router.proxy.upstream_read import loads_stepwise
 
 __all__ = ["Batch", "Batches", "ENDPOINTS"]
 
@@ -366,7 +366,7 @@ async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) 
 
 
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
-    """`router.inbound.read_json_request` for a line: rewritten, model resolved."""
+    """`router.proxy.inbound.read_json_request` for a line: rewritten, model resolved."""
     rewriter = app[REWRITER]
     if rewriter is not None and (rewritten := rewrite(rewriter, flow, body)) is not None:
         body = rewritten

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from router.backends import Backend
-from router.config import DEMO_MODELS
+from router.backends.pool import Backend
+from router.config.settings import DEMO_MODELS
 from router.keys import CONFIG, POOL
 from router.testing import start_engine
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from router.config import DISCOVERY_TYPES, SERVICE_ACCOUNT_DIR, K8sSettings
+from router.config.settings import DISCOVERY_TYPES, SERVICE_ACCOUNT_DIR, K8sSettings
 
 __all__ = [
     "K8sConfigError", "K8sSettings", "K8sAccess", "Token", "SERVICE_ACCOUNT_DIR",

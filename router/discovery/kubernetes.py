@@ -53,7 +53,7 @@ import aiohttp
 from aiohttp import web
 
 from router import __version__
-from router.backends import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool
 from router.errors import AnswerTooLarge
 from router.discovery.k8s_access import (
     DISCOVERY_TYPES,
@@ -77,7 +77,7 @@ from router.discovery.k8s_targets import (
     pod_target,
     service_target,
 )
-from router.upstream_read import loads_stepwise, read_bounded
+from router.proxy.upstream_read import loads_stepwise, read_bounded
 
 __all__ = [
     "K8sSettings",

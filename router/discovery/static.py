@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.backends import Backend
-from router.config import Config
+from router.backends.pool import Backend
+from router.config.settings import Config
 
 __all__ = ["static_backends"]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from router.config import Config
+from router.config.settings import Config
 from router.policies.disaggregated import DisaggregatedPrefill
 from router.policies.leastload import LeastLoad
 from router.policies.prefixaware import PrefixAware
@@ -21,8 +21,8 @@ from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 if TYPE_CHECKING:
-    from router.backends import Backend
-    from router.inbound import InboundRequest
+    from router.backends.pool import Backend
+    from router.proxy.inbound import InboundRequest
 
 __all__ = ["RoutingPolicy", "TwoStagePolicy", "PolicyContext", "POLICIES", "make_policy"]
 

@@ -2,7 +2,7 @@
 
 Backends carry labels (`--static-model-labels`): those with a prefill label take the first
 hop (`choose_prefill`), those with a decode label the second (`choose`); each side takes
-turns per model. The two hops themselves run in `router.proxy.prefill`, inside the client
+turns per model. The two hops themselves run in `router.proxy.forward.prefill`, inside the client
 request's one lifecycle.
 """
 
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from router.errors import NoBackendAvailable
 
 if TYPE_CHECKING:
-    from router.backends import Backend
-    from router.inbound import InboundRequest
+    from router.backends.pool import Backend
+    from router.proxy.inbound import InboundRequest
     from router.policies import PolicyContext
 
 __all__ = ["DisaggregatedPrefill", "PREFILL_ENDPOINTS"]

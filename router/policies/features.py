@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from router.inbound import InboundRequest
+    from router.proxy.inbound import InboundRequest
 
 __all__ = ["session_key", "prompt_text"]
 

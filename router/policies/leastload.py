@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from router.policies.load import STALE_SCRAPES, load_scores
 
 if TYPE_CHECKING:
-    from router.backends import Backend
-    from router.inbound import InboundRequest
+    from router.backends.pool import Backend
+    from router.proxy.inbound import InboundRequest
     from router.policies import PolicyContext
 
 __all__ = ["LeastLoad"]

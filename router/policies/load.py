@@ -22,7 +22,7 @@ from random import Random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from router.backends import Backend
+    from router.backends.pool import Backend
     from router.policies import PolicyContext
 
 __all__ = [

@@ -25,8 +25,8 @@ from router.policies.load import load_scores, lowest
 from router.policies.prefix_tree import PrefixTree
 
 if TYPE_CHECKING:
-    from router.backends import Backend
-    from router.inbound import InboundRequest
+    from router.backends.pool import Backend
+    from router.proxy.inbound import InboundRequest
     from router.policies import PolicyContext
 
 __all__ = ["PrefixAware"]

@@ -25,8 +25,8 @@ from router.policies.features import session_key
 from router.policies.load import least_loaded
 
 if TYPE_CHECKING:
-    from router.backends import Backend
-    from router.inbound import InboundRequest
+    from router.backends.pool import Backend
+    from router.proxy.inbound import InboundRequest
     from router.policies import PolicyContext
 
 __all__ = ["Session", "HashRing"]

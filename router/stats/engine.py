@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 
-from router.backends import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool
 from router.errors import AnswerTooLarge, failure_detail
-from router.upstream_read import chunks_bounded
+from router.proxy.upstream_read import chunks_bounded
 
 __all__ = [
     "EngineSnapshot", "EngineStats", "EngineScraper", "MetricsParser", "parse_engine_metrics",

@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.backends import backend_id
-from router.config import Config, StaticBackend
+from router.backends.pool import backend_id
+from router.config.settings import Config, StaticBackend
 from router.flow import Outcome, RequestFlow
 from router.keys import EVENTS
 from router.testing import RunningEngine

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.config import Config
+from router.config.settings import Config
 from router.keys import HEALTH, POOL
 from router.testing import RunningEngine
 from router.testing.chaos import ClientResult, Kind, call

@@ -18,7 +18,7 @@ from aiohttp import web
 from router.errors import ClientGone, InternalError, RouterError, error_response
 from router.events import RequestEvents
 from router.flow import Outcome, RequestFlow
-from router.proxy import REQUEST_ID, cut_client
+from router.proxy.forward import REQUEST_ID, cut_client
 
 __all__ = ["Lifecycle"]
 
@@ -44,7 +44,7 @@ class Lifecycle:
         self.flow = flow
         self.error: RouterError | None = None
         self.response: web.StreamResponse | None = None
-        """The client's answer, once `router.proxy.ClientSink` started it."""
+        """The client's answer, once `router.proxy.forward.ClientSink` started it."""
         self._completed = False
 
     async def __aenter__(self) -> Lifecycle:

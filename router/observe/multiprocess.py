@@ -16,7 +16,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from router.metrics import Metrics
+from router.observe.metrics import Metrics
 
 __all__ = ["enabled", "FleetPublisher", "render"]
 

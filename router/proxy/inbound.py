@@ -1,7 +1,7 @@
 """The inbound request: what routing needs to know, parsed once, plus the body to forward.
 
 JSON bodies are forwarded as received (re-serialised only when an alias renames the model).
-Multipart bodies are forwarded as a stream (see `router.multipart`).
+Multipart bodies are forwarded as a stream (see `router.proxy.multipart`).
 
 A body sent with `Content-Encoding: gzip` or `deflate` is read decoded (aiohttp's server
 decodes it as it is read, in steps as small as the reads: 64-256 KiB), every decoded byte
@@ -21,7 +21,7 @@ from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
 from multidict import CIMultiDictProxy
 
-from router.backends import BackendPool
+from router.backends.pool import BackendPool
 from router.errors import (
     BadRequest, MalformedRequest, ModelNotFound, PayloadTooLarge, RequestTimeout,
     UnsupportedEncoding, shorten,

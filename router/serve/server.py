@@ -11,11 +11,11 @@ from aiohttp import web
 
 from router import __version__
 from router.app import make_app, mounted
-from router.config import DEMO_MODELS, Config
-from router.connection import JsonErrorsHandler
+from router.config.settings import DEMO_MODELS, Config
+from router.serve.connection_errors import JsonErrorsHandler
 from router.keys import DRAIN
-from router.reload import Reloader
-from router.systemd import Notifier
+from router.serve.reload import Reloader
+from router.serve.systemd import Notifier
 
 __all__ = ["serve"]
 

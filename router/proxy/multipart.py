@@ -25,9 +25,9 @@ from aiohttp.multipart import (
     parse_content_disposition,
 )
 
-from router.backends import BackendPool
+from router.backends.pool import BackendPool
 from router.errors import BadRequest, PayloadTooLarge
-from router.inbound import BodySize, InboundRequest, read_chunk, resolve_model
+from router.proxy.inbound import BodySize, InboundRequest, read_chunk, resolve_model
 
 __all__ = ["MultipartScanner", "Part", "read_multipart_request"]
 

@@ -42,12 +42,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from router.backends import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool
 from router.flow import Outcome, RequestFlow, Usage
-from router.health import BreakerState, HealthTracker
+from router.backends.health import BreakerState, HealthTracker
 from router.stats.requests import RequestStats
 from router.stats.window import Window
-from router.timeouts import HeadWatchingConnector
+from router.proxy.timeouts import HeadWatchingConnector
 
 __all__ = ["Metrics", "Usage", "find_usage", "usage_of", "error_kind"]
 
@@ -632,7 +632,7 @@ class Metrics:
         `router_upstream_connect_seconds`. Nothing runs per request for the timing:
         a request on a pooled connection costs nothing (an `aiohttp.TraceConfig` would cost
         ~5-10 µs on every request for the same figure). It also watches response heads
-        (`router.timeouts.HeadWatchingConnector`)."""
+        (`router.proxy.timeouts.HeadWatchingConnector`)."""
         return _TimedConnector(self._observe_connect, **kwargs)
 
     def _observe_connect(self, url: str, seconds: float) -> None:

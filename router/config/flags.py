@@ -11,15 +11,15 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from router import __version__
-from router.backends import parse_url
-from router.config import Config, ConfigError, StaticBackend, parse_size
-from router.config_file import file_tokens, read_config_file
+from router.backends.pool import parse_url
+from router.config.settings import Config, ConfigError, StaticBackend, parse_size
+from router.config.file import file_tokens, read_config_file
 from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.kubernetes import DISCOVERY_TYPES, K8sSettings, in_cluster_api_server
-from router.health import MODEL_TYPES
+from router.backends.health import MODEL_TYPES
 from router.plugins import find_class
 from router.policies import POLICIES
-from router.tracing import PROTOCOLS, otlp_target, sdk_missing
+from router.observe.tracing import PROTOCOLS, otlp_target, sdk_missing
 
 __all__ = ["build_parser", "parse_config", "load_config"]
 

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from router.cli import load_config
-from router.config import Config
-from router.systemd import Notifier
+from router.config.flags import load_config
+from router.config.settings import Config
+from router.serve.systemd import Notifier
 
 __all__ = ["supervise", "worker_main"]
 
@@ -53,8 +53,8 @@ class PipeNotifier(Notifier):
 
 def worker_main(argv: Sequence[str], connection: Connection) -> None:
     """The body of one worker process (started with the `spawn` method)."""
-    from router.access_log import configure_logging
-    from router.server import serve
+    from router.observe.access_log import configure_logging
+    from router.serve.server import serve
 
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from router.config import ConfigError
+from router.config.settings import ConfigError
 
 __all__ = ["read_config_file", "file_tokens"]
 

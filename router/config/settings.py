@@ -1,6 +1,6 @@
 """The router's configuration: one frozen dataclass tree, validated once at start.
 
-Nothing else in the package reads `argv` or the environment; `router.cli` builds a `Config`.
+Nothing else in the package reads `argv` or the environment; `router.config.flags` builds a `Config`.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ class Config:
     config_file: str | None = None
     config_watch: bool = False
     """Poll `config_file` and reload when it changes (SIGHUP reloads in any case)."""
-    # Access control (router/access.py).
+    # Access control (router/api/auth.py).
     api_keys: tuple[str, ...] = ()
     """Keys clients must present as `Authorization: Bearer <key>`; none: the router is open."""
     api_keys_file: str | None = None
@@ -218,7 +218,7 @@ class Config:
     backend_api_key: str | None = None
     """Sent to backends as `Authorization: Bearer` on proxied requests, probes and scrapes."""
 
-    # Admission control and limits (router/admission.py, router/server.py).
+    # Admission control and limits (router/proxy/admission.py, router/serve/server.py).
     max_concurrent_requests: int = 0
     """Proxied requests running at once; 0 means no cap."""
     queue_size: int = 100
@@ -308,7 +308,7 @@ class Config:
     engine_stats_max_size: int = 16 * MIB
     """Largest `/metrics` page read; past it the scrape fails and is cut."""
 
-    # Health (router/health.py).
+    # Health (router/backends/health.py).
     health_check_interval: float = 10.0
     health_check_path: str = "/health"
     health_check_timeout: float = 5.0
@@ -320,17 +320,17 @@ class Config:
     """The most breakers may hold out of a model's backends that the probes do not fail, in
     percent, rounded down (so never the last one below 100); 100: no cap."""
 
-    # Tracing (router/tracing.py).
+    # Tracing (router/observe/tracing.py).
     otel_endpoint: str | None = None
     """OTLP collector for traces (`host:4317`, `http://host:4318`); None: no tracing, and
     OpenTelemetry is not even imported."""
     otel_protocol: str | None = None
-    """`grpc` or `http`; None: from the endpoint (`router.tracing.otlp_target`)."""
+    """`grpc` or `http`; None: from the endpoint (`router.observe.tracing.otlp_target`)."""
     otel_service_name: str = "router"
     otel_secure: bool = False
     """TLS to a gRPC collector (an HTTP one takes an `https://` endpoint)."""
 
-    # Failover (router/proxy.py).
+    # Failover (router/proxy/forward.py).
     max_retries: int = 2
     retry_backoff: float = 0.05
     """Seconds before the first retry; doubled for each next one."""

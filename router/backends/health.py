@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from router.backends import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool
 from router.errors import failure_detail
 from router.flow import Outcome, RequestFlow
 

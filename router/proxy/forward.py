@@ -27,16 +27,16 @@ from router.errors import (
     AnswerTooLarge, BackendStatus, BackendUnreachable, ClientGone, PrefillFailed,
     ResponseHeadTimeout, RouterError, UpstreamError, UpstreamTimeout, failure_detail,
 )
-from router.backends import Backend
+from router.backends.pool import Backend
 from router.events import RequestEvents
 from router.flow import MAX_BODY, TAIL_BYTES, Attempt, Outcome, RequestFlow
-from router.inbound import InboundRequest, UploadBody
-from router.retries import RetryBudget
-from router.timeouts import HeadTimeout, ProxyTimeout
-from router.upstream_read import read_bounded
+from router.proxy.inbound import InboundRequest, UploadBody
+from router.proxy.retries import RetryBudget
+from router.proxy.timeouts import HeadTimeout, ProxyTimeout
+from router.proxy.upstream_read import read_bounded
 
 if TYPE_CHECKING:
-    from router.lifecycle import Lifecycle
+    from router.proxy.lifecycle import Lifecycle
 
 __all__ = [
     "Failover", "PrefillHop", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
@@ -56,7 +56,7 @@ HOP_BY_HOP = frozenset(
 )
 # Also not forwarded upstream: aiohttp sets Host and Content-Length itself, an `Expect`
 # was already answered by our own server, and a body is always sent decoded
-# (`router.inbound.body_coding`).
+# (`router.proxy.inbound.body_coding`).
 NOT_FORWARDED_UP = HOP_BY_HOP | {
     hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID, hdrs.CONTENT_ENCODING,
 }

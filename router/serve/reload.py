@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from router.config import Config, ConfigError
+from router.config.settings import Config, ConfigError
 from router.discovery.static import static_backends
 from router.keys import API_KEYS, CHOOSER, CONFIG, ENGINE_STATS, EVENTS, POOL, STATS
 from router.policies import PolicyContext, make_policy

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
-from router.backends import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool
 from router.errors import BadRequest, NoBackendAvailable, shorten
-from router.inbound import InboundRequest
+from router.proxy.inbound import InboundRequest
 from router.policies import RoutingPolicy
 from router.policies.disaggregated import PREFILL_ENDPOINTS
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import attr
 
-from router.upstream_pool import GuardedConnector
+from router.proxy.upstream_pool import GuardedConnector
 
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler

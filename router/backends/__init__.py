@@ -1,0 +1,1 @@
+"""The backends: the pool the policies choose from, and their health."""

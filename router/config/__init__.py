@@ -1,0 +1,1 @@
+"""Configuration: the settings tree, the config file and the command line."""

@@ -1,0 +1,1 @@
+"""Observing requests: metrics, the access log, tracing."""

@@ -1,0 +1,1 @@
+"""The request path: read the request, route it, forward it inside its lifecycle."""

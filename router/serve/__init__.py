@@ -1,0 +1,1 @@
+"""Serving: the HTTP server, worker processes, systemd, reload."""
