@@ -43,9 +43,9 @@ from bench.load import chat_body, run_load, wrk_path
 from bench.procs import Proc, free_port, machine_busy, python_module, raise_fd_limit
 from bench.report import evaluate_targets, extension_costs, print_report
 from bench.targets import (
-    CHAT, DEFAULT_TARGETS, ENGINE_MODELS, EXPERIMENTS, EXTENSIONS, SLOW, TARGETS, Target,
-    available_targets, executable, router_argv, start_canned_engines, start_otlp_sink,
-    start_router,
+    BASELINE_PREFIX, CHAT, DEFAULT_TARGETS, ENGINE_MODELS, EXPERIMENTS, EXTENSIONS, SLOW,
+    TARGETS, Target, available_targets, executable, router_argv, start_canned_engines,
+    start_otlp_sink, start_router,
 )
 from bench.targets import target as find_target
 
@@ -595,6 +595,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
              f"{','.join(EXTENSIONS)} or all (targets "
              f"{', '.join(EXTENSIONS.values())}; 'plugin' loads one idle plugin, 'otel' "
              "traces every request to a loopback OTLP sink)")
+    add("--baseline", default="",
+        help="comma-separated git revisions: the router of each (router@REV) is measured "
+             "right after router in every round and priced against it (an A/B of a change; "
+             "a negative cost means the revision is cheaper than the working tree)")
     add("--duration", type=float, default=8.0, help="seconds per measurement (default 8)")
     add("--rounds", type=int, default=2,
         help="rounds of all measurements, interleaved; the table shows medians (default 2)")
@@ -655,6 +659,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          f"{','.join(EXTENSIONS)} or all)")
         if EXTENSIONS[extension] not in names:
             names.append(EXTENSIONS[extension])
+    for revision in filter(None, args.baseline.split(",")):
+        names.append(BASELINE_PREFIX + revision)
     for name in names:
         try:
             find_target(name)
@@ -665,7 +671,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if required not in names:
             names.insert(0, required)
     order = list(TARGETS)
-    args.targets = sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+    def place(name: str) -> float:  # a baseline right after router: the same noise
+        if name.startswith(BASELINE_PREFIX):
+            return order.index("router") + 0.5
+        return order.index(name) if name in order else len(order)
+
+    args.targets = sorted(names, key=place)
     args.streams_targets = [t for t in args.streams_targets.split(",") if t]
     for name in args.streams_targets:
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.targets import EXTENSIONS
+from bench.targets import BASELINE_PREFIX, EXTENSIONS
 
 __all__ = ["evaluate_targets", "extension_costs", "print_report"]
 
@@ -132,14 +132,16 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def extension_costs(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """What each `--extensions` target costs per request over `router`, workload by workload.
+    """What each `--extensions` target (and each `--baseline` router) costs per request over
+    `router`, workload by workload.
 
     The cost is the median over rounds of the difference between the two in the same round
     (they run one after the other, so the machine's noise hits both alike); with one round,
     the plain difference. The spread of those differences says how far to trust it."""
     rows = _rows(report)
     out = []
-    for name in EXTENSIONS.values():
+    baselines = {target for target, _, _ in rows if target.startswith(BASELINE_PREFIX)}
+    for name in [*EXTENSIONS.values(), *sorted(baselines)]:
         for (target, workload, concurrency), row in rows.items():
             router = rows.get(("router", workload, concurrency))
             if target != name or router is None:

@@ -7,6 +7,9 @@
   installed: references;
 - with `--experiments`: `bare+uvloop`, and `router+PATCH...`, the router with in-memory
   patches that model proposed changes (`bench.experiments`);
+- with `--baseline REV`: `router@REV`, the router of an earlier commit (extracted with
+  `git archive` into a temporary directory), measured right after `router` in every round:
+  an interleaved A/B of a change, priced like an extension;
 - with `--extensions`: the router with a feature turned on, to price it per request:
   `router+plugin` and `router+plugin-async` (one idle plugin, `bench.idle_plugin`, sync or
   async), `router+otel` (tracing every request to a loopback OTLP/HTTP sink,
@@ -20,15 +23,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.procs import Proc, free_port, python_module
 
-__all__ = ["Target", "TARGETS", "EXTENSIONS", "available_targets", "executable", "target",
-           "start_otlp_sink", "start_canned_engines", "CHAT", "WHISPER", "SLOW"]
+__all__ = ["Target", "TARGETS", "EXTENSIONS", "BASELINE_PREFIX", "available_targets",
+           "executable", "target", "start_otlp_sink", "start_canned_engines", "CHAT", "WHISPER",
+           "SLOW"]
 
 CHAT = "bench-llm"
 WHISPER = "bench-whisper"
@@ -311,8 +317,39 @@ def experiment_target(name: str) -> Target | None:
     return Target(name, "experiment", check, start)
 
 
+BASELINE_PREFIX = "router@"
+
+
+def baseline_target(name: str) -> Target | None:
+    """`router@REV`: the router as it was at git revision REV, from a copy of that tree, so
+    that a change is measured against its parent in the same rounds."""
+    if not name.startswith(BASELINE_PREFIX):
+        return None
+    revision = name.removeprefix(BASELINE_PREFIX)
+    repo = Path(__file__).resolve().parent.parent
+
+    def check() -> str | None:
+        found = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
+                                revision + "^{commit}"], capture_output=True)
+        return None if found.returncode == 0 else f"no git revision {revision!r} here"
+
+    def start(engines: Sequence[str], log_dir: Path) -> Proc:
+        tree = Path(tempfile.mkdtemp(prefix="router-baseline-", dir=log_dir))
+        archive = subprocess.run(["git", "-C", str(repo), "archive", revision, "router"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        port = free_port()
+        # The copy comes first on the path: `python -m router` there imports the old package,
+        # not the installed (editable) one.
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        return Proc.start(name, python_module("router", *router_argv(port, engines)),
+                          log_dir, url=f"http://127.0.0.1:{port}", env=env, cwd=str(tree))
+
+    return Target(name, "extension", check, start)
+
+
 def target(name: str) -> Target:
-    found = TARGETS.get(name) or experiment_target(name)
+    found = TARGETS.get(name) or experiment_target(name) or baseline_target(name)
     if found is None:
         raise KeyError(name)
     return found
