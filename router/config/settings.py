@@ -1,6 +1,7 @@
 """The router's configuration: one frozen dataclass tree, validated once at start.
 
-Nothing else in the package reads `argv` or the environment; `router.config.flags` builds a `Config`.
+Nothing else in the package reads `argv` or the environment; `router.config.flags` builds a
+`Config`.
 """
 
 from __future__ import annotations
