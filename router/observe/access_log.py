@@ -23,7 +23,7 @@ import time
 from typing import TextIO
 
 from router.flow import RequestFlow
-from router.observe.metrics import usage_of
+from router.observe.usage import usage_of
 
 __all__ = [
     "ACCESS_LOGGER",
