@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from router.observe.access_log import configure_logging
+from router.observe.logging_setup import configure_logging
 from router.config.flags import load_config, parse_config
 from router.config.settings import Config
 from router.discovery.kubernetes import K8sConfigError

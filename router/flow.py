@@ -97,7 +97,7 @@ class RequestFlow:
     tail: bytes = b""
     """The last few KiB of the response body, where the `usage` object is (for metrics)."""
     parsed_usage: tuple[Usage | None] | None = None
-    """`router.observe.metrics.usage_of`'s memo, so every subscriber shares one parse of `tail`."""
+    """`router.observe.usage.usage_of`'s memo, so every subscriber shares one parse of `tail`."""
     request: web.Request | None = None
     """The client's request (for plugins: headers, address, path)."""
     request_json: dict[str, Any] | None = None

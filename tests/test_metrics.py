@@ -21,9 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
-from prometheus_client import Histogram as PromHistogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from router import __version__
@@ -31,13 +30,13 @@ from router.backends.pool import Backend, BackendPool
 from router.flow import Attempt, Outcome, RequestFlow
 from router.backends.health import HealthTracker
 from router.keys import METRICS
-from router.observe.metrics import (
-    Families, Metrics, Usage, error_kind, find_usage, usage_of,
-)
+from router.observe.metrics import Metrics, error_kind
+from router.observe.usage import find_usage
 from router.stats.requests import RequestStats
 from router.testing import RunningEngine
 
 from .conftest import Clock, CHAT, RouterUnderTest, make_flow
+from .test_usage import CHAT_JSON, CHUNK, USAGE_CHUNK, sse
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -86,60 +85,6 @@ async def post(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
     async with session.post(url, **kwargs) as response:
         await response.read()
         return response.status
-
-
-# --- usage in the end of the body -------------------------------------------------------------
-
-CHAT_JSON = (
-    b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index"'
-    b':0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{'
-    b'"prompt_tokens":12,"total_tokens":19,"completion_tokens":7,"prompt_tokens_details":'
-    b'{"cached_tokens":4}},"prompt_logprobs":null,"kv_transfer_params":null}'
-)
-
-
-def sse(*events: str) -> bytes:
-    return b"".join(f"data: {event}\n\n".encode() for event in events)
-
-
-CHUNK = ('{"id":"c","object":"chat.completion.chunk",'
-         '"choices":[{"index":0,"delta":{"content":"x"}}]}')
-USAGE_CHUNK = ('{"id":"c","object":"chat.completion.chunk","choices":[],'
-               '"usage":{"prompt_tokens":5,"total_tokens":15,"completion_tokens":10}}')
-
-
-@pytest.mark.parametrize("tail, expected", [
-    (CHAT_JSON, Usage(12, 7)),
-    (sse(CHUNK, CHUNK, USAGE_CHUNK, "[DONE]"), Usage(5, 10)),
-    # continuous usage stats: every chunk has one, the last one counts
-    (sse(CHUNK[:-1] + ',"usage":{"prompt_tokens":5,"completion_tokens":1}}',
-         CHUNK[:-1] + ',"usage":{"prompt_tokens":5,"completion_tokens":2}}', "[DONE]"),
-     Usage(5, 2)),
-    # the Responses API names them input/output tokens; earlier events have "usage": null
-    (b'event: response.created\ndata: {"response":{"status":"in_progress","usage":null}}\n\n'
-     b'event: response.completed\ndata: {"response":{"status":"completed","usage":'
-     b'{"input_tokens":3,"input_tokens_details":{"cached_tokens":0},"output_tokens":9,'
-     b'"total_tokens":12}}}\n\n', Usage(3, 9)),
-    (b'{"object":"list","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}', Usage(8, None)),
-    (sse(CHUNK[:-1] + ',"usage":null}', "[DONE]"), None),
-    (sse(CHUNK, CHUNK, "[DONE]"), None),
-    (b'{"text":"hello","usage":{"type":"duration","seconds":3}}', None),
-    (b'{"usage":{"prompt_tokens":5,"completion_to', None),  # cut: no crash
-    (sse('{"choices":[{"delta":{"content":"the \\"usage\\": 5"}}]}', "[DONE]"), None),
-    (b'"usage": {"prompt_tokens": true, "completion_tokens": -3}', None),
-    (b"", None),
-    (b"\xff\xfe not utf-8 \"usage\":{\"prompt_tokens\":1}", Usage(1, None)),
-])
-def test_find_usage_reads_the_last_usage_object_of_the_tail(
-    tail: bytes, expected: Usage | None
-) -> None:
-    assert find_usage(tail) == expected
-
-
-def test_find_usage_in_the_last_4_kib_of_a_long_stream() -> None:
-    body = sse(*[CHUNK] * 500, USAGE_CHUNK, "[DONE]")
-    assert len(body) > 40_000
-    assert find_usage(body[-4096:]) == Usage(5, 10)
 
 
 # --- Metrics driven by hand-made flows --------------------------------------------------------
@@ -304,15 +249,6 @@ def test_no_tokens_from_an_error_answer_or_an_answer_without_usage(
     assert value(metrics, "vllm:input_tokens_total", **labels) == 0
     assert value(metrics, "vllm:output_tokens_total", **labels) == 0
     assert value(metrics, "vllm:avg_itl", **labels) is None
-
-
-def test_usage_of_parses_a_tail_once_for_all_subscribers() -> None:
-    flow = make_flow(A, 0.0)
-    flow.status = 200
-    flow.tail = CHAT_JSON  # type: ignore[attr-defined]
-    first = usage_of(flow)
-    assert first == Usage(12, 7)
-    assert usage_of(flow) is first
 
 
 def test_qps_and_average_latency_over_the_window(metrics: Metrics, clock: Clock) -> None:
@@ -496,47 +432,6 @@ def test_cost_per_request_of_the_metrics_subscriber(capsys: pytest.CaptureFixtur
               f"{with_usage:.1f} µs with usage in the tail ({parse:.1f} µs of it the parse), "
               f"{without_usage:.1f} µs without; one cached Counter.inc() here: {inc:.2f} µs "
               f"(so {with_usage / inc:.0f} incs' worth)")
-
-
-@pytest.mark.parametrize("multiprocess", [False, True], ids=["plain", "prometheus_client"])
-def test_plain_families_expose_what_prometheus_client_would(multiprocess: bool) -> None:
-    """The plain counters and histograms (and, under --workers, the prometheus_client ones
-    behind the same interface) render the same samples as prometheus_client's own objects
-    fed the same values: bucket edges (a value equal to a bound counts in that bucket),
-    cumulative counts, +Inf, _count, _sum; and forgetting a server drops its series."""
-    buckets = (0.1, 1, 5)
-    values = [0.05, 0.1, 0.1000001, 1, 3, 5, 7, 1e9]
-    registry = CollectorRegistry()
-    families = Families(registry, multiprocess)
-    counter = families.counter("c_total", "doc", ["server", "k"])
-    histogram = families.histogram("h_seconds", "doc", ["server"], buckets)
-    families.register()
-    reference = CollectorRegistry()
-    ref_counter = PromCounter("c_total", "doc", ["server", "k"], registry=reference)
-    ref_histogram = PromHistogram("h_seconds", "doc", ["server"], buckets=buckets,
-                                  registry=reference)
-    for server in ("a", "b"):
-        for value in values:
-            histogram.record((server,), value)
-            ref_histogram.labels(server).observe(value)
-        counter.record((server, "x"), 2.5)
-        ref_counter.labels(server, "x").inc(2.5)
-
-    def exposed(registry: CollectorRegistry) -> dict[tuple[str, tuple[Any, ...]], float]:
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(generate_latest(registry).decode())
-            for sample in family.samples if not sample.name.endswith("_created")
-        }
-
-    ours, theirs = exposed(registry), exposed(reference)
-    assert ours == theirs
-    assert ours["h_seconds_bucket", (("le", "0.1"), ("server", "a"))] == 2.0
-    counter.forget({"a"})
-    histogram.forget({"a"})
-    assert {labels for _, labels in exposed(registry)} == {
-        labels for _, labels in theirs if ("server", "b") in labels}
-    assert counter.servers() == histogram.servers() == {"b"}
 
 
 # --- a real router on loopback ----------------------------------------------------------------

@@ -1,16 +1,11 @@
-"""Logging: one access line per request, `text` or `json` output, and secrets kept out of both.
+"""The access log: one line per request, through the `router.access` logger.
 
-- `AccessLog` is a request-events subscriber: at `on_complete` it writes one line through the
-  `router.access` logger (request id, method, endpoint, model, backend, status, outcome,
-  retries, TTFT, duration, bytes, tokens when the answer had usage). No header is ever part of
-  it. When that logger is not enabled for INFO the subscriber returns at once: a line costs
-  ~17 µs of CPU, its absence ~0.2 µs.
-- `configure_logging(level, fmt)` installs one stderr handler on the root logger, with a
-  compact text format or `JsonFormatter` (one JSON object per line for every router log, the
-  access fields as keys), and the `RedactSecrets` filter.
-- `RedactSecrets` rewrites any record (message, arguments, traceback) so that bearer tokens,
-  `Authorization` values, `api_key=...`-like values and `sk-...`/`hf_...` keys read
-  `[REDACTED]`, whatever logger wrote it.
+`AccessLog` is a request-events subscriber: at `on_complete` it writes one line (request id,
+method, endpoint, model, backend, status, outcome, retries, TTFT, duration, bytes, tokens when
+the answer had usage). No header is ever part of it. When that logger is not enabled for INFO
+the subscriber returns at once: a line costs ~17 µs of CPU, its absence ~0.2 µs. The line's
+message is an `AccessRecord`: `key=value` text, or JSON keys under `JsonFormatter`
+(`router.observe.logging_setup`); the fields a client chose are redacted.
 """
 
 from __future__ import annotations
@@ -18,85 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
-import time
-from typing import TextIO
 
 from router.flow import RequestFlow
-from router.observe.metrics import usage_of
+from router.observe.redaction import redact
+from router.observe.usage import usage_of
 
-__all__ = [
-    "ACCESS_LOGGER",
-    "LOG_FORMATS",
-    "AccessLog",
-    "AccessRecord",
-    "JsonFormatter",
-    "RedactSecrets",
-    "configure_logging",
-    "redact",
-]
+__all__ = ["ACCESS_LOGGER", "AccessLog", "AccessRecord", "render_text"]
 
 ACCESS_LOGGER = "router.access"
-LOG_FORMATS = ("text", "json")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-HANDLER_NAME = "router"
-"""The name of the handler `configure_logging` installs (and replaces when called again)."""
-
-REDACTED = "[REDACTED]"
-
-# The value after a secret-bearing name, in headers (`Authorization: Bearer x`), reprs of
-# header dicts (`'Authorization': 'Bearer x'`), JSON (`"api_key": "x"`), query strings
-# (`?api_key=x&`) and key=value text. The name is kept, the value replaced. Written in lower
-# case: it runs on the lower-cased text, which is 4x faster than re.IGNORECASE.
-_SECRET_PATTERN = r"""
-    (?P<name>
-        \b(?:proxy-)?authorization\b ["']? \s* [:=] \s* ["']? (?:(?:bearer|basic|token)\s+)?
-      | \b(?:x-)?api[_-]?key\b ["']? \s* [:=] \s* ["']?
-      | \b(?:access|refresh|auth|id)[_-]?token\b ["']? \s* [:=] \s* ["']?
-      | \b(?:client[_-]?)?secret\b ["']? \s* [:=] \s* ["']?
-      | \bpass(?:word|wd)\b ["']? \s* [:=] \s* ["']?
-    ) [^\s"'&,;}>)\]]+
-    | (?P<bearer>\bbearer\s+) [a-z0-9\-._~+/]{8,} =*
-    | \bsk-[a-z0-9_\-]{6,}
-    | \bhf_[a-z0-9]{10,}
-"""
-_SECRET = re.compile(_SECRET_PATTERN, re.VERBOSE)
-_SECRET_ANY_CASE = re.compile(_SECRET_PATTERN, re.VERBOSE | re.IGNORECASE)
-"""For the rare text whose lower-case form has another length (e.g. `İ`)."""
-_HINTS = (
-    "authorization", "bearer", "api_key", "api-key", "apikey", "token", "secret", "passw",
-    "sk-", "hf_",
-)
-"""Substrings one of which any secret contains: the regex (~10 µs a line) runs only then."""
-
-
-def redact(text: str) -> str:
-    """`text` with every secret-looking value replaced by `[REDACTED]`."""
-    lower = text.lower()
-    for hint in _HINTS:
-        if hint in lower:
-            break
-    else:
-        return text
-    if len(lower) != len(text):
-        return _SECRET_ANY_CASE.sub(_replace, text)
-    parts: list[str] = []
-    done = 0
-    for match in _SECRET.finditer(lower):
-        keep = match.start() + len(match.group("name") or match.group("bearer") or "")
-        parts += (text[done:keep], REDACTED)
-        done = match.end()
-    if not parts:
-        return text
-    parts.append(text[done:])
-    return "".join(parts)
-
-
-def _replace(match: re.Match[str]) -> str:
-    return (match.group("name") or match.group("bearer") or "") + REDACTED
-
-
-# --- the access line --------------------------------------------------------------------------
 
 _PLAIN = re.compile(r"[\w.:/@+\-]+")
 """A string value written as it is in text; any other is quoted (JSON string syntax)."""
@@ -202,90 +126,3 @@ class AccessLog:
         # What `logger.info(message)` does, minus finding the caller (a stack walk per line).
         logger.handle(logger.makeRecord(
             logger.name, logging.INFO, __file__, 0, message, (), None))
-
-
-# --- formatting and redaction -----------------------------------------------------------------
-
-
-class RedactSecrets(logging.Filter):
-    """Handler filter: secrets in a record's message, arguments, traceback or stack read
-    `[REDACTED]`. The message is formatted here (once: the formatter reuses it)."""
-
-    _formatter = logging.Formatter()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.msg
-        if isinstance(msg, AccessRecord):
-            msg.redact()
-        else:
-            try:
-                text = record.getMessage()
-            except Exception:
-                return True  # a broken call: the handler reports it as logging does
-            record.msg, record.args = redact(text), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self._formatter.formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info)
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: `ts` (UTC, ISO 8601), `level`, `logger`, `msg`, then an
-    access line's fields as keys, and `exc`/`stack` when the record has them."""
-
-    _second = -1
-    _prefix = ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        created = record.created
-        second = int(created)
-        if second != self._second:  # strftime once a second, not once a line
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._second = second
-        entry: dict[str, object] = {
-            "ts": f"{self._prefix}.{int((created - second) * 1000):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-        }
-        msg = record.msg
-        if isinstance(msg, AccessRecord):
-            entry["msg"] = "request"
-            entry.update(msg.fields)
-        else:
-            entry["msg"] = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exc"] = record.exc_text
-        if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-def configure_logging(
-    level: str, fmt: str = "text", *, access_log: bool = True, stream: TextIO | None = None,
-) -> None:
-    """Log to stderr (or `stream`) at `level` in `fmt` (`text` or `json`), secrets redacted.
-
-    Replaces the handler a previous call installed, so it can run again (tests, reload).
-    `access_log=False` turns the per-request lines off (the `router.access` logger is raised
-    to WARNING), which saves their cost."""
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ValueError(f"unknown log level {level!r}")
-    if fmt not in LOG_FORMATS:
-        raise ValueError(f"unknown log format {fmt!r}: choose {' or '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.set_name(HANDLER_NAME)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    handler.addFilter(RedactSecrets())
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
-        root.removeHandler(old)
-        old.close()
-    root.addHandler(handler)
-    root.setLevel(numeric)
-    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_log else logging.WARNING)

@@ -53,7 +53,7 @@ class PipeNotifier(Notifier):
 
 def worker_main(argv: Sequence[str], connection: Connection) -> None:
     """The body of one worker process (started with the `spawn` method)."""
-    from router.observe.access_log import configure_logging
+    from router.observe.logging_setup import configure_logging
     from router.serve.server import serve
 
     config = load_config(argv)
