@@ -16,7 +16,7 @@ from router.config.settings import Config, ConfigError, StaticBackend, parse_siz
 from router.config.file import file_tokens, read_config_file
 from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.kubernetes import DISCOVERY_TYPES, K8sSettings, in_cluster_api_server
-from router.backends.health import MODEL_TYPES
+from router.backends.prober import MODEL_TYPES
 from router.plugins import find_class
 from router.policies import POLICIES
 from router.observe.tracing import PROTOCOLS, otlp_target, sdk_missing

@@ -44,7 +44,8 @@ from prometheus_client.utils import floatToGoString
 
 from router.backends.pool import Backend, BackendPool
 from router.flow import Outcome, RequestFlow, Usage
-from router.backends.health import BreakerState, HealthTracker
+from router.backends.breaker import BreakerState
+from router.backends.tracker import HealthTracker
 from router.stats.requests import RequestStats
 from router.stats.window import Window
 from router.proxy.timeouts import HeadWatchingConnector
