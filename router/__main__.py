@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from router.observe.logging_setup import configure_logging
 from router.config.flags import load_config, parse_config
 from router.config.settings import Config
-from router.discovery.kubernetes import K8sConfigError
+from router.discovery.k8s_access import K8sConfigError
 from router.serve.server import serve
 from router.serve.workers import supervise
 

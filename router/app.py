@@ -23,7 +23,8 @@ from router.discovery.kubernetes import kubernetes_discovery
 from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.flow import Outcome
-from router.backends.health import HealthProber, HealthTracker
+from router.backends.prober import HealthProber
+from router.backends.tracker import HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, RETRY_BUDGET, REWRITER,

@@ -12,7 +12,7 @@ from router.proxy.admission import Admission, RateLimiter
 from router.backends.pool import BackendPool
 from router.config.settings import Config
 from router.events import RequestEvents
-from router.backends.health import HealthTracker
+from router.backends.tracker import HealthTracker
 from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter

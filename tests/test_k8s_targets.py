@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router.discovery.k8s_access import K8sSettings
+from router.config.settings import K8sSettings
 from router.discovery.k8s_targets import (
     LABELS_ANNOTATION,
     PORT_ANNOTATION,

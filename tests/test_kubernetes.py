@@ -34,16 +34,15 @@ from yarl import URL
 
 from router.backends.pool import BackendPool
 from router.discovery import kubernetes  # for monkeypatching its constants
-from router.discovery.kubernetes import (
-    LABELS_ANNOTATION,
+from router.config.settings import K8sSettings
+from router.discovery.k8s_access import (
     K8sAccess,
     K8sConfigError,
-    K8sSettings,
-    KubernetesDiscovery,
     in_cluster_api_server,
-    kubernetes_discovery,
     load_access,
 )
+from router.discovery.k8s_targets import LABELS_ANNOTATION
+from router.discovery.kubernetes import KubernetesDiscovery, kubernetes_discovery
 from router.testing import RunningEngine, start_engine
 from router.config.flags import parse_config
 from router.testing.flood import start_flood
@@ -141,7 +140,7 @@ async def start(session: aiohttp.ClientSession) -> AsyncIterator[Start]:
     for run in running:
         run.task.cancel()
         await asyncio.gather(run.task, return_exceptions=True)
-        assert not run.discovery._learning  # no model fetch outlives the discovery
+        assert not run.discovery.models.learning  # no model fetch outlives the discovery
 
 
 # --------------------------------------------------------------------------- list and watch

@@ -1,1 +1,3 @@
-"""The backends: the pool the policies choose from, and their health."""
+"""The backends: the pool the policies choose from (`pool`), and their health: a circuit
+breaker per backend (`breaker`), fed from the request events by the tracker (`tracker`), and the
+active probes (`prober`)."""

@@ -15,8 +15,9 @@ from router.backends.pool import parse_url
 from router.config.settings import Config, ConfigError, StaticBackend, parse_size
 from router.config.file import file_tokens, read_config_file
 from router.discovery.external import load_external_providers, merge_aliases
-from router.discovery.kubernetes import DISCOVERY_TYPES, K8sSettings, in_cluster_api_server
-from router.backends.health import MODEL_TYPES
+from router.config.settings import DISCOVERY_TYPES, K8sSettings
+from router.discovery.k8s_access import in_cluster_api_server
+from router.backends.prober import MODEL_TYPES
 from router.plugins import find_class
 from router.policies import POLICIES
 from router.observe.tracing import PROTOCOLS, otlp_target, sdk_missing

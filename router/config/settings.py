@@ -309,7 +309,7 @@ class Config:
     engine_stats_max_size: int = 16 * MIB
     """Largest `/metrics` page read; past it the scrape fails and is cut."""
 
-    # Health (router/backends/health.py).
+    # Health (router/backends/breaker.py, tracker.py, prober.py).
     health_check_interval: float = 10.0
     health_check_path: str = "/health"
     health_check_timeout: float = 5.0

@@ -1,7 +1,12 @@
-"""Kubernetes credentials and settings: the pod's service account or a kubeconfig.
+"""Kubernetes credentials: the pod's service account or a kubeconfig, for the watch in
+`router.discovery.kubernetes`.
+
+The pod's service account: `KUBERNETES_SERVICE_HOST`/`_PORT`, and the token, CA and namespace
+under `/var/run/secrets/kubernetes.io/serviceaccount`. A kubeconfig: server, CA file or data,
+token, tokenFile, client certificate and key; not exec or auth-provider plugins.
 
 Everything here reads files, so callers run it before the event loop or in a thread
-(`load_access`). The token is re-read periodically and after a 401, as kubelet rotates it.
+(`load_access`). The token is re-read every minute and after a 401, as kubelet rotates it.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from typing import Any
 
 import yaml
 
-from router.config.settings import DISCOVERY_TYPES, SERVICE_ACCOUNT_DIR, K8sSettings
+from router.config.settings import K8sSettings
 
 __all__ = [
-    "K8sConfigError", "K8sSettings", "K8sAccess", "Token", "SERVICE_ACCOUNT_DIR",
-    "DISCOVERY_TYPES", "in_cluster_api_server", "load_access", "read_access", "parse_kubeconfig",
+    "K8sConfigError", "K8sAccess", "Token", "in_cluster_api_server", "load_access", "read_access",
+    "parse_kubeconfig",
 ]
 
 log = logging.getLogger("router.k8s")

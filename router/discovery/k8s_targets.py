@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from router.discovery.k8s_access import K8sSettings
+from router.config.settings import K8sSettings
 
 __all__ = [
     "Target", "pod_target", "service_target", "backend_labels", "as_mapping",

@@ -7,9 +7,10 @@ kinds; what an object means for routing (its URL, labels, or why it is not routa
 A pod is a backend while it is `Running`, `Ready`, has `status.podIP` and is not Terminating; a
 service while it exists and has a port (a Service has no readiness of its own: the router's
 health probes and circuit breaker judge what answers behind it). Either way its engine must have
-answered `GET /v1/models` (so an engine whose model is still loading, or whose models are
-unknown, is not routed), and it leaves the pool at once when the object stops being routable or
-is DELETED: every change calls `BackendPool.replace` with the full current set.
+answered `GET /v1/models` (`router.discovery.engine_models`: an engine whose model is still
+loading, or whose models are unknown, is not routed), and it leaves the pool at once when the
+object stops being routable or is DELETED: every change calls `BackendPool.replace` with the
+full current set.
 
 Per pod or service, two annotations refine what the flags say:
 
@@ -29,11 +30,11 @@ so an object whose DELETED event was missed goes too. Failures back off exponent
 jitter; the first 410 re-lists at once. While the API server cannot be reached the last known
 set keeps serving (the health prober still ejects dead engines).
 
-Credentials: the pod's service account (`KUBERNETES_SERVICE_HOST`/`_PORT`, and the token, CA
-and namespace under `/var/run/secrets/kubernetes.io/serviceaccount`; the token is re-read every
-minute and after a 401, since kubelet rotates it), or a kubeconfig (server, CA file or data,
-token, tokenFile, client certificate and key; not exec or auth-provider plugins). Files are read
-in a thread, never on the event loop.
+The four modules of Kubernetes discovery, in the order a change travels:
+`router.discovery.k8s_access` (the credentials: a service account or a kubeconfig),
+this one (list and watch, keep the set, publish it to the pool), `router.discovery.k8s_targets`
+(what one object means for routing) and `router.discovery.engine_models` (what each engine
+serves).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -54,51 +55,14 @@ from aiohttp import web
 
 from router import __version__
 from router.backends.pool import Backend, BackendPool
+from router.config.settings import K8sSettings
 from router.errors import AnswerTooLarge
-from router.discovery.k8s_access import (
-    DISCOVERY_TYPES,
-    SERVICE_ACCOUNT_DIR,
-    K8sAccess,
-    K8sConfigError,
-    K8sSettings,
-    Token,
-    in_cluster_api_server,
-    load_access,
-    parse_kubeconfig,
-    read_access,
-)
-from router.discovery.k8s_targets import (
-    LABELS_ANNOTATION,
-    MODEL_LABEL,
-    PORT_ANNOTATION,
-    Target,
-    as_mapping,
-    backend_labels,
-    pod_target,
-    service_target,
-)
+from router.discovery.engine_models import EngineModels, short_error
+from router.discovery.k8s_access import K8sAccess, Token, load_access
+from router.discovery.k8s_targets import Target, as_mapping, pod_target, service_target
 from router.proxy.upstream_read import loads_stepwise, read_bounded
 
-__all__ = [
-    "K8sSettings",
-    "K8sAccess",
-    "K8sConfigError",
-    "KubernetesDiscovery",
-    "Target",
-    "pod_target",
-    "service_target",
-    "backend_labels",
-    "parse_kubeconfig",
-    "in_cluster_api_server",
-    "load_access",
-    "read_access",
-    "kubernetes_discovery",
-    "SERVICE_ACCOUNT_DIR",
-    "DISCOVERY_TYPES",
-    "PORT_ANNOTATION",
-    "LABELS_ANNOTATION",
-    "MODEL_LABEL",
-]
+__all__ = ["KubernetesDiscovery", "kubernetes_discovery"]
 
 log = logging.getLogger("router.k8s")
 
@@ -106,7 +70,6 @@ LIST_PAGE_SIZE = 500
 QUICK_END = 1.0
 """A watch that ends cleanly within this many seconds with no event counts as a failure (backoff),
 so an API server or proxy that closes every watch at once cannot cause a hot loop."""
-MAX_CONCURRENT_FETCHES = 16
 
 
 # --------------------------------------------------------------------------- the watch
@@ -125,10 +88,6 @@ class _Gone(Exception):
 
 class _WatchBroken(Exception):
     """The watch stream cannot be trusted any more: events may have been lost."""
-
-
-class _ModelsError(Exception):
-    """An engine's `/v1/models` did not give a model list."""
 
 
 class _Lines:
@@ -176,11 +135,6 @@ async def _api_error(response: aiohttp.ClientResponse) -> Exception:
     return _ApiError(response.status, message)
 
 
-def _short(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 class KubernetesDiscovery:
     """Keeps `pool` equal to the routable engine pods or services (`settings.discovery_type`).
     Run `run()` as a task; cancel it to stop.
@@ -210,12 +164,8 @@ class KubernetesDiscovery:
         self._token = Token(access, settings.token_reload)
         self._objects: dict[str, Target] = {}
         """Every pod or service the selector matches, by name, routable or not."""
-        self._models: dict[str, tuple[str, ...]] = {}
-        """Models per engine URL, for routable objects whose engine answered."""
-        self._owners: dict[str, str] = {}
-        """The object whose engine gave `_models[url]`: a new pod on a reused IP asks again."""
-        self._learning: dict[str, asyncio.Task[None]] = {}
-        """Per engine URL whose models are unknown: the task asking until it answers."""
+        self.models = EngineModels(settings, session, self.kind, self._wanted, self._publish)
+        """What each wanted engine serves; published once known."""
         self._backends: dict[str, Backend] = {}
         """What the pool was last given, by URL."""
         self._names: dict[str, str] = {}
@@ -224,7 +174,6 @@ class KubernetesDiscovery:
         self._last_failure = -math.inf
         self._failing = False
         self._watching = False
-        self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self._list_timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
         # No total limit: a watch lasts `watch_timeout`. A silent connection is dead once it
         # has said nothing for longer than that.
@@ -232,22 +181,18 @@ class KubernetesDiscovery:
             total=None, sock_connect=settings.request_timeout,
             sock_read=settings.watch_timeout + settings.request_timeout,
         )
-        self._models_timeout = aiohttp.ClientTimeout(total=settings.model_fetch_timeout)
 
     # ----------------------------------------------------------------- the loop
 
     async def run(self) -> None:
         """List, watch, and list again when needed, until cancelled; never raises otherwise."""
-        refresher = asyncio.create_task(self._refresh_models_forever(),
+        refresher = asyncio.create_task(self.models.refresh_forever(),
                                         name="k8s-models-refresh")
         try:
             await self._list_and_watch_forever()
         finally:
-            tasks = [refresher, *self._learning.values()]
-            self._learning.clear()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            refresher.cancel()
+            await asyncio.gather(refresher, self.models.stop(), return_exceptions=True)
 
     async def _list_and_watch_forever(self) -> None:
         version: str | None = None
@@ -311,20 +256,20 @@ class KubernetesDiscovery:
                         error.status, error.message, where, then)
         elif isinstance(error, aiohttp.ClientConnectorCertificateError):
             log.error("cannot verify the kubernetes API server %s: %s%s", self.access.server,
-                      _short(error), then)
+                      short_error(error), then)
         elif isinstance(error, AnswerTooLarge):
             log.warning("%s (--k8s-max-answer-size) when asked for %s: cut%s", error.message,
                         where, then)
         elif isinstance(error, _WatchBroken):
             log.warning("the %s watch broke: %s%s", self.kind, error, then)
         elif isinstance(error, aiohttp.ClientPayloadError):
-            log.warning("the %s watch broke off: %s%s", self.kind, _short(error), then)
+            log.warning("the %s watch broke off: %s%s", self.kind, short_error(error), then)
         elif isinstance(error, TimeoutError):
             log.warning("the kubernetes API at %s did not answer in time%s",
                         self.access.server, then)
         elif isinstance(error, (aiohttp.ClientError, OSError)):
             log.warning("cannot reach the kubernetes API at %s: %s%s", self.access.server,
-                        _short(error), then)
+                        short_error(error), then)
         else:
             log.error("kubernetes discovery failed unexpectedly%s", then, exc_info=error)
 
@@ -416,7 +361,7 @@ class KubernetesDiscovery:
         try:
             event = json.loads(line)
         except (ValueError, RecursionError) as error:
-            raise _WatchBroken(f"an undecodable event ({_short(error)})") from None
+            raise _WatchBroken(f"an undecodable event ({short_error(error)})") from None
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             log.warning("skipped a watch event without an object: %.200r", line)
             return version
@@ -510,23 +455,14 @@ class KubernetesDiscovery:
     def _sync(self) -> None:
         """Drop what belongs to objects that left, ask new ones for their models, publish."""
         wanted = self._wanted()
-        for url in [url for url in self._learning if url not in wanted]:
-            self._learning.pop(url).cancel()
-        for url in [url for url in self._models
-                    if url not in wanted or self._owners.get(url) != wanted[url].name]:
-            del self._models[url]
-            self._owners.pop(url, None)
-        for url, target in wanted.items():
-            if url not in self._models and url not in self._learning:
-                self._learning[url] = asyncio.create_task(
-                    self._learn(url, target.name), name=f"k8s-models {target.name}")
+        self.models.follow(wanted)
         self._publish(wanted)
 
-    def _publish(self, wanted: dict[str, Target]) -> None:
+    def _publish(self, wanted: Mapping[str, Target]) -> None:
         """Give the pool the routable objects whose models are known, if that set changed."""
         backends: dict[str, Backend] = {}
         for url, target in wanted.items():
-            models = self._models.get(url)
+            models = self.models.get(url)
             if models is None:
                 continue
             current = self._backends.get(url)
@@ -554,90 +490,6 @@ class KubernetesDiscovery:
         self._backends = backends
         self._names = names
         self.pool.replace(backends.values())
-
-    # ----------------------------------------------------------------- models
-
-    async def _learn(self, url: str, name: str) -> None:
-        """Ask a new engine for its models until it answers; then it is routed."""
-        delay = min(1.0, self.settings.models_refresh)
-        failures = 0
-        try:
-            while True:
-                try:
-                    models = await self._fetch_models(url)
-                    break
-                except _ModelsError as error:
-                    failures += 1
-                    if failures == 1:
-                        log.info("%s %s is routable but %s/v1/models failed (%s): not routed "
-                                 "until it answers", self.kind, name, url, error)
-                    else:
-                        log.debug("%s %s: %s/v1/models failed again: %s", self.kind, name, url,
-                                  error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.models_refresh)
-        finally:
-            if self._learning.get(url) is asyncio.current_task():
-                del self._learning[url]
-        wanted = self._wanted()
-        if url in wanted:
-            self._models[url] = models
-            self._owners[url] = wanted[url].name
-            self._publish(wanted)
-
-    async def _fetch_models(self, url: str) -> tuple[str, ...]:
-        headers = {"Accept": "application/json"}
-        if self.settings.engine_api_key:
-            headers["Authorization"] = f"Bearer {self.settings.engine_api_key}"
-        try:
-            async with self._fetch_slots:
-                async with self.session.get(url + "/v1/models", headers=headers,
-                                            timeout=self._models_timeout,
-                                            allow_redirects=False) as response:
-                    if response.status != 200:
-                        raise _ModelsError(f"HTTP {response.status}")
-                    raw = await read_bounded(response, self.settings.max_answer_size,
-                                             "/v1/models")
-            body = await loads_stepwise(raw)
-        except TimeoutError:
-            raise _ModelsError(f"no answer within {self.settings.model_fetch_timeout:g}s") \
-                from None
-        except (aiohttp.ClientError, OSError, ValueError, RecursionError,
-                AnswerTooLarge) as error:
-            raise _ModelsError(_short(error)) from None
-        data = body.get("data") if isinstance(body, dict) else None
-        models = tuple(dict.fromkeys(
-            item["id"] for item in (data if isinstance(data, list) else ())
-            if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]
-        ))
-        if not models:
-            raise _ModelsError("the answer lists no model")
-        return models
-
-    async def _refresh_models_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.models_refresh)
-            try:
-                await self.refresh_models()
-            except Exception:  # a dead refresher would freeze every model list
-                log.exception("refreshing the engines' models failed")
-
-    async def refresh_models(self) -> None:
-        """Ask every routed engine for its models again (LoRA adapters are loaded at run time).
-        An engine that does not answer keeps the models it had; health checks judge it."""
-        urls = [url for url in self._wanted() if url in self._models]
-        results = await asyncio.gather(*(self._fetch_models(url) for url in urls),
-                                       return_exceptions=True)
-        wanted = self._wanted()
-        changed = False
-        for url, result in zip(urls, results):
-            if isinstance(result, BaseException):
-                log.debug("refreshing the models of %s failed: %s", url, result)
-            elif url in wanted and url in self._models and self._models[url] != result:
-                self._models[url] = result
-                changed = True
-        if changed:
-            self._publish(wanted)
 
     @property
     def engine_urls(self) -> str:

@@ -15,7 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from router.backends.health import BreakerState, HealthTracker
+from router.backends.breaker import BreakerState
+from router.backends.tracker import HealthTracker
 from router.backends.pool import Backend, BackendPool
 from router.stats.requests import RequestStats
 from router.stats.window import Window

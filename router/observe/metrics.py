@@ -34,8 +34,8 @@ import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from router.backends.health import HealthTracker
 from router.backends.pool import Backend, BackendPool
+from router.backends.tracker import HealthTracker
 from router.flow import Outcome, RequestFlow
 from router.observe.connect_timing import TimedConnector
 from router.observe.families import Families

@@ -1,18 +1,15 @@
-"""Backend health: a circuit breaker per backend fed by the request events, and active probes.
+"""Backend health: the tracker, a request-events subscriber that decides whether a backend may
+take a request (`HealthTracker.routable`).
 
-Two signals decide whether a backend may take a request (`HealthTracker.available`):
+Two signals feed it:
 
-- The breaker sees real traffic. Consecutive failures the backend caused (5xx, connection
-  errors, timeouts) open it; after a cooldown it lets one trial request through, whose result
-  closes it again or restarts the cooldown. What the client or the router caused (a client
-  that left, a 400 for a too-long prompt, a 429) never counts: a breaker that trips on those
-  turns one bad client into an outage (a context-length 400 counted as a worker failure
-  has emptied a fleet in production).
-- The prober GETs every backend's `/health` (an external provider's `/v1/models`, with its
-  key: it has no `/health`, and a bad key must show). A clear "no" (a status other than 200,
-  a refused connection) removes the backend at once; silence (a timeout) only on the second
-  probe in a row. A passing probe only lifts the probe's own veto (see
-  `HealthTracker.record_probe`).
+- Real traffic, through a circuit breaker per backend (`router.backends.breaker`). What the
+  backend caused (5xx, connection errors, timeouts) counts against it; what the client or the
+  router caused (a client that left, a 400 for a too-long prompt, a 429) never counts
+  (`classify`): a breaker that trips on those turns one bad client into an outage (a
+  context-length 400 counted as a worker failure has emptied a fleet in production).
+- The active probes (`router.backends.prober`), whose verdicts arrive through
+  `HealthTracker.record_probe`.
 
 The breakers may hold out at most `max_ejection_percent` of a model's backends that the
 probes do not fail, and never the last one (`HealthTracker.routable`, as Envoy's
@@ -27,173 +24,19 @@ checker that zeroed load counters made cache-aware routing pile onto hot spots).
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import json
-import struct
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-import aiohttp
-
-from router.backends.pool import Backend, BackendPool
-from router.errors import failure_detail
+from router.backends.breaker import BreakerState, CircuitBreaker, Clock, check_settings
+from router.backends.pool import Backend
 from router.flow import Outcome, RequestFlow
 
-__all__ = [
-    "BreakerState",
-    "CircuitBreaker",
-    "Verdict",
-    "classify",
-    "BackendHealth",
-    "HealthTracker",
-    "HealthProber",
-]
+__all__ = ["Verdict", "classify", "BackendHealth", "HealthTracker"]
 
 log = logging.getLogger("router.health")
-
-Clock = Callable[[], float]
-
-
-class BreakerState(enum.Enum):
-    CLOSED = "closed"
-    """Requests flow; consecutive failures are counted."""
-    OPEN = "open"
-    """No request goes through until the cooldown has passed."""
-    HALF_OPEN = "half_open"
-    """One trial request at a time goes through; its result decides."""
-
-
-def check_settings(failure_threshold: int, cooldown: float) -> None:
-    if failure_threshold < 1:
-        raise ValueError(f"failure_threshold must be at least 1, not {failure_threshold}")
-    if cooldown < 0:
-        raise ValueError(f"cooldown must not be negative, not {cooldown}")
-
-
-class CircuitBreaker:
-    """The breaker of one backend.
-
-    Results carry a token (the request's flow) so that a trial is recognised when it ends:
-    while open or half-open, only the trial's result moves the breaker. The others are
-    stragglers, admitted before the breaker opened, and say nothing about the backend now.
-    """
-
-    __slots__ = (
-        "name", "failure_threshold", "cooldown", "consecutive_failures", "opened_at",
-        "_state", "_trial", "_clock",
-    )
-
-    def __init__(
-        self, failure_threshold: int, cooldown: float, clock: Clock = time.monotonic,
-        name: str = "",
-    ) -> None:
-        check_settings(failure_threshold, cooldown)
-        self.name = name
-        self.failure_threshold = failure_threshold
-        self.cooldown = cooldown
-        self.consecutive_failures = 0
-        self.opened_at: float | None = None
-        """Clock time the breaker last opened; None while closed."""
-        self._state = BreakerState.CLOSED
-        self._trial: object | None = None
-        self._clock = clock
-
-    @property
-    def state(self) -> BreakerState:
-        """The state now: an open breaker whose cooldown has passed reads as half-open."""
-        if self._state is BreakerState.OPEN:
-            self._refresh()
-        return self._state
-
-    @property
-    def trial_in_flight(self) -> bool:
-        return self._trial is not None
-
-    def allows(self) -> bool:
-        """True when a request may go through now: closed, or half-open with no trial."""
-        if self._state is BreakerState.CLOSED:
-            return True
-        return self.state is BreakerState.HALF_OPEN and self._trial is None
-
-    def start_trial(self, token: object, early: bool = False) -> bool:
-        """Make the request `token` the trial if the breaker is half-open without one.
-
-        `early`: while still open too. A request sent to an open backend anyway (the ejection
-        cap keeps it routable) tells as much as one sent after the cooldown, so its answer may
-        as well close the breaker."""
-        if self._trial is not None:
-            return False
-        state = self.state
-        if state is not BreakerState.HALF_OPEN and not (early and state is BreakerState.OPEN):
-            return False
-        self._trial = token
-        return True
-
-    def is_trial(self, token: object) -> bool:
-        return self._trial is not None and self._trial is token
-
-    def success(self, token: object = None) -> None:
-        state = self.state
-        if state is BreakerState.CLOSED:
-            self.consecutive_failures = 0
-        elif self.is_trial(token):
-            self._trial = None
-            self._state = BreakerState.CLOSED
-            self.consecutive_failures = 0
-            self.opened_at = None
-            log.info("circuit breaker %s closed: the trial request succeeded", self.name)
-
-    def failure(self, token: object = None) -> None:
-        state = self.state
-        if state is BreakerState.CLOSED:
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.failure_threshold:
-                self._open()
-                log.warning("circuit breaker %s opened after %d consecutive failures",
-                            self.name, self.consecutive_failures)
-        elif self.is_trial(token):
-            self._trial = None
-            self.consecutive_failures += 1
-            self._open()
-            log.warning("circuit breaker %s reopened: the trial request failed", self.name)
-
-    def release(self, token: object) -> None:
-        """The request `token` ended with no verdict: if it was the trial, the next one is."""
-        if self.is_trial(token):
-            self._trial = None
-
-    def end_cooldown(self) -> bool:
-        """Turn an open breaker without a trial half-open now; True if it was one."""
-        if self.state is not BreakerState.OPEN or self._trial is not None:
-            return False
-        self._state = BreakerState.HALF_OPEN
-        return True
-
-    def _open(self) -> None:
-        self._state = BreakerState.OPEN
-        self.opened_at = self._clock()
-
-    def _refresh(self) -> None:
-        assert self.opened_at is not None
-        if self._clock() - self.opened_at >= self.cooldown:
-            self._state = BreakerState.HALF_OPEN
-
-    def __repr__(self) -> str:
-        state = self.state
-        detail = f"failures={self.consecutive_failures}/{self.failure_threshold}"
-        if state is BreakerState.OPEN:
-            assert self.opened_at is not None
-            left = self.cooldown - (self._clock() - self.opened_at)
-            detail += f" half_open_in={left:.1f}s"
-            if self._trial is not None:
-                detail += " trial=in_flight"
-        elif state is BreakerState.HALF_OPEN:
-            detail += " trial=" + ("in_flight" if self._trial is not None else "none")
-        name = f" {self.name}" if self.name else ""
-        return f"<CircuitBreaker{name} {state.name} {detail}>"
 
 
 class Verdict(enum.Enum):
@@ -505,155 +348,3 @@ class HealthTracker:
             if entry.probe_ok is False or not entry.breaker.allows()
         )
         return f"<HealthTracker backends={len(self._entries)} unavailable={down}>"
-
-
-EXTERNAL_PROBE_PATH = "/v1/models"
-"""Where an external provider is probed (as production-stack does): cheap, free, and it
-checks the key too."""
-
-SILENT_STRIKES = 2
-"""Consecutive probes without an answer (timeout, dropped connection) that eject a backend.
-
-An answer that says no (a non-200 status, a refused connection) ejects at once: the engine
-itself says it cannot serve, or nothing listens. Silence is different: a busy engine's API
-server can miss one probe's deadline while it streams fine (liveness probes that time out
-under load have restarted healthy routers). One missed deadline is noise; two in a row,
-an interval apart, is an engine that stopped answering."""
-
-
-@dataclass(frozen=True, slots=True)
-class _ProbeResult:
-    ok: bool
-    error: str | None = None
-    silent: bool = False
-    """No answer at all: timed out, or the connection dropped before a status."""
-
-
-MODEL_TYPES = ("chat", "completion", "embeddings", "rerank", "score", "transcription")
-
-
-def silent_wav(samples: int = 1600) -> bytes:
-    """A 16 kHz mono 16-bit WAV of silence (0.1 s by default): the smallest transcription
-    request a real engine decodes without complaint."""
-    data = bytes(2 * samples)
-    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(data), b"WAVE", b"fmt ", 16,
-                         1, 1, 16000, 32000, 2, 16, b"data", len(data))
-    return header + data
-
-
-SILENT_WAV = silent_wav()
-
-
-def model_probe(model_type: str, model: str) -> tuple[str, aiohttp.FormData | bytes]:
-    """The path and body of the smallest real request of a model type (production-stack's
-    `--static-backend-health-checks`)."""
-    if model_type == "transcription":
-        form = aiohttp.FormData()
-        form.add_field("model", model)
-        form.add_field("file", SILENT_WAV, filename="probe.wav", content_type="audio/wav")
-        return "/v1/audio/transcriptions", form
-    requests: dict[str, tuple[str, dict[str, object]]] = {
-        "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                          "max_tokens": 1}),
-        "completion": ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
-        "embeddings": ("/v1/embeddings", {"input": "hi"}),
-        "rerank": ("/v1/rerank", {"query": "hi", "documents": ["hi"]}),
-        "score": ("/v1/score", {"text_1": "hi", "text_2": "hi"}),
-    }
-    path, body = requests[model_type]
-    return path, json.dumps({"model": model, **body}).encode()
-
-
-class HealthProber:
-    """GETs every backend's health path each `interval` seconds and tells the tracker.
-
-    Give it a session of its own: on the requests' session a probe would queue behind busy
-    requests for a pool slot and time out exactly when the backend is busiest.
-    """
-
-    def __init__(
-        self,
-        tracker: HealthTracker,
-        pool: BackendPool,
-        session: aiohttp.ClientSession,
-        interval: float,
-        path: str,
-        timeout: float,
-    ) -> None:
-        self.tracker = tracker
-        self.pool = pool
-        self.session = session
-        self.interval = interval
-        self.path = path if path.startswith("/") else "/" + path
-        self.timeout = timeout
-        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
-        self._silent: dict[str, int] = {}
-        """Consecutive unanswered probes per backend id."""
-
-    async def probe_once(self) -> None:
-        """Probe every backend in the pool concurrently and record the verdicts; never raises."""
-        backends = self.pool.backends
-        results = await asyncio.gather(*(self._probe(backend) for backend in backends))
-        # The pool may have changed while the probes ran: record only backends still in it,
-        # so that a removed (and forgotten) backend does not come back into the tracker.
-        current = {backend.id for backend in self.pool.backends}
-        for backend_id in [bid for bid in self._silent if bid not in current]:
-            del self._silent[backend_id]
-        for backend, result in zip(backends, results):
-            if backend.id in current:
-                self._record(backend.id, result)
-
-    def _record(self, backend_id: str, result: _ProbeResult) -> None:
-        if not result.silent:
-            self._silent.pop(backend_id, None)
-            self.tracker.record_probe(backend_id, result.ok, result.error)
-            return
-        strikes = self._silent[backend_id] = self._silent.get(backend_id, 0) + 1
-        if strikes >= SILENT_STRIKES:
-            self.tracker.record_probe(backend_id, False, result.error)
-        else:
-            log.info("backend %s: health probe unanswered (%s); ejected if the next one is too",
-                     backend_id, result.error)
-
-    async def _probe(self, backend: Backend) -> _ProbeResult:
-        path, data = self.path, None
-        if backend.kind == "external":
-            path = EXTERNAL_PROBE_PATH
-        elif backend.model_type is not None and backend.models:
-            # --static-backend-health-checks: a minimal real request of the model's type.
-            path, data = model_probe(backend.model_type, backend.models[0])
-        try:
-            async with self.session.request(
-                "GET" if data is None else "POST", backend.url + path, data=data,
-                timeout=self._client_timeout, allow_redirects=False,
-                # An external provider's Authorization replaces the fleet key this session
-                # sends by default.
-                headers=backend.headers or None,
-            ) as response:
-                if response.status == 200:
-                    return _ProbeResult(True)
-                return _ProbeResult(False, f"HTTP {response.status} from {path}")
-        except TimeoutError:
-            return _ProbeResult(False, f"no answer within {self.timeout:g}s",
-                                silent=True)
-        except aiohttp.ClientConnectorError as error:
-            return _ProbeResult(False, f"cannot connect: {failure_detail(error)}")
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                aiohttp.ClientPayloadError) as error:
-            return _ProbeResult(False, f"connection lost: {failure_detail(error)}", silent=True)
-        except Exception as error:
-            return _ProbeResult(False, failure_detail(error))
-
-    async def run(self) -> None:
-        """Probe, sleep `interval`, forever; cancel the task to stop it."""
-        while True:
-            try:
-                await self.probe_once()
-            except Exception:
-                # A dead prober would leave every verdict frozen; keep going and say why.
-                log.exception("health probe round failed")
-            await asyncio.sleep(self.interval)
-
-    def __repr__(self) -> str:
-        return (f"<HealthProber backends={len(self.pool.backends)} path={self.path} "
-                f"interval={self.interval:g}s timeout={self.timeout:g}s>")
