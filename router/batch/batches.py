@@ -42,20 +42,16 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.proxy.admission import Admission
-from router.api.openai import JSON_ENDPOINTS, extend, rewrite
 from router.batch.files import (
     OPEN, Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
     write_atomically,
 )
-from router.errors import BadRequest, PayloadTooLarge, RouterError, TooManyRequests, shorten
+from router.errors import BadRequest, RouterError, TooManyRequests, shorten
 from router.flow import RequestFlow
-from router.proxy.inbound import InboundRequest, resolve_model
-from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, PREFILL_HOP,
-    RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
-)
-from router.proxy.lifecycle import Lifecycle
-from router.proxy.forward import Collector, Failover, forward, upstream_headers
+from router.keys import ADMISSION, CONFIG, POOL, RATE_LIMITER, REWRITER
+from router.proxy.dispatch import dispatch
+from router.proxy.forward import Collector
+from router.proxy.inbound import JSON_ENDPOINTS, InboundRequest, json_request, rewriting
 from router.proxy.upstream_read import loads_stepwise
 
 __all__ = ["Batch", "Batches", "ENDPOINTS"]
@@ -266,7 +262,7 @@ def result_record(custom_id: str, result: LineResult) -> bytes:
     return json.dumps(record).encode() + b"\n"
 
 
-# One line through the router: the client-less counterpart of `router.api.openai.admitted`.
+# One line through the router: `router.proxy.dispatch`, with a `Collector` for a client.
 
 JSON_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
 
@@ -300,7 +296,7 @@ class LineResult:
                    error={"code": "internal_error", "message": "the router failed on this line"})
 
 
-async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
+async def run_line(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
     """Send `body` to `endpoint` as if a client had: admission, the rewriter, plugins, the
     routing policy with failover and the request events all apply; the answer is read whole."""
     flow = RequestFlow(id=os.urandom(16).hex(), endpoint=endpoint)
@@ -308,7 +304,16 @@ async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) ->
     if admission is not None:
         await admit(admission)
     try:
-        return await routed(app, flow, body)
+        collected = Collector(app[CONFIG].batch_max_answer_size)
+
+        async def receive() -> InboundRequest:
+            return line_request(app, flow, body)
+
+        error = await dispatch(app, flow, collected, receive, endpoint)
+        if error is not None:
+            return LineResult.failure(flow.id, error)
+        assert collected.status is not None
+        return LineResult(flow.id, collected.status, await parse_answer(collected.body))
     finally:
         if admission is not None:
             admission.release()
@@ -325,76 +330,18 @@ async def admit(admission: Admission) -> None:
             await asyncio.sleep(float(refused.headers.get("Retry-After", 1)))
 
 
-async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> LineResult:
-    lifecycle = Lifecycle(None, app[EVENTS], flow)
-    chooser = app[CHOOSER]
-    try:
-        inbound = line_request(app, flow, body)
-        answer = await extend(app, flow)
-        if answer is None:
-            flow.model = inbound.model
-            flow.backend = chooser.choose(inbound)
-            flow.prefill_backend = chooser.choose_prefill(inbound, flow.endpoint)
-    except RouterError as error:
-        lifecycle.end_unrouted(error.outcome, error.status, error.message)
-        return LineResult.failure(flow.id, error)
-    if answer is not None:  # a plugin answered the line itself
-        lifecycle.answered(answer)
-        raw = answer.body if isinstance(answer, web.Response) else None
-        return LineResult(flow.id, answer.status,
-                          parse_body(raw if isinstance(raw, bytes) else b""))
-    config = app[CONFIG]
-    failover = Failover(
-        lambda tried: chooser.choose_next(inbound, tried),
-        lambda tried: bool(chooser.candidates(inbound.model, tried)),
-        config.max_retries,
-        config.retry_backoff,
-        app[RETRY_BUDGET],
-    )
-    headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
-    collected = Collector(config.batch_max_answer_size)
-    async with lifecycle:
-        await forward(collected, flow, inbound, app[CLIENT_SESSION], lifecycle, flow.endpoint,
-                      headers, failover, prefill_hop=app[PREFILL_HOP])
-    if lifecycle.error is not None:
-        return LineResult.failure(flow.id, lifecycle.error)
-    plugins = app[PLUGINS]
-    if plugins is not None and flow.response_body is not None:
-        plugins.post_request(flow, flow.response_body)
-    assert collected.status is not None
-    return LineResult(flow.id, collected.status, await parse_answer(collected.body))
-
-
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
-    """`router.proxy.inbound.read_json_request` for a line: rewritten, model resolved."""
-    rewriter = app[REWRITER]
-    if rewriter is not None and (rewritten := rewrite(rewriter, flow, body)) is not None:
-        body = rewritten
-    requested = body.get("model")
-    served = resolve_model(app[POOL], requested)
-    if served != requested:
-        body = {**body, "model": served}
-    raw = json.dumps(body).encode()
-    limit = app[CONFIG].max_json_body_size
-    if len(raw) > limit:  # what a client's request would meet, counted on what would be sent
-        raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes")
-    flow.request_json, flow.request_body = body, raw
-    return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
+    """A line's body made ready as a client's would be: rewritten, model resolved, and
+    refused (413) when what would be sent is over `--max-json-body-size`."""
+    return json_request(body, JSON_HEADERS, app[POOL], rewriting(app[REWRITER], flow),
+                        app[CONFIG].max_json_body_size)
 
 
 async def parse_answer(raw: bytes) -> object:
-    """`parse_body` of a backend's answer, which may be big (up to --batch-max-answer-size):
-    parsed in steps, so the event loop is never held for long."""
+    """An answer's JSON, or its text when it is not JSON. It may be big (up to
+    --batch-max-answer-size): parsed in steps, so the event loop is never held for long."""
     try:
         return await loads_stepwise(raw)
-    except (ValueError, RecursionError):
-        return raw.decode("utf-8", "replace")
-
-
-def parse_body(raw: bytes | bytearray) -> object:
-    """An answer's JSON, or its text when it is not JSON."""
-    try:
-        return json.loads(raw)
     except (ValueError, RecursionError):
         return raw.decode("utf-8", "replace")
 
@@ -514,7 +461,7 @@ class BatchRun:
 
     async def _line(self, custom_id: str, body: dict[str, Any], results: ResultLog) -> None:
         try:
-            result = await dispatch(self._batches.app, self.batch.endpoint, body)
+            result = await run_line(self._batches.app, self.batch.endpoint, body)
         except Exception:  # a bug: this line fails, the batch goes on
             log.exception("batch %s: line %r failed in the router", self.batch.id, custom_id)
             result = LineResult.internal_error()

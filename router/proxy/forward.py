@@ -1,4 +1,4 @@
-"""The proxy: one request to one backend, streamed both ways, inside its `Lifecycle`.
+"""The proxy: one request to one backend, streamed both ways.
 
 `forward` moves a request that failed before its answer started to another backend;
 `exchange` is one attempt: the body goes up as it arrives, then the answer goes to a `Sink`
@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -25,7 +25,8 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from router.errors import (
     AnswerTooLarge, BackendStatus, BackendUnreachable, ClientGone, PrefillFailed,
-    ResponseHeadTimeout, RouterError, UpstreamError, UpstreamTimeout, failure_detail,
+    ResponseHeadTimeout, RouterError, UpstreamError, UpstreamTimeout, error_response,
+    failure_detail,
 )
 from router.backends.pool import Backend
 from router.events import RequestEvents
@@ -34,9 +35,6 @@ from router.proxy.inbound import InboundRequest, UploadBody
 from router.proxy.retries import RetryBudget
 from router.proxy.timeouts import HeadTimeout, ProxyTimeout
 from router.proxy.upstream_read import read_bounded
-
-if TYPE_CHECKING:
-    from router.proxy.lifecycle import Lifecycle
 
 __all__ = [
     "Failover", "PrefillHop", "UpstreamAuth", "upstream_headers", "forward", "exchange", "Sink",
@@ -191,11 +189,11 @@ Only a status retry is subject to the retry budget."""
 
 
 async def forward(
-    to: web.Request | Collector,
+    sink: Sink,
     flow: RequestFlow,
     inbound: InboundRequest,
     session: aiohttp.ClientSession,
-    lifecycle: Lifecycle,
+    events: RequestEvents,
     path: str,
     headers: CIMultiDict[str],
     failover: Failover | None,
@@ -204,13 +202,11 @@ async def forward(
 ) -> None:
     """`exchange` with failover: a request no backend can have started (`RETRIED_ERRORS`)
     is retried on another backend while the body can be sent again (and, after a 502/503/504
-    answer, while the retry budget allows). The answer goes `to` the client's connection, or
-    into a `Collector`."""
-    sink: Sink = ClientSink(to, lifecycle) if isinstance(to, web.Request) else to
+    answer, while the retry budget allows). The answer goes to `sink`."""
     if flow.prefill_backend is not None:
         await prefill(flow, inbound, session, path, headers, prefill_hop)
     if failover is None:
-        await exchange(sink, flow, inbound, session, lifecycle.events, path, headers)
+        await exchange(sink, flow, inbound, session, events, path, headers)
         return
     ticket = failover.budget.ticket()
     try:
@@ -238,7 +234,7 @@ async def forward(
                 return False
 
             try:
-                await exchange(sink, flow, inbound, session, lifecycle.events, path, headers,
+                await exchange(sink, flow, inbound, session, events, path, headers,
                                retry_status)
                 return
             except RETRIED_ERRORS as error:
@@ -257,7 +253,7 @@ async def forward(
                 log.warning("request %s: %s; retrying on backend %s (attempt %d)",
                             flow.id, error.logged, backend.id, len(flow.attempts) + 1)
                 flow.backend = backend
-                lifecycle.events.on_retry(flow)
+                events.on_retry(flow)
                 await asyncio.sleep(failover.backoff * 2 ** (len(flow.attempts) - 1))
     finally:
         ticket.close()
@@ -413,9 +409,13 @@ async def exchange(
 Write = Callable[[bytes], Awaitable[None]]
 """Passes one chunk of the answer on; a `ConnectionError` means the client is gone."""
 
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that went away before the answer (never sent, only counted)."""
+
 
 class Sink(Protocol):
-    """Where a backend's answer goes, once its status and headers arrived."""
+    """Where a request's answer goes: a backend's, once its status and headers arrived, or a
+    plugin's. The sink owns the answer; the request's `Lifecycle` asks it about its receiver."""
 
     async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
         """Take the status and headers; return what each body chunk is passed to (the one
@@ -431,21 +431,37 @@ class Sink(Protocol):
         """The backend failed after its answer started (`aiohttp.ClientError`, timeout)."""
         ...
 
+    def answered(self, response: web.StreamResponse) -> None:
+        """A plugin answered the request itself, before any backend was chosen."""
+        ...
+
+    def client_gone(self) -> bool:
+        """Whether the receiver left (a client's closed connection)."""
+        ...
+
+    def abort(self) -> bool:
+        """The router failed: cut an answer that already started going out (True); False
+        when none did, so an error answer can still take its place."""
+        ...
+
 
 class ClientSink:
-    """Streams the answer to the client: the backend's status and headers at once (the
-    response is the lifecycle's, for the handler's `result()`), then each chunk as it comes.
-    A broken client connection is `ClientGone`; a backend that breaks mid-answer cuts the
-    client's connection (`break_stream`).
+    """Streams the answer to the client: the backend's status and headers at once, then each
+    chunk as it comes; `answer()` is what the handler returns. A broken client connection is
+    `ClientGone`; a backend that breaks mid-answer cuts the client's connection
+    (`break_stream`). Once streaming, writes wait for the client past `buffer_size` bytes
+    (the backend is not read meanwhile).
 
     An answer whose whole body came with its headers (a typical JSON answer) is sent in one
     write, headers and body together: nothing is waited for, one system call is saved."""
 
-    __slots__ = ("request", "lifecycle", "status", "reason", "headers")
+    __slots__ = ("request", "buffer_size", "response", "status", "reason", "headers")
 
-    def __init__(self, request: web.Request, lifecycle: Lifecycle) -> None:
+    def __init__(self, request: web.Request, buffer_size: int) -> None:
         self.request = request
-        self.lifecycle = lifecycle
+        self.buffer_size = buffer_size
+        self.response: web.StreamResponse | None = None
+        """The client's answer: the backend's once it started, or a plugin's."""
 
     async def start(self, flow: RequestFlow, upstream: aiohttp.ClientResponse) -> Write:
         assert flow.backend is not None
@@ -462,10 +478,7 @@ class ClientSink:
         await self._prepare(response)
         transport = self.request.transport
         if transport is not None:
-            from router.keys import CONFIG  # router.keys imports this module
-
-            # Writes wait for the client past this, and the backend is not read meanwhile.
-            transport.set_write_buffer_limits(high=self.request.app[CONFIG].stream_buffer_size)
+            transport.set_write_buffer_limits(high=self.buffer_size)
         return response.write
 
     async def _start_and_write(self, chunk: bytes) -> None:
@@ -473,14 +486,14 @@ class ClientSink:
         await write(chunk)
 
     async def _prepare(self, response: web.StreamResponse) -> None:
-        self.lifecycle.response = response
+        self.response = response
         try:
             await response.prepare(self.request)
         except ConnectionError as error:
             raise ClientGone() from error
 
     async def end(self, last: bytes) -> None:
-        response = self.lifecycle.response
+        response = self.response
         try:
             if response is None:  # headers and body in one write (aiohttp's Response)
                 response = web.Response(status=self.status, reason=self.reason,
@@ -494,6 +507,29 @@ class ClientSink:
 
     def broken(self, flow: RequestFlow, error: BaseException) -> None:
         break_stream(self.request, flow, error)
+
+    def answered(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    def client_gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    def abort(self) -> bool:
+        if self.response is not None and self.response.prepared:
+            cut_client(self.request)
+            return True
+        return False
+
+    def answer(self, flow_id: str, error: RouterError | None) -> web.StreamResponse:
+        """What the handler returns once the request is over: the request's `error` as an
+        OpenAI-style answer while nothing was sent, else the answer that was."""
+        if error is not None and (self.response is None or not self.response.prepared):
+            return error_response(error, flow_id)
+        if self.response is not None:
+            return self.response
+        # The client is gone and nothing was sent: aiohttp's write of this fails quietly.
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
 
 
 class Collector:
@@ -546,6 +582,17 @@ class Collector:
 
     def broken(self, flow: RequestFlow, error: BaseException) -> None:
         raise upstream_error(error, self.backend_id, None) from error
+
+    def answered(self, response: web.StreamResponse) -> None:
+        self.status = response.status
+        body = response.body if isinstance(response, web.Response) else None
+        self.chunks = [body] if isinstance(body, bytes) else []
+
+    def client_gone(self) -> bool:
+        return False  # no client waits on it
+
+    def abort(self) -> bool:
+        return False  # nothing went out: the caller gets the error
 
 
 def break_stream(request: web.Request, flow: RequestFlow, error: BaseException) -> None:
