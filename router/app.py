@@ -34,7 +34,9 @@ from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
-from router.proxy.forward import PrefillHop, UpstreamAuth, cut_client
+from router.proxy.failover import PrefillHop
+from router.proxy.headers import UpstreamAuth
+from router.proxy.sinks import cut_client
 from router.proxy.retries import RetryBudget
 from router.policies.chooser import BackendChooser
 from router.proxy.live import Drain

@@ -17,7 +17,8 @@ from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter
 from router.policies.chooser import BackendChooser
-from router.proxy.forward import PrefillHop, UpstreamAuth
+from router.proxy.failover import PrefillHop
+from router.proxy.headers import UpstreamAuth
 from router.proxy.retries import RetryBudget
 from router.proxy.live import Drain
 from router.stats.engine import EngineStats

@@ -19,11 +19,11 @@ from router.errors import RouterError, error_response
 from router.flow import RequestFlow
 from router.keys import ADMISSION, API_KEYS, CONFIG, DRAIN, POOL, RATE_LIMITER, REWRITER
 from router.proxy.dispatch import dispatch
-from router.proxy.forward import ClientSink
 from router.proxy.inbound import (
     JSON_ENDPOINTS, MULTIPART_ENDPOINTS, InboundRequest, read_json_request, rewriting,
 )
 from router.proxy.multipart import read_multipart_request
+from router.proxy.sinks import ClientSink
 
 __all__ = ["add_routes", "client_key", "spend_rate_limit"]
 

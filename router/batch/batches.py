@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.proxy.admission import Admission
@@ -50,8 +50,8 @@ from router.errors import BadRequest, RouterError, TooManyRequests, shorten
 from router.flow import RequestFlow
 from router.keys import ADMISSION, CONFIG, POOL, RATE_LIMITER, REWRITER
 from router.proxy.dispatch import dispatch
-from router.proxy.forward import Collector
 from router.proxy.inbound import JSON_ENDPOINTS, InboundRequest, json_request, rewriting
+from router.proxy.sinks import Collector
 from router.proxy.upstream_read import loads_stepwise
 
 __all__ = ["Batch", "Batches", "ENDPOINTS"]
@@ -264,7 +264,7 @@ def result_record(custom_id: str, result: LineResult) -> bytes:
 
 # One line through the router: `router.proxy.dispatch`, with a `Collector` for a client.
 
-JSON_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+JSON_HEADERS = CIMultiDictProxy(CIMultiDict({hdrs.CONTENT_TYPE: "application/json"}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +327,7 @@ async def admit(admission: Admission) -> None:
             await admission.acquire()
             return
         except TooManyRequests as refused:
-            await asyncio.sleep(float(refused.headers.get("Retry-After", 1)))
+            await asyncio.sleep(float(refused.headers.get(hdrs.RETRY_AFTER, 1)))
 
 
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:

@@ -18,9 +18,12 @@ from router.flow import RequestFlow
 from router.keys import (
     CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, PREFILL_HOP, RETRY_BUDGET, UPSTREAM_AUTH,
 )
-from router.proxy.forward import Failover, Sink, forward, upstream_headers
+from router.proxy.failover import Failover
+from router.proxy.forward import forward
+from router.proxy.headers import upstream_headers
 from router.proxy.inbound import InboundRequest
 from router.proxy.lifecycle import Lifecycle
+from router.proxy.sinks import Sink
 
 __all__ = ["Receive", "dispatch", "pre_request"]
 

@@ -6,7 +6,7 @@ gone, backend failure, timeout, cancellation, it sets the outcome and emits `on_
 once. `on_new` comes when the request is routed (`routed()`: subscribers count it in flight
 from there, with `flow.backend` set), or at the exit of a flow that never was. It serves a
 client's request and a batch line alike: what it needs of the receiver it asks the request's
-`Sink` (`router.proxy.forward.ClientSink`, `Collector`).
+`Sink` (`router.proxy.sinks.ClientSink`, `Collector`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from aiohttp import web
 from router.errors import ClientGone, InternalError, RouterError
 from router.events import RequestEvents
 from router.flow import Outcome, RequestFlow
-from router.proxy.forward import CLIENT_CLOSED_REQUEST, REQUEST_ID, Sink
+from router.proxy.headers import REQUEST_ID
+from router.proxy.sinks import CLIENT_CLOSED_REQUEST, Sink
 
 __all__ = ["Lifecycle"]
 
