@@ -12,12 +12,12 @@ import functools
 import time
 from urllib.parse import unquote_plus
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from router.api import expect_handler, request_id
-from router.errors import RouterError, error_response
+from router.api.limits import openai_errors, spend_rate_limit
 from router.flow import RequestFlow
-from router.keys import ADMISSION, API_KEYS, CONFIG, DRAIN, POOL, RATE_LIMITER, REWRITER
+from router.keys import ADMISSION, CONFIG, LIVE_REQUESTS, POOL, REWRITER
 from router.proxy.dispatch import dispatch
 from router.proxy.inbound import (
     JSON_ENDPOINTS, MULTIPART_ENDPOINTS, InboundRequest, read_json_request, rewriting,
@@ -25,7 +25,7 @@ from router.proxy.inbound import (
 from router.proxy.multipart import read_multipart_request
 from router.proxy.sinks import ClientSink
 
-__all__ = ["add_routes", "client_key", "spend_rate_limit"]
+__all__ = ["add_routes"]
 
 
 async def read_inbound(
@@ -52,8 +52,8 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
     flow = RequestFlow(id=request_id(request), endpoint=endpoint, method=request.method)
     task = asyncio.current_task()
     assert task is not None
-    drain = app[DRAIN]
-    drain.enter(task, flow)
+    live = app[LIVE_REQUESTS]
+    live.enter(task, flow)
     admission = app[ADMISSION]
     admitted = False
 
@@ -76,7 +76,7 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
         if admitted:
             assert admission is not None
             admission.release()
-        drain.leave(task)
+        live.leave(task)
 
 
 def upstream_path(request: web.Request, endpoint: str) -> tuple[str, str | None]:
@@ -99,31 +99,8 @@ def without_parameter(raw_query: str, name: str) -> str:
     )
 
 
-def spend_rate_limit(request: web.Request) -> None:
-    """Take a token of the client's bucket under `--rate-limit`, or raise `TooManyRequests`:
-    every endpoint of the API spends it, not only the proxied ones."""
-    limiter = request.app[RATE_LIMITER]
-    if limiter is not None:
-        limiter.take(client_key(request))
-
-
-def client_key(request: web.Request) -> str:
-    """Whose rate limit a request spends: its API key when keys are required (the key, not
-    the header's spelling), else its address (a header a client can vary is no identity)."""
-    keys = request.app[API_KEYS]
-    if keys.enabled:
-        key = keys.identify(request.headers.get(hdrs.AUTHORIZATION))
-        if key is not None:
-            return "key:" + key
-    return "addr:" + (request.remote or "unknown")
-
-
 async def list_models(request: web.Request) -> web.Response:
     """The union of the backends' models, with aliases (their `root` is the served model)."""
-    try:
-        spend_rate_limit(request)
-    except RouterError as error:
-        return error_response(error, request_id(request))
     pool = request.app[POOL]
     created = int(time.time())
     entries = [
@@ -146,4 +123,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
                                                         multipart=True),
                             expect_handler=expect_handler)
-    app.router.add_get("/v1/models", list_models, expect_handler=expect_handler)
+    app.router.add_get("/v1/models", openai_errors(list_models), expect_handler=expect_handler)
