@@ -191,7 +191,7 @@ def measure_all() -> list[tuple[str, str]]:
 
     def forward(direction: str) -> Callable[[], float]:
         def step() -> float:
-            from router import proxy
+            from router.proxy import headers as proxy
             drop = proxy.NOT_FORWARDED_UP if direction == "up" else proxy.NOT_FORWARDED_DOWN
             incoming = HEADERS if direction == "up" else ENGINE_HEADERS
             return best_us(lambda: proxy.forward_headers(incoming, drop, "req-1"))
@@ -199,7 +199,7 @@ def measure_all() -> list[tuple[str, str]]:
 
     def forward_one_pass(direction: str) -> Callable[[], float]:
         def step() -> float:
-            from router import proxy
+            from router.proxy import headers as proxy
             drop = proxy.NOT_FORWARDED_UP if direction == "up" else proxy.NOT_FORWARDED_DOWN
             incoming = HEADERS if direction == "up" else ENGINE_HEADERS
             return best_us(lambda: one_pass_headers(incoming, drop, "req-1"))

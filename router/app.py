@@ -26,19 +26,21 @@ from router.flow import Outcome
 from router.backends.prober import HealthProber
 from router.backends.tracker import HealthTracker
 from router.keys import (
-    ADMISSION, API_KEYS, CHOOSER, CLIENT_SESSION, CONFIG, DRAIN, ENGINE_STATS, EVENTS,
-    FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, RETRY_BUDGET, REWRITER,
-    STATS, UPSTREAM_AUTH, BATCHES, PREFILL_HOP,
+    ADMISSION, API_KEYS, BATCHES, CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS,
+    FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, PLUGINS, POOL, PREFILL_HOP, RATE_LIMITER,
+    RETRY_BUDGET, REWRITER, STATS, UPSTREAM_AUTH,
 )
 from router.observe import multiprocess
 from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
-from router.proxy.forward import PrefillHop, UpstreamAuth, cut_client
+from router.proxy.failover import PrefillHop
+from router.proxy.headers import UpstreamAuth
+from router.proxy.sinks import cut_client
 from router.proxy.retries import RetryBudget
 from router.policies.chooser import BackendChooser
-from router.proxy.live import Drain
+from router.proxy.live import LiveRequests
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 from router.proxy.timeouts import ProxyTimeout
@@ -130,7 +132,7 @@ async def watch_stalls(app: web.Application) -> AsyncIterator[None]:
     async def watch() -> None:
         while True:
             await asyncio.sleep(min(5.0, write_limit / 4, read_limit / 4))
-            for task, flow, side in app[DRAIN].stalled(write_limit, read_limit):
+            for task, flow, side in app[LIVE_REQUESTS].stalled(write_limit, read_limit):
                 if side == "client":
                     flow.outcome = Outcome.CLIENT_DISCONNECTED
                     flow.error = f"the client read nothing for {write_limit:g} s"
@@ -204,7 +206,7 @@ def make_app(config: Config) -> web.Application:
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config
-    app[DRAIN] = Drain()
+    app[LIVE_REQUESTS] = LiveRequests()
     app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
     app[RETRY_BUDGET] = RetryBudget(config.retry_budget_percent, config.retry_budget_min)
     app[PREFILL_HOP] = PrefillHop(config.prefill_timeout, config.prefill_max_answer_size)

@@ -17,9 +17,10 @@ from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter
 from router.policies.chooser import BackendChooser
-from router.proxy.forward import PrefillHop, UpstreamAuth
+from router.proxy.failover import PrefillHop
+from router.proxy.headers import UpstreamAuth
 from router.proxy.retries import RetryBudget
-from router.proxy.live import Drain
+from router.proxy.live import LiveRequests
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # router.batch reads these keys: a runtime import would be ci
 
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
-    "METRICS", "CLIENT_SESSION", "DRAIN", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
+    "METRICS", "CLIENT_SESSION", "LIVE_REQUESTS", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
     "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES", "PREFILL_HOP",
     "RETRY_BUDGET",
 ]
@@ -41,7 +42,8 @@ EVENTS = web.AppKey("events", RequestEvents)
 STATS = web.AppKey("stats", RequestStats)
 ENGINE_STATS = web.AppKey("engine_stats", EngineStats)
 METRICS = web.AppKey("metrics", Metrics)
-DRAIN = web.AppKey("drain", Drain)
+LIVE_REQUESTS = web.AppKey("live_requests", LiveRequests)
+"""Every proxied request running now: the drain at shutdown waits for them."""
 UPSTREAM_AUTH = web.AppKey("upstream_auth", UpstreamAuth)
 RETRY_BUDGET = web.AppKey("retry_budget", RetryBudget)
 """Requests and retries in flight: retries are allowed while they are few enough."""

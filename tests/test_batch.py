@@ -19,7 +19,7 @@ import pytest
 from openai.types import Batch
 
 from router.batch import Batches
-from router.batch.batches import HashSet
+from router.batch.records import HashSet
 from router.config.flags import load_config
 from router.config.settings import Config, ConfigError, StaticBackend
 from router.flow import Outcome

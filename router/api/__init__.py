@@ -15,6 +15,7 @@ from router.errors import (
     BadRequest, HeadersTooLarge, HTTPStatusError, InternalError, RouterError, error_response,
     shorten,
 )
+from router.proxy.headers import REQUEST_ID
 
 __all__ = ["request_id", "json_errors", "expect_handler", "guard"]
 
@@ -27,7 +28,7 @@ VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id(request: web.BaseRequest) -> str:
     """The client's `x-request-id` when it is safe to echo (length, charset), else a new one."""
-    given = request.headers.get("x-request-id")
+    given = request.headers.get(REQUEST_ID)
     if given and VALID_REQUEST_ID.fullmatch(given):
         return given
     # Unique, not secret (nothing authenticates with it): a Mersenne Twister costs a fifth of

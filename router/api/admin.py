@@ -12,7 +12,7 @@ from router import __version__
 from router.observe import multiprocess
 from router.api import expect_handler
 from router.keys import (
-    CHOOSER, DRAIN, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, METRICS, POOL, STATS,
+    CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, POOL, STATS,
 )
 
 __all__ = ["add_routes"]
@@ -33,7 +33,7 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """Readiness: 503 while draining or while no backend can take a request."""
     app = request.app
-    if app[DRAIN].draining:
+    if app[LIVE_REQUESTS].draining:
         return web.json_response({"status": "draining"}, status=503)
     health, pool = app[HEALTH], app[POOL]
     # What the request path would route to: with every breaker open, the ejection cap still

@@ -1,8 +1,9 @@
 """The Batch and Files APIs (`--enable-batch-api`): offline jobs through the same front door.
 
 `api` holds the endpoints; `files` what is on disk under `--file-storage-path` (uploaded
-files, batch results); `batches` the batch jobs, whose lines run through the router's own
-routing like any client request. `run_batches` is the cleanup_ctx that owns it all.
+files, batch results); `records` the batch objects, input lines and results; `batches` the
+batch jobs' runners, whose lines run through the router's own routing like any client
+request. `run_batches` is the cleanup_ctx that owns it all.
 """
 
 from __future__ import annotations

@@ -11,30 +11,25 @@ caller's own files and batches (`owner`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from router.api import expect_handler, request_id
-from router.api.openai import client_key, spend_rate_limit
+from router.api import expect_handler, limits
+from router.api.limits import Handler, client_key
 from router.batch.files import OPEN, PURPOSES, Received
-from router.errors import (
-    BadRequest, RequestTimeout, RouterError, error_response, shorten,
-)
-from router.proxy.inbound import BodySize, read_body, unreadable
+from router.errors import BadRequest, RequestTimeout, shorten
 from router.keys import API_KEYS, BATCHES, CONFIG
+from router.proxy.inbound import BodySize, read_body, unreadable
 from router.proxy.multipart import multipart_boundary
 
 __all__ = ["add_routes"]
 
 log = logging.getLogger("router.batch")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 UPLOAD_CHUNK = 256 * 1024
 MAX_FIELD = 1024
@@ -43,22 +38,9 @@ MAX_METADATA = 16
 
 
 def openai_errors(handler: Handler) -> Handler:
-    """The caller's rate limit is spent first (a 429 reads nothing of the request); a
-    `RouterError` from the handler becomes its OpenAI-style JSON answer, and one log line
-    (these endpoints have no access line)."""
-
-    @functools.wraps(handler)
-    async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            spend_rate_limit(request)
-            return await handler(request)
-        except RouterError as error:
-            rid = request_id(request)
-            log.info("request %s: %s %s refused (%d): %s", rid, request.method,
-                     shorten(request.path), error.status, error.message)
-            return error_response(error, rid)
-
-    return handle
+    """`router.api.limits.openai_errors`, with a log line for each refusal (these endpoints
+    have no access line)."""
+    return limits.openai_errors(handler, log)
 
 
 def owner(request: web.Request) -> str:

@@ -33,274 +33,43 @@ import logging
 import os
 import re
 import time
-from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.proxy.admission import Admission
-from router.api.openai import JSON_ENDPOINTS, extend, rewrite
 from router.batch.files import (
-    OPEN, Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
+    Conflict, FileStore, NotFound, ResultLog, input_lines, lock_storage, recorded_ids,
     write_atomically,
 )
-from router.errors import BadRequest, PayloadTooLarge, RouterError, TooManyRequests, shorten
+from router.batch.records import Batch, LineResult, check_input, parse_line, result_record
+from router.errors import BadRequest, TooManyRequests, shorten
 from router.flow import RequestFlow
-from router.proxy.inbound import InboundRequest, resolve_model
-from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, PLUGINS, POOL, PREFILL_HOP,
-    RATE_LIMITER, RETRY_BUDGET, REWRITER, UPSTREAM_AUTH,
-)
-from router.proxy.lifecycle import Lifecycle
-from router.proxy.forward import Collector, Failover, forward, upstream_headers
+from router.keys import ADMISSION, CONFIG, POOL, RATE_LIMITER, REWRITER
+from router.proxy.admission import Admission
+from router.proxy.dispatch import dispatch
+from router.proxy.inbound import JSON_ENDPOINTS, InboundRequest, json_request, rewriting
+from router.proxy.sinks import Collector
 from router.proxy.upstream_read import loads_stepwise
 
-__all__ = ["Batch", "Batches", "ENDPOINTS"]
+__all__ = ["Batches", "ENDPOINTS"]
 
 log = logging.getLogger("router.batch")
 
 ENDPOINTS = tuple(endpoint for endpoint in JSON_ENDPOINTS if endpoint.startswith("/v1/"))
 """What a batch may call: the router's JSON endpoints under `/v1`."""
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
-MAX_ERRORS = 100
-"""Invalid input lines reported in a failed batch's `errors` (the first ones)."""
 WINDOW = re.compile(r"([1-9][0-9]{0,3})h")
 BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
-EXPIRED = {"code": "batch_expired",
-           "message": "This request could not be executed before the completion window expired."}
 
 
-@dataclass(eq=False, slots=True)
-class Batch:
-    id: str
-    endpoint: str
-    input_file_id: str
-    completion_window: str
-    created_at: int
-    expires_at: int
-    metadata: dict[str, str] | None = None
-    status: str = "validating"
-    total: int = 0
-    completed: int = 0
-    failed: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    times: dict[str, int] = field(default_factory=dict)
-    """When it entered each later status: `in_progress_at`, `cancelled_at`..."""
-    owner: str = OPEN
-    """Who sees it (`router.batch.files`): the creator's key, or `OPEN`."""
-    client: str = ""
-    """Whose rate limit its lines spend: the creator's `client_key` (its key, else its
-    address)."""
+# One line through the router: `router.proxy.dispatch`, with a `Collector` for a client.
 
-    def count(self, failed: bool) -> None:
-        if failed:
-            self.failed += 1
-        else:
-            self.completed += 1
-
-    def to_json(self) -> dict[str, Any]:
-        """OpenAI's `Batch` object (what clients see)."""
-        return {
-            "id": self.id, "object": "batch", "endpoint": self.endpoint,
-            "errors": {"object": "list", "data": self.errors} if self.errors else None,
-            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
-            "status": self.status, "output_file_id": self.output_file_id,
-            "error_file_id": self.error_file_id, "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            **{name: self.times.get(name) for name in TIMESTAMPS},
-            "request_counts": {"total": self.total, "completed": self.completed,
-                               "failed": self.failed},
-            "metadata": self.metadata,
-        }
-
-    def to_state(self) -> dict[str, Any]:
-        """What is saved: the `Batch` object, its owner and its client."""
-        return {**self.to_json(), "owner": self.owner, "client": self.client}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Batch:
-        counts = data["request_counts"]
-        return cls(
-            id=data["id"], endpoint=data["endpoint"], input_file_id=data["input_file_id"],
-            completion_window=data["completion_window"], created_at=data["created_at"],
-            expires_at=data["expires_at"], metadata=data.get("metadata"),
-            status=data["status"], total=counts["total"], completed=counts["completed"],
-            failed=counts["failed"], errors=(data.get("errors") or {}).get("data") or [],
-            output_file_id=data.get("output_file_id"), error_file_id=data.get("error_file_id"),
-            times={name: data[name] for name in TIMESTAMPS if data.get(name) is not None},
-            owner=str(data.get("owner", OPEN)),
-            # Saved before clients were: a bucket of its own, still paced.
-            client=str(data.get("client") or f"batch:{data['id']}"),
-        )
-
-    def __repr__(self) -> str:
-        return (f"<Batch {self.id} {self.status} {self.completed + self.failed}/{self.total} "
-                f"failed={self.failed}>")
+JSON_HEADERS = CIMultiDictProxy(CIMultiDict({hdrs.CONTENT_TYPE: "application/json"}))
 
 
-TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-              "cancelling_at", "cancelled_at")
-
-
-class InvalidLine(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def parse_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any]]:
-    """An input line's `custom_id` and request body; `InvalidLine` says what is wrong."""
-    try:
-        line = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise InvalidLine("the line is not valid JSON") from None
-    if not isinstance(line, dict):
-        raise InvalidLine("the line is not a JSON object")
-    custom_id, body = line.get("custom_id"), line.get("body")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise InvalidLine("'custom_id' must be a non-empty string", "custom_id")
-    if line.get("method") != "POST":
-        raise InvalidLine("'method' must be POST", "method")
-    if line.get("url") != endpoint:
-        raise InvalidLine(f"'url' must be the batch's endpoint {endpoint}", "url")
-    if not isinstance(body, dict):
-        raise InvalidLine("'body' must be a JSON object", "body")
-    if body.get("stream") is True:
-        raise InvalidLine("a batch request cannot stream ('stream': true)", "body.stream")
-    return custom_id, body
-
-
-def check_input(
-    path: Path, endpoint: str, max_requests: int, max_bytes: int
-) -> tuple[int, list[dict[str, Any]]]:
-    """The number of requests in an input file, and its first invalid lines (blocking).
-
-    Memory is bounded by the caps: a file over `max_bytes` is not read at all, reading stops
-    at the first request past `max_requests`, and a `custom_id` is remembered as its 64-bit
-    hash (Python's `hash`, salted per process: a collision cannot be crafted from outside and
-    is about as likely as 1 in 10^10 at 50,000 lines) in a `HashSet`, not as its string."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        return 0, [cap_error("input_too_large",
-                             f"the input file has {size} bytes, over the limit of {max_bytes}")]
-    total, seen = 0, HashSet()
-    errors: list[dict[str, Any]] = []
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            total += 1
-            if total > max_requests:
-                errors.append(cap_error(
-                    "input_too_many_requests",
-                    f"the input file has more than the limit of {max_requests} requests"))
-                break
-            try:
-                custom_id, _ = parse_line(raw, endpoint)
-                if not seen.add(hash(custom_id)):
-                    raise InvalidLine(f"'custom_id' {custom_id[:64]!r} is used twice",
-                                      "custom_id")
-            except InvalidLine as invalid:
-                if len(errors) < MAX_ERRORS:
-                    errors.append({"code": "invalid_request", "message": invalid.message,
-                                   "param": invalid.param, "line": number})
-    if not total:
-        errors.append(cap_error("empty_file", "the input file has no requests"))
-    return total, errors
-
-
-class HashSet:
-    """64-bit hashes in one flat array (open addressing, linear probing, at most half full):
-    8 to 24 bytes an entry, where a `set` of ints takes about 90 (130 MB at 1.5 M)."""
-
-    def __init__(self) -> None:
-        self._table = array("q", bytes(8 * 1024))
-        self._mask = len(self._table) - 1
-        self._room = len(self._table) // 2
-
-    def add(self, value: int) -> bool:
-        """Add `value`; False when it was there already."""
-        table, mask = self._table, self._mask
-        value = value or 1  # 0 marks a free slot
-        slot = value & mask
-        while held := table[slot]:
-            if held == value:
-                return False
-            slot = (slot + 1) & mask
-        table[slot] = value
-        self._room -= 1
-        if not self._room:
-            self._grow()
-        return True
-
-    def _grow(self) -> None:
-        old = self._table
-        table = self._table = array("q", bytes(16 * len(old)))
-        mask = self._mask = len(table) - 1
-        self._room = len(table) // 2 - len(old) // 2
-        for value in old:
-            if value:
-                slot = value & mask
-                while table[slot]:
-                    slot = (slot + 1) & mask
-                table[slot] = value
-
-
-def cap_error(code: str, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message, "param": None, "line": None}
-
-
-def result_record(custom_id: str, result: LineResult) -> bytes:
-    """A line of the output or error file, in OpenAI's format."""
-    response = None if result.status is None else {
-        "status_code": result.status, "request_id": result.request_id, "body": result.body,
-    }
-    record = {"id": f"batch_req_{result.request_id}", "custom_id": custom_id,
-              "response": response, "error": result.error}
-    return json.dumps(record).encode() + b"\n"
-
-
-# One line through the router: the client-less counterpart of `router.api.openai.admitted`.
-
-JSON_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
-
-
-@dataclass(frozen=True, slots=True)
-class LineResult:
-    """What one line got: the answer (`status`, `body`), or an `error` when none came."""
-
-    request_id: str
-    status: int | None = None
-    body: object = None
-    error: dict[str, str | None] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-    @classmethod
-    def failure(cls, request_id: str, error: RouterError) -> LineResult:
-        return cls(request_id, error={"code": error.code, "message": error.message})
-
-    @classmethod
-    def expired(cls) -> LineResult:
-        return cls(os.urandom(16).hex(), error=dict(EXPIRED))
-
-    @classmethod
-    def internal_error(cls) -> LineResult:
-        # The exception goes to the log, never into the output file a client downloads: its
-        # text may hold anything.
-        return cls(os.urandom(16).hex(),
-                   error={"code": "internal_error", "message": "the router failed on this line"})
-
-
-async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
+async def run_line(app: web.Application, endpoint: str, body: dict[str, Any]) -> LineResult:
     """Send `body` to `endpoint` as if a client had: admission, the rewriter, plugins, the
     routing policy with failover and the request events all apply; the answer is read whole."""
     flow = RequestFlow(id=os.urandom(16).hex(), endpoint=endpoint)
@@ -308,7 +77,16 @@ async def dispatch(app: web.Application, endpoint: str, body: dict[str, Any]) ->
     if admission is not None:
         await admit(admission)
     try:
-        return await routed(app, flow, body)
+        collected = Collector(app[CONFIG].batch_max_answer_size)
+
+        async def receive() -> InboundRequest:
+            return line_request(app, flow, body)
+
+        error = await dispatch(app, flow, collected, receive, endpoint)
+        if error is not None:
+            return LineResult.failure(flow.id, error)
+        assert collected.status is not None
+        return LineResult(flow.id, collected.status, await parse_answer(collected.body))
     finally:
         if admission is not None:
             admission.release()
@@ -322,79 +100,21 @@ async def admit(admission: Admission) -> None:
             await admission.acquire()
             return
         except TooManyRequests as refused:
-            await asyncio.sleep(float(refused.headers.get("Retry-After", 1)))
-
-
-async def routed(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> LineResult:
-    lifecycle = Lifecycle(None, app[EVENTS], flow)
-    chooser = app[CHOOSER]
-    try:
-        inbound = line_request(app, flow, body)
-        answer = await extend(app, flow)
-        if answer is None:
-            flow.model = inbound.model
-            flow.backend = chooser.choose(inbound)
-            flow.prefill_backend = chooser.choose_prefill(inbound, flow.endpoint)
-    except RouterError as error:
-        lifecycle.end_unrouted(error.outcome, error.status, error.message)
-        return LineResult.failure(flow.id, error)
-    if answer is not None:  # a plugin answered the line itself
-        lifecycle.answered(answer)
-        raw = answer.body if isinstance(answer, web.Response) else None
-        return LineResult(flow.id, answer.status,
-                          parse_body(raw if isinstance(raw, bytes) else b""))
-    config = app[CONFIG]
-    failover = Failover(
-        lambda tried: chooser.choose_next(inbound, tried),
-        lambda tried: bool(chooser.candidates(inbound.model, tried)),
-        config.max_retries,
-        config.retry_backoff,
-        app[RETRY_BUDGET],
-    )
-    headers = upstream_headers(JSON_HEADERS, flow.id, app[UPSTREAM_AUTH])
-    collected = Collector(config.batch_max_answer_size)
-    async with lifecycle:
-        await forward(collected, flow, inbound, app[CLIENT_SESSION], lifecycle, flow.endpoint,
-                      headers, failover, prefill_hop=app[PREFILL_HOP])
-    if lifecycle.error is not None:
-        return LineResult.failure(flow.id, lifecycle.error)
-    plugins = app[PLUGINS]
-    if plugins is not None and flow.response_body is not None:
-        plugins.post_request(flow, flow.response_body)
-    assert collected.status is not None
-    return LineResult(flow.id, collected.status, await parse_answer(collected.body))
+            await asyncio.sleep(float(refused.headers.get(hdrs.RETRY_AFTER, 1)))
 
 
 def line_request(app: web.Application, flow: RequestFlow, body: dict[str, Any]) -> InboundRequest:
-    """`router.proxy.inbound.read_json_request` for a line: rewritten, model resolved."""
-    rewriter = app[REWRITER]
-    if rewriter is not None and (rewritten := rewrite(rewriter, flow, body)) is not None:
-        body = rewritten
-    requested = body.get("model")
-    served = resolve_model(app[POOL], requested)
-    if served != requested:
-        body = {**body, "model": served}
-    raw = json.dumps(body).encode()
-    limit = app[CONFIG].max_json_body_size
-    if len(raw) > limit:  # what a client's request would meet, counted on what would be sent
-        raise PayloadTooLarge(f"the JSON body is over the limit of {limit} bytes")
-    flow.request_json, flow.request_body = body, raw
-    return InboundRequest(model=served, stream=False, headers=JSON_HEADERS, json=body, body=raw)
+    """A line's body made ready as a client's would be: rewritten, model resolved, and
+    refused (413) when what would be sent is over `--max-json-body-size`."""
+    return json_request(body, JSON_HEADERS, app[POOL], rewriting(app[REWRITER], flow),
+                        app[CONFIG].max_json_body_size)
 
 
 async def parse_answer(raw: bytes) -> object:
-    """`parse_body` of a backend's answer, which may be big (up to --batch-max-answer-size):
-    parsed in steps, so the event loop is never held for long."""
+    """An answer's JSON, or its text when it is not JSON. It may be big (up to
+    --batch-max-answer-size): parsed in steps, so the event loop is never held for long."""
     try:
         return await loads_stepwise(raw)
-    except (ValueError, RecursionError):
-        return raw.decode("utf-8", "replace")
-
-
-def parse_body(raw: bytes | bytearray) -> object:
-    """An answer's JSON, or its text when it is not JSON."""
-    try:
-        return json.loads(raw)
     except (ValueError, RecursionError):
         return raw.decode("utf-8", "replace")
 
@@ -514,7 +234,7 @@ class BatchRun:
 
     async def _line(self, custom_id: str, body: dict[str, Any], results: ResultLog) -> None:
         try:
-            result = await dispatch(self._batches.app, self.batch.endpoint, body)
+            result = await run_line(self._batches.app, self.batch.endpoint, body)
         except Exception:  # a bug: this line fails, the batch goes on
             log.exception("batch %s: line %r failed in the router", self.batch.id, custom_id)
             result = LineResult.internal_error()

@@ -2,7 +2,7 @@
 
 Backends carry labels (`--static-model-labels`): those with a prefill label take the first
 hop (`choose_prefill`), those with a decode label the second (`choose`); each side takes
-turns per model. The two hops themselves run in `router.proxy.forward.prefill`, inside the client
+turns per model. The two hops themselves run in `router.proxy.failover.prefill`, inside the client
 request's one lifecycle.
 """
 

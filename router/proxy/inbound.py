@@ -3,6 +3,9 @@
 JSON bodies are forwarded as received (re-serialised only when an alias renames the model).
 Multipart bodies are forwarded as a stream (see `router.proxy.multipart`).
 
+A JSON body is made ready by `json_request`, which a batch line goes through too: the
+request rewriter, the model's alias, the bytes to send.
+
 A body sent with `Content-Encoding: gzip` or `deflate` is read decoded (aiohttp's server
 decodes it as it is read, in steps as small as the reads: 64-256 KiB), every decoded byte
 counts against the body's limit (`BodySize`), and it is forwarded decoded: vLLM does not
@@ -12,7 +15,9 @@ decode request bodies, and the router must read `model` to route. Any other codi
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,11 +31,34 @@ from router.errors import (
     BadRequest, MalformedRequest, ModelNotFound, PayloadTooLarge, RequestTimeout,
     UnsupportedEncoding, shorten,
 )
+from router.flow import RequestFlow
+from router.plugins import RequestRewriter
 
 __all__ = [
-    "BodySize", "InboundRequest", "UploadBody", "body_coding", "read_body",
-    "read_chunk", "read_json_request", "resolve_model", "unreadable",
+    "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "BodySize", "InboundRequest", "UploadBody",
+    "body_coding", "json_request", "read_body", "read_chunk", "read_json_request",
+    "resolve_model", "rewrite", "rewriting", "unreadable",
 ]
+
+rewriter_log = logging.getLogger("router.api")
+"""The rewriter's failures, under the name they were always logged with."""
+
+JSON_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/rerank",
+    "/rerank",
+    "/v1/score",
+    "/score",
+    "/tokenize",
+    "/detokenize",
+)
+"""The proxied endpoints whose body is JSON (`read_json_request`)."""
+MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+"""The proxied endpoints whose body is an upload (`router.proxy.multipart`)."""
+JSON_BODY = "the JSON body"
 
 DECODED = frozenset({"gzip", "deflate"})
 """Content codings the router accepts. aiohttp decodes `br` and `zstd` too, but only with
@@ -95,7 +123,11 @@ class BodySize:
             await asyncio.sleep(0)
 
     def too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"{self.what} is over the limit of {self.limit} bytes")
+        return too_large(self.what, self.limit)
+
+
+def too_large(what: str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{what} is over the limit of {limit} bytes")
 
 
 def unreadable(error: web.RequestPayloadError) -> BadRequest:
@@ -204,6 +236,36 @@ Rewrite = Callable[[dict[str, Any]], dict[str, Any] | None]
 """Changes a parsed body before routing; returns the new body, or None when unchanged."""
 
 
+def rewriting(rewriter: RequestRewriter | None, flow: RequestFlow) -> Rewrite | None:
+    """The `--request-rewriter` as a `Rewrite` of `flow`'s body; None without one."""
+    if rewriter is None:
+        return None
+    return lambda body: rewrite(rewriter, flow, body)
+
+
+def rewrite(
+    rewriter: RequestRewriter, flow: RequestFlow, body: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Run the rewriter on a copy; the new body, or None when it changed nothing (or failed:
+    a failing rewriter is logged and the request goes on as received)."""
+    original = copy.deepcopy(body)
+    try:
+        result: object = rewriter.rewrite(flow, body)
+    except Exception:
+        rewriter_log.exception("request rewriter %r failed; the request goes on unchanged",
+                               rewriter)
+        body.clear()
+        body.update(original)
+        return None
+    if not isinstance(result, dict):
+        rewriter_log.error("request rewriter %r returned %s, not a dict; ignored", rewriter,
+                           type(result))
+        body.clear()
+        body.update(original)
+        return None
+    return None if result == original else result
+
+
 async def read_json_request(
     request: web.Request, pool: BackendPool, limit: int, timeout: float,
     rewrite: Rewrite | None = None, inflate_ratio: float = 0.0,
@@ -211,15 +273,28 @@ async def read_json_request(
     """Read and check a JSON body of at most `limit` bytes (decoded; a compressed one inflating
     at most `inflate_ratio` times); the client has `timeout` seconds to send it all. The body
     is serialised again only when `rewrite` or an alias changed it."""
-    raw = await read_body(request, BodySize(request, limit, inflate_ratio, "the JSON body"),
-                          timeout)
+    size = BodySize(request, limit, inflate_ratio, JSON_BODY)
+    raw = await read_body(request, size, timeout)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    changed = False
+    return json_request(body, request.headers, pool, rewrite, limit, raw)
+
+
+def json_request(
+    body: dict[str, Any], headers: CIMultiDictProxy[str], pool: BackendPool,
+    rewrite: Rewrite | None, limit: int, received: bytes | None = None,
+) -> InboundRequest:
+    """A parsed JSON body made ready to route, for a client's request and a batch line alike:
+    `rewrite` applied, the model's alias resolved, and the bytes to send.
+
+    `received` is the body as the client sent it (counted against `limit` as it was read),
+    sent as it is unless changed. A body that came without bytes of its own (a batch line)
+    is serialised, and refused as a client's would be when that is over `limit`."""
+    changed = received is None
     if rewrite is not None and (rewritten := rewrite(body)) is not None:
         body, changed = rewritten, True
     requested = body.get("model")
@@ -227,9 +302,9 @@ async def read_json_request(
     if served != requested:
         body["model"] = served
         changed = True
-    if changed:
-        raw = json.dumps(body).encode()
+    raw = json.dumps(body).encode() if changed or received is None else received
+    if received is None and len(raw) > limit:  # counted on what would be sent
+        raise too_large(JSON_BODY, limit)
     return InboundRequest(
-        model=served, stream=body.get("stream") is True, headers=request.headers,
-        json=body, body=raw,
+        model=served, stream=body.get("stream") is True, headers=headers, json=body, body=raw,
     )

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 
 from router.flow import RequestFlow
 
-__all__ = ["Drain"]
+__all__ = ["LiveRequests"]
 
 
-class Drain:
-    """The running proxied handler tasks, and whether the router is draining."""
+class LiveRequests:
+    """The running proxied handler tasks (each with its flow, for the stall watch), and
+    whether the router is draining."""
 
     def __init__(self) -> None:
         self.draining = False
@@ -68,4 +69,4 @@ class Drain:
         return len(self._live)
 
     def __repr__(self) -> str:
-        return f"<Drain draining={self.draining} live={len(self._live)}>"
+        return f"<LiveRequests draining={self.draining} live={len(self._live)}>"

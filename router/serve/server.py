@@ -13,7 +13,7 @@ from router import __version__
 from router.app import make_app, mounted
 from router.config.settings import DEMO_MODELS, Config
 from router.serve.connection_errors import JsonErrorsHandler
-from router.keys import DRAIN
+from router.keys import LIVE_REQUESTS
 from router.serve.reload import Reloader
 from router.serve.systemd import Notifier
 
@@ -91,7 +91,7 @@ async def serve(
 
 async def drain(app: web.Application, listener: asyncio.Server, config: Config,
                 notifier: Notifier) -> None:
-    requests = app[DRAIN]
+    requests = app[LIVE_REQUESTS]
     requests.draining = True
     notifier.notify("STOPPING=1")
     log.info("draining: %d requests running, up to %g s", requests.live, config.drain_timeout)
