@@ -9,15 +9,7 @@ import time
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from router.testing.engine.replies import (
-    BadRequest,
-    Handler,
-    Sse,
-    dumps,
-    model_of,
-    proxied,
-    reply,
-)
+from router.testing.engine.replies import BadRequest, Handler, Sse, dumps, model_of, proxied, reply
 from router.testing.engine.state import ENGINE_CONFIG, ENGINE_STATE, Upload
 from router.testing.engine.tokens import token_usage
 

@@ -12,14 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.testing.engine.replies import (
-    BadRequest,
-    dumps,
-    model_of,
-    proxied,
-    read_json,
-    reply,
-)
+from router.testing.engine.replies import BadRequest, dumps, model_of, proxied, read_json, reply
 from router.testing.engine.state import ENGINE_CONFIG, MAX_MODEL_LEN, JsonDict
 from router.testing.engine.tokens import count_tokens, text_of, token_usage, utf8
 

@@ -8,12 +8,7 @@ import time
 from aiohttp import web
 
 from router.testing.engine.replies import json_reply
-from router.testing.engine.state import (
-    ENGINE_BEHAVIOUR,
-    ENGINE_CONFIG,
-    ENGINE_STATE,
-    MAX_MODEL_LEN,
-)
+from router.testing.engine.state import ENGINE_BEHAVIOUR, ENGINE_CONFIG, ENGINE_STATE, MAX_MODEL_LEN
 
 __all__ = ["health", "list_models", "metrics"]
 

@@ -13,12 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.testing.engine.state import (
-    ENGINE_BEHAVIOUR,
-    ENGINE_CONFIG,
-    ENGINE_STATE,
-    JsonDict,
-)
+from router.testing.engine.state import ENGINE_BEHAVIOUR, ENGINE_CONFIG, ENGINE_STATE, JsonDict
 
 __all__ = [
     "BadRequest",
