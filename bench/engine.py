@@ -20,7 +20,8 @@ import hashlib
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from router.testing.engine import ENGINE_BEHAVIOUR, make_engine_app
+from router.testing.engine.app import make_engine_app
+from router.testing.engine.state import ENGINE_BEHAVIOUR
 
 
 AUDIO_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from router.testing.chaos import EngineProcess
+from router.testing.chaos.engine import EngineProcess
 from router.testing.processes import (
     cpu_seconds, free_port, proc_status_kib, wait_until_healthy,
 )

@@ -25,7 +25,7 @@ from router.config.settings import Config, ConfigError, StaticBackend
 from router.flow import Outcome
 from router.keys import BATCHES, EVENTS
 from router.testing import RunningEngine
-from router.testing.chaos import Fault, MisbehavingBackend
+from router.testing.chaos.backend import Fault, MisbehavingBackend
 
 from .conftest import CHAT, RouterUnderTest, StartRouter, config_for
 from .test_multipart import BOUNDARY, content_type

@@ -29,7 +29,7 @@ from router.config.settings import Config, StaticBackend
 from router.errors import BadRequest
 from router.proxy.multipart import MAX_FIELD_SIZE, MultipartScanner
 from router.testing import RunningEngine
-from router.testing.chaos import Kind
+from router.testing.chaos.clients import Kind
 
 from .chaos import TALLY
 from .conftest import CHAT, MODELS, WHISPER, StartRouter

@@ -15,7 +15,7 @@ from router.config.settings import Config, StaticBackend
 from router.keys import RETRY_BUDGET
 from router.proxy.retries import RetryBudget
 from router.testing import RunningEngine
-from router.testing.chaos import Fault, MisbehavingBackend
+from router.testing.chaos.backend import Fault, MisbehavingBackend
 from router.testing.processes import free_port
 
 from .conftest import CHAT, MODELS, StartRouter

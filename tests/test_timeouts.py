@@ -14,7 +14,7 @@ from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
 from router.keys import HEALTH
 from router.testing import RunningEngine
-from router.testing.chaos import Fault, MisbehavingBackend
+from router.testing.chaos.backend import Fault, MisbehavingBackend
 
 from .conftest import CHAT, MODELS, StartRouter, config_for
 

@@ -1,14 +1,14 @@
-"""Test helpers: a fake vLLM engine speaking the OpenAI-compatible API."""
+"""Test helpers: a fake vLLM engine speaking the OpenAI-compatible API (`engine`), and
+around it: misbehaving backends and clients for the chaos suite (`chaos`), a scripted raw
+HTTP engine (`raw_engine`), vLLM metrics samples, load floods and child processes."""
 
-from router.testing.engine import (
+from router.testing.engine.app import RunningEngine, make_engine_app, start_engine
+from router.testing.engine.state import (
     ENGINE_BEHAVIOUR,
     ENGINE_STATE,
     EngineBehaviour,
     EngineState,
-    RunningEngine,
     Upload,
-    make_engine_app,
-    start_engine,
 )
 
 __all__ = [

@@ -8,7 +8,7 @@ import argparse
 
 from aiohttp import web
 
-from router.testing.engine import make_engine_app
+from router.testing.engine.app import make_engine_app
 
 
 def main() -> None:

@@ -3,6 +3,6 @@
 `TALLY` gathers what every scenario (and the parsing fuzz) did; the chaos conftest prints it
 at the end of the session."""
 
-from router.testing.chaos import Tally
+from router.testing.chaos.tally import Tally
 
 TALLY = Tally()

@@ -31,7 +31,8 @@ from router.config.settings import Config, StaticBackend
 from router.flow import Outcome, RequestFlow
 from router.keys import EVENTS
 from router.testing import RunningEngine
-from router.testing.chaos import CLEAR, ClientResult, Kind, call, open_fds, rss_kib
+from router.testing.chaos.clients import CLEAR, ClientResult, Kind, call
+from router.testing.chaos.tally import open_fds, rss_kib
 
 from ..conftest import CHAT, MODELS, RouterUnderTest
 from . import TALLY

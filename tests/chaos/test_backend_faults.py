@@ -14,9 +14,8 @@ import pytest
 
 from router.keys import HEALTH
 from router.testing import RunningEngine
-from router.testing.chaos import (
-    AFTER_HEADERS, BEFORE_HEADERS, ClientResult, Fault, Kind, MisbehavingBackend, call,
-)
+from router.testing.chaos.backend import AFTER_HEADERS, BEFORE_HEADERS, Fault, MisbehavingBackend
+from router.testing.chaos.clients import ClientResult, Kind, call
 
 from ..conftest import CHAT, StartRouter
 from .conftest import (

@@ -15,10 +15,11 @@ import pytest
 from router.flow import Outcome
 from router.keys import CLIENT_SESSION
 from router.testing import RunningEngine
-from router.testing.chaos import (
+from router.testing.chaos.clients import (
     ClientResult, Kind, call, leave_before_answer, leave_during_body, leave_during_head,
-    leave_mid_stream, request_head, rss_kib,
+    leave_mid_stream, request_head,
 )
+from router.testing.chaos.tally import rss_kib
 
 from ..conftest import CHAT, WHISPER, RouterUnderTest, StartRouter
 from .conftest import (

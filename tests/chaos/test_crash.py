@@ -1,6 +1,6 @@
 """An engine process SIGKILLed mid-stream and before its headers, then started again.
 
-The doomed engine runs in a child process (`router.testing.chaos.EngineProcess`) beside an
+The doomed engine runs in a child process (`router.testing.chaos.engine.EngineProcess`) beside an
 in-process engine. Killed streams must end cut (never complete-looking, never hanging), the
 requests that arrive while it is dead must be served by the other engine, those it took to
 its grave before answering get a 502 (sent once, never twice), and once it is back it must
@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from router.testing import RunningEngine
-from router.testing.chaos import ClientResult, EngineProcess, Kind, call
+from router.testing.chaos.clients import ClientResult, Kind, call
+from router.testing.chaos.engine import EngineProcess
 
 from ..conftest import MODELS, StartRouter
 from .conftest import (

@@ -9,7 +9,8 @@ import aiohttp
 import pytest
 
 from router.testing import RunningEngine
-from router.testing.chaos import EngineProcess, Fault, MisbehavingBackend
+from router.testing.chaos.backend import Fault, MisbehavingBackend
+from router.testing.chaos.engine import EngineProcess
 
 from ..conftest import CHAT, MODELS
 

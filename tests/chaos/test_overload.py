@@ -12,7 +12,7 @@ import pytest
 
 from router.keys import RETRY_BUDGET
 from router.testing import RunningEngine, start_engine
-from router.testing.chaos import Fault, MisbehavingBackend
+from router.testing.chaos.backend import Fault, MisbehavingBackend
 from router.testing.processes import free_port
 
 from ..conftest import MODELS, StartRouter

@@ -24,7 +24,7 @@ import pytest
 from router.config.settings import Config
 from router.keys import HEALTH, POOL
 from router.testing import RunningEngine
-from router.testing.chaos import ClientResult, Kind, call
+from router.testing.chaos.clients import ClientResult, Kind, call
 
 from ..conftest import StartRouter
 from . import TALLY

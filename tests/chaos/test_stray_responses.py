@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack
 import aiohttp
 import pytest
 
-from router.testing.chaos import ClientResult, Kind
+from router.testing.chaos.clients import ClientResult, Kind
 from router.testing.raw_engine import RawEngine, RawRequest, Step, http_response
 
 from ..conftest import CHAT, StartRouter

@@ -1,0 +1,118 @@
+"""The fake engine app (`make_engine_app`: every route in one place) and `start_engine`, which
+runs it on a loopback port as a `RunningEngine`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from router.testing.engine.audio import audio_endpoint
+from router.testing.engine.generate import chat_completions, completions, responses
+from router.testing.engine.pooling import detokenize, embeddings, rerank, score, tokenize
+from router.testing.engine.probes import health, list_models, metrics
+from router.testing.engine.state import (
+    ENGINE_BEHAVIOUR,
+    ENGINE_CONFIG,
+    ENGINE_STATE,
+    EngineBehaviour,
+    EngineConfig,
+    EngineState,
+)
+
+__all__ = ["RunningEngine", "make_engine_app", "start_engine"]
+
+
+_CLIENT_MAX_SIZE = 64 * 1024 * 1024
+
+
+async def _echo_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    request_id = request.headers.get("x-request-id")
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+
+
+def make_engine_app(models: Sequence[str], name: str = "engine") -> web.Application:
+    """Build the fake engine app serving ``models`` (the first one is the default)."""
+    if isinstance(models, str) or not models:
+        raise ValueError("models must be a non-empty sequence of model names")
+    app = web.Application(client_max_size=_CLIENT_MAX_SIZE)
+    app[ENGINE_CONFIG] = EngineConfig(models=tuple(models), name=name)
+    app[ENGINE_STATE] = EngineState()
+    app[ENGINE_BEHAVIOUR] = EngineBehaviour()
+    app.on_response_prepare.append(_echo_request_id)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    for path in ("/v1/rerank", "/rerank"):
+        app.router.add_post(path, rerank)
+    for path in ("/v1/score", "/score"):
+        app.router.add_post(path, score)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/v1/audio/transcriptions", audio_endpoint("transcription"))
+    app.router.add_post("/v1/audio/translations", audio_endpoint("translation"))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+@dataclass
+class RunningEngine:
+    """A fake engine listening on a TCP port."""
+
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    _closed: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def state(self) -> EngineState:
+        return self.app[ENGINE_STATE]
+
+    @property
+    def behaviour(self) -> EngineBehaviour:
+        return self.app[ENGINE_BEHAVIOUR]
+
+    async def close(self) -> None:
+        """Stop listening and cancel running handlers; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.runner.cleanup()
+
+    async def __aenter__(self) -> RunningEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def start_engine(
+    models: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    name: str = "engine",
+    shutdown_timeout: float = 0.25,
+) -> RunningEngine:
+    """Start a fake engine on ``host:port`` (port 0 picks a free port)."""
+    app = make_engine_app(models, name)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        real_port = int(runner.addresses[0][1])
+    except BaseException:
+        await runner.cleanup()
+        raise
+    url_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in url_host:
+        url_host = f"[{url_host}]"
+    return RunningEngine(url=f"http://{url_host}:{real_port}", app=app, runner=runner)

@@ -1,0 +1,70 @@
+"""What the router polls on the fake engine, outside the proxied path: `/v1/models`,
+`/health` and vLLM-style `/metrics` (load gauges the routing policies read)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from router.testing.engine.replies import json_reply
+from router.testing.engine.state import ENGINE_BEHAVIOUR, ENGINE_CONFIG, ENGINE_STATE, MAX_MODEL_LEN
+
+__all__ = ["health", "list_models", "metrics"]
+
+
+_KV_CACHE_SLOTS = 64  # requests that would fill the fake KV cache
+
+
+async def list_models(request: web.Request) -> web.Response:
+    created = int(time.time())
+    data = [
+        {
+            "id": model,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": model,
+            "parent": None,
+            "max_model_len": MAX_MODEL_LEN,
+        }
+        for model in request.app[ENGINE_CONFIG].models
+    ]
+    return json_reply({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=request.app[ENGINE_BEHAVIOUR].health_status)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[ENGINE_STATE]
+    behaviour = request.app[ENGINE_BEHAVIOUR]
+    label = f'model_name="{_label(request.app[ENGINE_CONFIG].models[0])}"'
+    kv = behaviour.kv_cache_usage
+    if kv is None:
+        kv = state.open / _KV_CACHE_SLOTS
+    kv = min(1.0, max(0.0, kv))
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f"vllm:num_requests_running{{{label}}} {float(state.open)}\n"
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f"vllm:num_requests_waiting{{{label}}} {float(behaviour.num_requests_waiting)}\n"
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f"vllm:kv_cache_usage_perc{{{label}}} {kv}\n"
+        "# HELP vllm:request_success_total Count of successfully processed requests.\n"
+        "# TYPE vllm:request_success_total counter\n"
+        f'vllm:request_success_total{{finished_reason="stop",{label}}} '
+        f"{float(state.completed)}\n"
+    )
+    return web.Response(
+        body=text.encode(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
