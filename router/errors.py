@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from router.flow import Outcome
+from router.proxy.headers import REQUEST_ID
 
 __all__ = [
     "RouterError",
@@ -203,7 +204,7 @@ def error_response(
         body=error_body(error.status, error.message, error.error_type, error.code),
         content_type="application/json",
     )
-    response.headers["x-request-id"] = request_id
+    response.headers[REQUEST_ID] = request_id
     response.headers.update(error.headers)
     if headers:
         response.headers.update(headers)

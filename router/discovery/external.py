@@ -37,6 +37,7 @@ from router.backends.pool import Backend, parse_url
 from router.config.settings import (
     DEFAULT_MAX_RETRIES, DEFAULT_MODEL_TYPE, ConfigError, ExternalModel, ExternalProvider,
 )
+from router.proxy.headers import SET_BY_ROUTER
 
 __all__ = [
     "ExternalModel",
@@ -62,11 +63,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 """A provider's name is its backend id: it appears in headers, metric labels and `?id=`."""
 FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 """An HTTP field name (RFC 9110 token)."""
-SET_BY_ROUTER = frozenset({
-    "connection", "content-length", "expect", "host", "keep-alive", "proxy-authorization",
-    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "x-request-id",
-})
-"""Headers the router or aiohttp set per request: a fixed value would break the exchange."""
 
 
 def load_external_providers(

@@ -38,6 +38,12 @@ NOT_FORWARDED_UP = HOP_BY_HOP | {
     hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID, hdrs.CONTENT_ENCODING,
 }
 NOT_FORWARDED_DOWN = HOP_BY_HOP | {REQUEST_ID}
+SET_BY_ROUTER = frozenset({
+    "connection", "content-length", "expect", "host", "keep-alive", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "x-request-id",
+})
+"""Headers the router or aiohttp set per request, which an external provider's configured
+headers may not fix (a fixed value would break the exchange); lower-case."""
 AUTHORIZATION = hdrs.AUTHORIZATION
 AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
 """Headers aiohttp would add for a client that did not send them: not ours to add."""
