@@ -29,7 +29,6 @@ from router.keys import (
     FLEET_PUBLISHER, HEALTH, METRICS, PLUGINS, POOL, RATE_LIMITER, RETRY_BUDGET, REWRITER,
     STATS, UPSTREAM_AUTH, BATCHES, PREFILL_HOP,
 )
-from router.observe import multiprocess
 from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter, load_object
@@ -199,7 +198,7 @@ def make_app(config: Config) -> web.Application:
     stats = RequestStats(config.request_stats_window)
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown,
                            max_ejection_percent=config.max_ejection_percent)
-    metrics = Metrics(stats, pool, health, multiprocess=multiprocess.enabled())
+    metrics = Metrics(stats, pool, health, multiprocess=config.metrics_dir is not None)
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config
@@ -222,8 +221,8 @@ def make_app(config: Config) -> web.Application:
         if config.request_rewriter else None
     )
     app[FLEET_PUBLISHER] = None
-    if multiprocess.enabled():
-        app[FLEET_PUBLISHER] = FleetPublisher(metrics)
+    if config.metrics_dir is not None:
+        app[FLEET_PUBLISHER] = FleetPublisher(metrics, config.metrics_dir)
         app.cleanup_ctx.append(publish_fleet_gauges)
     app[HEALTH] = health
     app[CHOOSER] = BackendChooser(pool, policy, health)

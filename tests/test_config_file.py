@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from router.config.flags import load_config
+from router.config.load import load_config
 from router.config.settings import Config, ConfigError, StaticBackend
 from router.serve.server import serve
 from router.testing import RunningEngine

@@ -45,7 +45,7 @@ from router.discovery.kubernetes import (
     load_access,
 )
 from router.testing import RunningEngine, start_engine
-from router.config.flags import parse_config
+from router.config.load import parse_config
 from router.testing.flood import start_flood
 from router.testing.processes import free_port, wait_until_healthy
 from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready

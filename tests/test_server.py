@@ -187,9 +187,9 @@ async def test_workers_share_the_port_and_stop_together(
 
 def child_pids(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    # The spawn start method also runs a small resource tracker process.
+    # Only the workers, whatever else the supervisor may start.
     return [int(child) for child in children
-            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
+            if "router.serve.workers" in Path(f"/proc/{child}/cmdline").read_text()]
 
 
 async def test_workers_that_cannot_listen_stop_the_router(engines: list[RunningEngine]) -> None:
