@@ -229,7 +229,7 @@ def measure_all() -> list[tuple[str, str]]:
     def events(only_metrics: bool) -> Callable[[], float]:
         def step() -> float:
             from router.app import make_app
-            from router.config.flags import parse_config
+            from router.config.load import parse_config
             from router.flow import Outcome, RequestFlow
             from router.keys import EVENTS, METRICS, POOL
 

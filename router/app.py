@@ -11,41 +11,40 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from router.api.auth import ApiKeys, auth_middleware
-from router.proxy.admission import Admission, RateLimiter
-from router.observe.access_log import AccessLog
 from router import batch
 from router.api import admin, dashboard, guard, json_errors, openai
+from router.api.auth import ApiKeys, auth_middleware
 from router.backends.pool import BackendPool
+from router.backends.prober import HealthProber
+from router.backends.tracker import HealthTracker
 from router.config.settings import Config
 from router.discovery.external import external_backends
 from router.discovery.kubernetes import kubernetes_discovery
 from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.flow import Outcome
-from router.backends.prober import HealthProber
-from router.backends.tracker import HealthTracker
 from router.keys import (
     ADMISSION, API_KEYS, BATCHES, CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, PLUGINS, POOL, PREFILL_HOP, RATE_LIMITER,
     RETRY_BUDGET, REWRITER, STATS, UPSTREAM_AUTH,
 )
-from router.observe import multiprocess
+from router.observe.access_log import AccessLog
 from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
+from router.observe.tracing import make_tracer
 from router.plugins import PluginHost, RequestRewriter, load_object
 from router.policies import PolicyContext, make_policy
+from router.policies.chooser import BackendChooser
+from router.proxy.admission import Admission, RateLimiter
 from router.proxy.failover import PrefillHop
 from router.proxy.headers import UpstreamAuth
-from router.proxy.sinks import cut_client
-from router.proxy.retries import RetryBudget
-from router.policies.chooser import BackendChooser
 from router.proxy.live import LiveRequests
+from router.proxy.retries import RetryBudget
+from router.proxy.sinks import cut_client
+from router.proxy.timeouts import ProxyTimeout
+from router.proxy.upstream_pool import GuardedConnector
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
-from router.proxy.timeouts import ProxyTimeout
-from router.observe.tracing import make_tracer
-from router.proxy.upstream_pool import GuardedConnector
 
 __all__ = ["make_app", "mounted"]
 
@@ -202,7 +201,7 @@ def make_app(config: Config) -> web.Application:
     stats = RequestStats(config.request_stats_window)
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown,
                            max_ejection_percent=config.max_ejection_percent)
-    metrics = Metrics(stats, pool, health, multiprocess=multiprocess.enabled())
+    metrics = Metrics(stats, pool, health, multiprocess=config.metrics_dir is not None)
     engine_stats = EngineStats()
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config
@@ -225,8 +224,8 @@ def make_app(config: Config) -> web.Application:
         if config.request_rewriter else None
     )
     app[FLEET_PUBLISHER] = None
-    if multiprocess.enabled():
-        app[FLEET_PUBLISHER] = FleetPublisher(metrics)
+    if config.metrics_dir is not None:
+        app[FLEET_PUBLISHER] = FleetPublisher(metrics, config.metrics_dir)
         app.cleanup_ctx.append(publish_fleet_gauges)
     app[HEALTH] = health
     app[CHOOSER] = BackendChooser(pool, policy, health)

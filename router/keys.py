@@ -8,19 +8,19 @@ import aiohttp
 from aiohttp import web
 
 from router.api.auth import ApiKeys
-from router.proxy.admission import Admission, RateLimiter
 from router.backends.pool import BackendPool
+from router.backends.tracker import HealthTracker
 from router.config.settings import Config
 from router.events import RequestEvents
-from router.backends.tracker import HealthTracker
 from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.plugins import PluginHost, RequestRewriter
 from router.policies.chooser import BackendChooser
+from router.proxy.admission import Admission, RateLimiter
 from router.proxy.failover import PrefillHop
 from router.proxy.headers import UpstreamAuth
-from router.proxy.retries import RetryBudget
 from router.proxy.live import LiveRequests
+from router.proxy.retries import RetryBudget
 from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from router.app import make_app, mounted
-from router.config.flags import load_config
+from router.config.load import load_config
 from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
 from router.serve.server import serve

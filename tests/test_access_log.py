@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 import aiohttp
 import pytest
 
-from router.observe.access_log import ACCESS_LOGGER, AccessLog, AccessRecord
-from router.observe.logging_setup import configure_logging
 from router.backends.pool import Backend
 from router.flow import Attempt, Outcome, RequestFlow
 from router.keys import EVENTS, POOL
+from router.observe.access_log import ACCESS_LOGGER, AccessLog, AccessRecord
+from router.observe.logging_setup import configure_logging
 from router.testing import RunningEngine
 
 from .conftest import CHAT, RouterUnderTest

@@ -20,7 +20,7 @@ from openai.types import Batch
 
 from router.batch import Batches
 from router.batch.records import HashSet
-from router.config.flags import load_config
+from router.config.load import load_config
 from router.config.settings import Config, ConfigError, StaticBackend
 from router.flow import Outcome
 from router.keys import BATCHES, EVENTS

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from router.config.flags import parse_config
+from router.config.load import parse_config
 from router.config.settings import GIB, KIB, MIB, Config, StaticBackend
 from router.testing.processes import free_port, wait_until_healthy
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import yaml
 
-from router.config.flags import load_config
+from router.config.load import load_config
 from router.testing.raw_engine import (
     RawEngine, RawRequest, Script, Step, chunk, http_response,
 )

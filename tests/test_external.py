@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 
 from router.backends.pool import Backend, BackendPool
-from router.config.flags import load_config
+from router.config.load import load_config
 from router.config.settings import Config, ConfigError
 from router.discovery.external import (
     ExternalProvider,

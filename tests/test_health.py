@@ -12,11 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.backends.pool import Backend, BackendPool
-from router.flow import Attempt, Outcome, RequestFlow
 from router.backends.breaker import BreakerState, CircuitBreaker
+from router.backends.pool import Backend, BackendPool
 from router.backends.prober import HealthProber
 from router.backends.tracker import HealthTracker, Verdict, classify
+from router.flow import Attempt, Outcome, RequestFlow
 from router.testing import RunningEngine
 from router.testing.processes import free_port
 

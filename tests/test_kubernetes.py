@@ -33,8 +33,9 @@ from aiohttp import web
 from yarl import URL
 
 from router.backends.pool import BackendPool
-from router.discovery import kubernetes  # for monkeypatching its constants
+from router.config.load import parse_config
 from router.config.settings import K8sSettings
+from router.discovery import kubernetes  # for monkeypatching its constants
 from router.discovery.k8s_access import (
     K8sAccess,
     K8sConfigError,
@@ -44,7 +45,6 @@ from router.discovery.k8s_access import (
 from router.discovery.k8s_targets import LABELS_ANNOTATION
 from router.discovery.kubernetes import KubernetesDiscovery, kubernetes_discovery
 from router.testing import RunningEngine, start_engine
-from router.config.flags import parse_config
 from router.testing.flood import start_flood
 from router.testing.processes import free_port, wait_until_healthy
 from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready

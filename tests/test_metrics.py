@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router import __version__
 from router.backends.pool import Backend, BackendPool
-from router.flow import Attempt, Outcome, RequestFlow
 from router.backends.tracker import HealthTracker
+from router.flow import Attempt, Outcome, RequestFlow
 from router.keys import METRICS
 from router.observe.metrics import Metrics, error_kind
 from router.observe.usage import find_usage

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.config.flags import parse_config
+from router.config.load import parse_config
 from router.flow import Outcome
 from router.keys import PLUGINS
 from router.testing import RunningEngine

@@ -14,7 +14,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.backends.pool import Backend
 from router.config.settings import Config
-from router.proxy.inbound import InboundRequest
 from router.policies import PolicyContext, RoutingPolicy
 from router.policies.features import CONTENT, ESC, ROLE, prompt_text, session_key
 from router.policies.leastload import LeastLoad
@@ -22,6 +21,7 @@ from router.policies.load import least_loaded, load_score
 from router.policies.prefixaware import PrefixAware
 from router.policies.roundrobin import RoundRobin
 from router.policies.session import Session
+from router.proxy.inbound import InboundRequest
 from router.stats.engine import EngineSnapshot, EngineStats
 from router.stats.requests import RequestStats
 

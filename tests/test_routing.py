@@ -16,10 +16,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from router.app import make_app, mounted
 from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
-from router.proxy.inbound import InboundRequest
 from router.keys import CHOOSER, ENGINE_STATS, HEALTH, POOL
 from router.policies.features import prompt_text
 from router.policies.prefixaware import PrefixAware
+from router.proxy.inbound import InboundRequest
 from router.testing import RunningEngine, start_engine
 from router.testing.processes import free_port, wait_until_healthy
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from router.config.settings import Config, StaticBackend
 from router.serve.server import serve
@@ -142,72 +141,3 @@ async def test_sigterm_under_systemd_with_50_live_streams_loses_none(
         if process.returncode is None:
             process.kill()
             await process.wait()
-
-
-async def test_workers_share_the_port_and_stop_together(
-    engines: list[RunningEngine], notify_socket: socket.socket, tmp_path: Path
-) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    environ = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
-        "--port", str(port), "--static-backends", engines[0].url,
-        "--static-models", ";".join(MODELS), "--log-level", "warning", env=environ,
-    )
-    try:
-        assert await receive(notify_socket, 20) == "READY=1"  # once, for both workers
-        workers = await asyncio.to_thread(child_pids, process.pid)
-        assert len(workers) == 2
-        # A connection per request, so both workers take some.
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            for _ in range(20):
-                async with session.post(url + "/v1/completions",
-                                        json={"model": CHAT, "prompt": "x"}) as response:
-                    assert response.status == 200
-            for _ in range(6):  # whichever worker answers, the figures are everyone's
-                async with session.get(url + "/metrics") as response:
-                    families = {family.name: family for family in
-                                text_string_to_metric_families(await response.text())}
-                completed = sum(sample.value for sample in families["router_requests"].samples
-                                if sample.name == "router_requests_total")
-                assert completed == 20
-                running = families["vllm:num_requests_running"].samples
-                assert running and all(sample.value == 0 for sample in running)
-        process.send_signal(signal.SIGTERM)
-        assert await receive(notify_socket) == "STOPPING=1"
-        assert await asyncio.wait_for(process.wait(), 15) == 0
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-def child_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    # The spawn start method also runs a small resource tracker process.
-    return [int(child) for child in children
-            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()]
-
-
-async def test_workers_that_cannot_listen_stop_the_router(engines: list[RunningEngine]) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()  # no SO_REUSEPORT: the workers cannot share it
-        port = taken.getsockname()[1]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
-            "--port", str(port), "--static-backends", engines[0].url,
-            "--static-models", ";".join(MODELS), "--log-level", "warning",
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, err = await asyncio.wait_for(process.communicate(), 20)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    assert process.returncode == 1
-    assert b"failed to start" in err

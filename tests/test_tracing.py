@@ -24,11 +24,11 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from blockbuster import BlockBuster
 
 from router.backends.pool import Backend
-from router.config.flags import load_config
+from router.config.load import load_config
 from router.config.settings import ConfigError
 from router.flow import Outcome, RequestFlow
-from router.testing import RunningEngine
 from router.observe.tracing import OtlpTarget, Tracer, otlp_target
+from router.testing import RunningEngine
 
 from .conftest import CHAT, RouterUnderTest, StartRouter, config_for
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -358,7 +358,7 @@ def test_flags_set_the_tracing_config() -> None:
 NO_IMPORT_CHECK = """
 import json, sys
 from router.app import make_app
-from router.config.flags import load_config
+from router.config.load import load_config
 backends = ["--static-backends", "http://127.0.0.1:9", "--static-models", "m"]
 make_app(load_config(backends))
 before = sorted(name for name in sys.modules if name.startswith("opentelemetry"))

@@ -16,8 +16,8 @@ from multidict import CIMultiDictProxy
 from router.backends.pool import backend_id
 from router.config.settings import Config, StaticBackend
 from router.keys import HEALTH
-from router.testing.raw_engine import RawEngine, RawRequest, Step, http_response
 from router.proxy.upstream_pool import GuardedConnector, PooledHandler
+from router.testing.raw_engine import RawEngine, RawRequest, Step, http_response
 
 from .conftest import CHAT, MODELS, StartRouter, eventually
 

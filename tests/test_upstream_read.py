@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from router.errors import AnswerTooLarge
-from router.testing.flood import FILLER, start_flood
 from router.proxy.upstream_read import loads_stepwise, read_bounded
+from router.testing.flood import FILLER, start_flood
 
 MIB = 1024 * 1024
 

@@ -9,11 +9,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router.observe import multiprocess
 from router.api import expect_handler
 from router.keys import (
     CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, POOL, STATS,
 )
+from router.observe import multiprocess
 
 __all__ = ["add_routes"]
 

@@ -1,7 +1,8 @@
 """The router's configuration: one frozen dataclass tree, validated once at start.
 
-Nothing else in the package reads `argv` or the environment; `router.config.flags` builds a
-`Config`.
+Nothing else in the package reads `argv` or the environment: `router.config.load` builds a
+`Config` from the flags (`router.config.flags`) and the environment, and `router.__main__`
+hands the environment to what must see it (systemd's notifier, the workers' supervisor).
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ class Config:
 
     workers: int = 1
     """Processes serving the same port (SO_REUSEPORT); metrics aggregate across them."""
+    metrics_dir: str | None = None
+    """prometheus_client's multiprocess directory (`$PROMETHEUS_MULTIPROC_DIR`, which
+    `--workers` sets for its workers): when set, `/metrics` shows the figures of every
+    process writing there."""
     # Extensions (router/plugins.py).
     callbacks: tuple[str, ...] = ()
     """Plugins as `module:Class` (or `module.Class`)."""

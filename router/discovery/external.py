@@ -20,7 +20,7 @@ Each provider becomes one backend of kind `external` serving its model ids. Ever
 it carries the provider's key as `Authorization: Bearer` and its custom headers; the client's
 credentials never go to a provider. Aliases join the pool's, so `gpt4o` reaches the provider
 as `gpt-4o`. The file and the keys are read once, when the configuration is loaded (blocking:
-`router.config.flags` does it before the event loop starts, a reload from a thread).
+`router.config.load` does it before the event loop starts, a reload from a thread).
 """
 
 from __future__ import annotations

@@ -56,10 +56,10 @@ from aiohttp import web
 from router import __version__
 from router.backends.pool import Backend, BackendPool
 from router.config.settings import K8sSettings
-from router.errors import AnswerTooLarge
 from router.discovery.engine_models import EngineModels, short_error
 from router.discovery.k8s_access import K8sAccess, Token, load_access
 from router.discovery.k8s_targets import Target, as_mapping, pod_target, service_target
+from router.errors import AnswerTooLarge
 from router.proxy.upstream_read import loads_stepwise, read_bounded
 
 __all__ = ["KubernetesDiscovery", "kubernetes_discovery"]

@@ -16,8 +16,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from router.backends.breaker import BreakerState
-from router.backends.tracker import HealthTracker
 from router.backends.pool import Backend, BackendPool
+from router.backends.tracker import HealthTracker
 from router.stats.requests import RequestStats
 from router.stats.window import Window
 

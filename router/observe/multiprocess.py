@@ -1,16 +1,18 @@
 """Metrics across `--workers` processes (prometheus_client's multiprocess mode).
 
 Counters and histograms already aggregate: in multiprocess mode prometheus_client keeps
-their values in files under `PROMETHEUS_MULTIPROC_DIR`, one per process. The fleet gauges
-(in flight, QPS, averages, health, breakers) are computed from a process's own state, so each
-worker publishes its figures into multiprocess gauges every second, and a scrape adds them up
-(in flight, QPS) or takes the worst (health, breakers).
+their values in files under `PROMETHEUS_MULTIPROC_DIR`, one per process. The router learns of
+the mode from `Config.metrics_dir` (`router.config.load` reads the variable); prometheus_client
+reads the variable itself when imported, which is why the supervisor starts its workers with
+it in their environment. The fleet gauges (in flight, QPS, averages, health, breakers) are
+computed from a process's own state, so each worker publishes its figures into multiprocess
+gauges every second, and a scrape adds them up (in flight, QPS) or takes the worst (health,
+breakers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -18,9 +20,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from router.observe.metrics import Metrics
 
-__all__ = ["enabled", "FleetPublisher", "render"]
+__all__ = ["FleetPublisher", "render"]
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
 Mode = Literal["livesum", "livemax", "livemin"]
 MODES: dict[str, Mode] = {
     "vllm:num_requests_running": "livesum",
@@ -37,16 +38,12 @@ MODES: dict[str, Mode] = {
 PUBLISH_INTERVAL = 1.0
 
 
-def enabled() -> bool:
-    """True in a worker of `--workers N` (prometheus_client reads the same variable)."""
-    return bool(os.environ.get(ENV))
-
-
 class FleetPublisher:
     """Copies this worker's fleet gauges into multiprocess gauges."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, directory: str) -> None:
         self._metrics = metrics
+        self.directory = directory
         self._gauges: dict[str, Gauge] = {}
         self._published: dict[str, set[tuple[str, ...]]] = {}
 
@@ -78,10 +75,10 @@ async def render(publisher: FleetPublisher) -> bytes:
     """The exposition summed over every worker, this worker's gauges fresh; the files are
     read in a thread."""
     publisher.publish()
-    return await asyncio.to_thread(read_all)
+    return await asyncio.to_thread(read_all, publisher.directory)
 
 
-def read_all() -> bytes:
+def read_all(directory: str) -> bytes:
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     return generate_latest(registry)

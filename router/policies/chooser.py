@@ -12,9 +12,9 @@ from typing import Protocol
 
 from router.backends.pool import Backend, BackendPool
 from router.errors import BadRequest, NoBackendAvailable, shorten
-from router.proxy.inbound import InboundRequest
 from router.policies import RoutingPolicy
 from router.policies.disaggregated import PREFILL_ENDPOINTS
+from router.proxy.inbound import InboundRequest
 
 __all__ = ["Availability", "BackendChooser"]
 

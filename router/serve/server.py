@@ -12,8 +12,8 @@ from aiohttp import web
 from router import __version__
 from router.app import make_app, mounted
 from router.config.settings import DEMO_MODELS, Config
-from router.serve.connection_errors import JsonErrorsHandler
 from router.keys import LIVE_REQUESTS
+from router.serve.connection_errors import JsonErrorsHandler
 from router.serve.reload import Reloader
 from router.serve.systemd import Notifier
 
@@ -47,12 +47,13 @@ async def serve(
     then the socket closes and running requests get up to `drain_timeout` to finish.
     With `load` (how to read the configuration again), SIGHUP reloads it. With several
     workers (`config.workers`), each serves the same port (SO_REUSEPORT) and reports to the
-    supervisor through `notifier`."""
+    supervisor through `notifier`; without one (`python -m router` passes systemd's), no
+    state is sent anywhere."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    notifier = notifier or Notifier()
+    notifier = notifier or Notifier({})
     app = make_app(config)
     # Without handler_cancellation a handler learns of a disconnect only at its next write,
     # and a backend computing a first token would keep working for a client that is gone.

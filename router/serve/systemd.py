@@ -1,6 +1,7 @@
 """systemd's notify protocol (`Type=notify`): READY=1, STOPPING=1, WATCHDOG=1 datagrams to
 `$NOTIFY_SOCKET`. Without that variable every call is a no-op, so the router runs the same
-under systemd, Kubernetes or a shell."""
+under systemd, Kubernetes or a shell. The variables come from the environment `router.__main__`
+hands over."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ log = logging.getLogger("router.systemd")
 
 
 class Notifier:
-    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+    def __init__(self, environ: Mapping[str, str]) -> None:
         address = environ.get("NOTIFY_SOCKET", "")
         # An abstract socket is written with a leading '@' and addressed with a NUL byte.
         self._address = "\0" + address[1:] if address.startswith("@") else address

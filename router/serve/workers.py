@@ -3,24 +3,28 @@
 The supervisor forwards SIGTERM/SIGINT (drain) and SIGHUP (reload) to every worker,
 restarts a worker that dies on its own, and speaks to systemd for all of them: READY=1 once
 every worker listens, STOPPING=1 when the drain starts, watchdog pings while it runs.
-Prometheus metrics run in multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`), so whichever
-worker answers `/metrics` shows the figures of all.
+Prometheus metrics run in multiprocess mode, so whichever worker answers `/metrics` shows
+the figures of all: each worker starts with `PROMETHEUS_MULTIPROC_DIR` in its environment
+(prometheus_client reads it when imported, before any of the router's code could tell it),
+and without systemd's variables (the workers speak to the supervisor, never to systemd).
+A worker is `python -m router.serve.workers FD ARGS...`: it parses the router's arguments
+itself (and again on a reload) and reports its states on the pipe `FD`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 
-from router.config.flags import load_config
+from router.config.load import METRICS_DIR_ENV, load_config
 from router.config.settings import Config
 from router.serve.systemd import Notifier
 
@@ -30,7 +34,7 @@ log = logging.getLogger("router.workers")
 
 RESTART_DELAY = 1.0
 """Seconds before a worker that died on its own is started again."""
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 class PipeNotifier(Notifier):
@@ -51,52 +55,65 @@ class PipeNotifier(Notifier):
             pass  # the supervisor is gone; the worker is being stopped anyway
 
 
-def worker_main(argv: Sequence[str], connection: Connection) -> None:
-    """The body of one worker process (started with the `spawn` method)."""
+def worker_main(fd: int, argv: Sequence[str]) -> None:
+    """The body of one worker process: serve, reporting to the supervisor on pipe `fd`."""
     from router.observe.logging_setup import configure_logging
     from router.serve.server import serve
 
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
+    connection = Connection(fd, readable=False)
     try:
         asyncio.run(serve(config, load=lambda: load_config(argv),
                           notifier=PipeNotifier(connection)))
     except KeyboardInterrupt:
         pass
-
-
-def supervise(config: Config, argv: Sequence[str]) -> int:
-    """Run `config.workers` workers until a signal stops them; the exit code."""
-    metrics_dir = None
-    if MULTIPROC_ENV not in os.environ:
-        metrics_dir = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="router-metrics-")
-    try:
-        return asyncio.run(Supervisor(config, argv).run())
     finally:
-        if metrics_dir is not None:
+        connection.close()
+
+
+def supervise(config: Config, argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """Run `config.workers` workers until a signal stops them; the exit code. `environ` is
+    the router's environment, which the workers start with (and systemd's, the supervisor's
+    notifier reads)."""
+    metrics_dir = config.metrics_dir or tempfile.mkdtemp(prefix="router-metrics-")
+    try:
+        return asyncio.run(Supervisor(config, argv, environ, metrics_dir).run())
+    finally:
+        if config.metrics_dir is None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 class Supervisor:
-    def __init__(self, config: Config, argv: Sequence[str]) -> None:
+    def __init__(self, config: Config, argv: Sequence[str], environ: Mapping[str, str],
+                 metrics_dir: str) -> None:
         self.config = config
         self.argv = list(argv)
-        self.notifier = Notifier()
+        self.notifier = Notifier(environ)
+        self.metrics_dir = metrics_dir
         # Workers speak to the supervisor, never to systemd (NotifyAccess=main).
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            os.environ.pop(name, None)
-        self.context = multiprocessing.get_context("spawn")
-        self.workers: dict[int, tuple[BaseProcess, Connection]] = {}
+        self.worker_environ = {
+            **{name: value for name, value in environ.items() if name not in SYSTEMD_VARIABLES},
+            METRICS_DIR_ENV: metrics_dir,
+        }
+        self.workers: dict[int, tuple[subprocess.Popen[bytes], Connection]] = {}
         self.ready: set[int] = set()
         self.stopping = False
         self.exit_code = 0
 
     def start_worker(self, slot: int) -> None:
-        receiver, sender = self.context.Pipe(duplex=False)
-        process = self.context.Process(target=worker_main, args=(self.argv, sender),
-                                       name=f"router-worker-{slot}")
-        process.start()
-        sender.close()
+        read_fd, write_fd = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "router.serve.workers", str(write_fd), *self.argv],
+                env=self.worker_environ, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        receiver = Connection(read_fd, writable=False)
         self.workers[slot] = (process, receiver)
         asyncio.get_running_loop().add_reader(receiver.fileno(), self.on_message, slot)
 
@@ -115,8 +132,8 @@ class Supervisor:
 
     def signal_workers(self, signum: int) -> None:
         for process, _ in self.workers.values():
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signum)
+            if process.poll() is None:
+                process.send_signal(signum)
 
     def stop(self) -> None:
         if not self.stopping:
@@ -146,34 +163,36 @@ class Supervisor:
     async def reap(self) -> None:
         """Collect workers that exited; restart those that died while not stopping."""
         for slot, (process, receiver) in list(self.workers.items()):
-            if process.is_alive():
+            if process.poll() is None:
                 continue
             asyncio.get_running_loop().remove_reader(receiver.fileno())
             receiver.close()
             del self.workers[slot]
             was_ready = slot in self.ready
             self.ready.discard(slot)
-            mark_dead(process.pid)
-            if self.stopping and process.exitcode:
+            mark_dead(process.pid, self.metrics_dir)
+            if self.stopping and process.returncode:
                 self.exit_code = 1
             elif not was_ready:
                 # It never listened (a taken port, a bad setting): restarting cannot help.
                 log.critical("worker %d failed to start (code %s); stopping",
-                             slot, process.exitcode)
+                             slot, process.returncode)
                 self.exit_code = 1
                 self.stop()
             if not self.stopping:
                 log.error("worker %d (pid %s) died with code %s; restarting it",
-                          slot, process.pid, process.exitcode)
+                          slot, process.pid, process.returncode)
                 await asyncio.sleep(RESTART_DELAY)
                 if not self.stopping:
                     self.start_worker(slot)
 
 
-def mark_dead(pid: int | None) -> None:
+def mark_dead(pid: int, metrics_dir: str) -> None:
     """Drop a dead worker's live gauges from the multiprocess metrics."""
-    if pid is None:
-        return
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    worker_main(int(sys.argv[1]), sys.argv[2:])
