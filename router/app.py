@@ -12,8 +12,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from router import batch
-from router.api import admin, dashboard, guard, json_errors, openai
+from router.api import admin, dashboard, openai
 from router.api.auth import ApiKeys, auth_middleware
+from router.api.middleware import guard, json_errors
 from router.backends.pool import BackendPool
 from router.backends.prober import HealthProber
 from router.backends.tracker import HealthTracker

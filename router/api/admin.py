@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__
-from router.api import expect_handler
+from router.api.middleware import expect_handler
 from router.keys import (
     CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, POOL, STATS,
 )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from router.api import request_id
+from router.api.middleware import request_id
 from router.errors import Unauthorized, error_response
 
 __all__ = ["ApiKeys", "OPEN_PATHS", "ADMIN_PATHS", "auth_middleware", "bearer_token"]

@@ -16,7 +16,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from router.api import expect_handler
+from router.api.middleware import expect_handler
 
 __all__ = ["add_routes"]
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from router.api import request_id
+from router.api.middleware import request_id
 from router.errors import RouterError, error_response, shorten
 from router.keys import API_KEYS, RATE_LIMITER
 

@@ -14,8 +14,8 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from router.api import expect_handler, request_id
 from router.api.limits import openai_errors, spend_rate_limit
+from router.api.middleware import expect_handler, request_id
 from router.flow import RequestFlow
 from router.keys import ADMISSION, CONFIG, LIVE_REQUESTS, POOL, REWRITER
 from router.proxy.dispatch import dispatch

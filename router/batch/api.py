@@ -19,8 +19,9 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from router.api import expect_handler, limits
+from router.api import limits
 from router.api.limits import Handler, client_key
+from router.api.middleware import expect_handler
 from router.batch.files import OPEN, PURPOSES, Received
 from router.errors import BadRequest, RequestTimeout, shorten
 from router.keys import API_KEYS, BATCHES, CONFIG

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from router.api import request_id
+from router.api.middleware import request_id
 from router.errors import (
     HeadersTooLarge, HTTPStatusError, MalformedRequest, RouterError, UnsupportedEncoding,
     error_response,
