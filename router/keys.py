@@ -1,31 +1,35 @@
-"""Every piece of application state, as typed `web.AppKey`s (no module globals)."""
+"""Every piece of application state, as typed `web.AppKey`s (no module globals).
+
+The types are imported for the type checker only: a module that reads a key (the request
+path reads many) does not import, through this one, the modules that own the state
+(subscribers, discovery, the batch runner)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
-from router.api.auth import ApiKeys
-from router.backends.pool import BackendPool
-from router.backends.tracker import HealthTracker
-from router.config.settings import Config
-from router.events import RequestEvents
-from router.observe.metrics import Metrics
-from router.observe.multiprocess import FleetPublisher
-from router.plugins import PluginHost, RequestRewriter
-from router.policies.chooser import BackendChooser
-from router.proxy.admission import Admission, RateLimiter
-from router.proxy.failover import PrefillHop
-from router.proxy.headers import UpstreamAuth
-from router.proxy.live import LiveRequests
-from router.proxy.retries import RetryBudget
-from router.stats.engine import EngineStats
-from router.stats.requests import RequestStats
+if TYPE_CHECKING:
+    import aiohttp
 
-if TYPE_CHECKING:  # router.batch reads these keys: a runtime import would be circular
+    from router.api.auth import ApiKeys
+    from router.backends.pool import BackendPool
+    from router.backends.tracker import HealthTracker
     from router.batch.batches import Batches
+    from router.config.settings import Config
+    from router.events import RequestEvents
+    from router.observe.metrics import Metrics
+    from router.observe.multiprocess import FleetPublisher
+    from router.plugins import PluginHost, RequestRewriter
+    from router.policies.chooser import BackendChooser
+    from router.proxy.admission import Admission, RateLimiter
+    from router.proxy.failover import PrefillHop
+    from router.proxy.headers import UpstreamAuth
+    from router.proxy.live import LiveRequests
+    from router.proxy.retries import RetryBudget
+    from router.stats.engine import EngineStats
+    from router.stats.requests import RequestStats
 
 __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
@@ -34,21 +38,21 @@ __all__ = [
     "RETRY_BUDGET",
 ]
 
-CONFIG = web.AppKey("config", Config)
-POOL = web.AppKey("pool", BackendPool)
-HEALTH = web.AppKey("health", HealthTracker)
-CHOOSER = web.AppKey("chooser", BackendChooser)
-EVENTS = web.AppKey("events", RequestEvents)
-STATS = web.AppKey("stats", RequestStats)
-ENGINE_STATS = web.AppKey("engine_stats", EngineStats)
-METRICS = web.AppKey("metrics", Metrics)
-LIVE_REQUESTS = web.AppKey("live_requests", LiveRequests)
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+POOL: web.AppKey[BackendPool] = web.AppKey("pool")
+HEALTH: web.AppKey[HealthTracker] = web.AppKey("health")
+CHOOSER: web.AppKey[BackendChooser] = web.AppKey("chooser")
+EVENTS: web.AppKey[RequestEvents] = web.AppKey("events")
+STATS: web.AppKey[RequestStats] = web.AppKey("stats")
+ENGINE_STATS: web.AppKey[EngineStats] = web.AppKey("engine_stats")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+LIVE_REQUESTS: web.AppKey[LiveRequests] = web.AppKey("live_requests")
 """Every proxied request running now: the drain at shutdown waits for them."""
-UPSTREAM_AUTH = web.AppKey("upstream_auth", UpstreamAuth)
-RETRY_BUDGET = web.AppKey("retry_budget", RetryBudget)
+UPSTREAM_AUTH: web.AppKey[UpstreamAuth] = web.AppKey("upstream_auth")
+RETRY_BUDGET: web.AppKey[RetryBudget] = web.AppKey("retry_budget")
 """Requests and retries in flight: retries are allowed while they are few enough."""
-PREFILL_HOP = web.AppKey("prefill_hop", PrefillHop)
-API_KEYS = web.AppKey("api_keys", ApiKeys)
+PREFILL_HOP: web.AppKey[PrefillHop] = web.AppKey("prefill_hop")
+API_KEYS: web.AppKey[ApiKeys] = web.AppKey("api_keys")
 ADMISSION: web.AppKey[Admission | None] = web.AppKey("admission")
 """None without --max-concurrent-requests."""
 RATE_LIMITER: web.AppKey[RateLimiter | None] = web.AppKey("rate_limiter")
@@ -59,7 +63,7 @@ PLUGINS: web.AppKey[PluginHost | None] = web.AppKey("plugins")
 """None without --callbacks."""
 REWRITER: web.AppKey[RequestRewriter | None] = web.AppKey("rewriter")
 """None without --request-rewriter."""
-CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""
 BATCHES: web.AppKey[Batches] = web.AppKey("batches")
 """Only with --enable-batch-api: the files, the batches and their runners."""

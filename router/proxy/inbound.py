@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
@@ -32,7 +32,9 @@ from router.errors import (
     UnsupportedEncoding, shorten,
 )
 from router.flow import RequestFlow
-from router.plugins import RequestRewriter
+
+if TYPE_CHECKING:  # the rewriter's interface; the plugins module is not on the request path
+    from router.plugins import RequestRewriter
 
 __all__ = [
     "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "BodySize", "InboundRequest", "UploadBody",
