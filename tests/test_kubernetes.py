@@ -140,7 +140,7 @@ async def start(session: aiohttp.ClientSession) -> AsyncIterator[Start]:
     for run in running:
         run.task.cancel()
         await asyncio.gather(run.task, return_exceptions=True)
-        assert not run.discovery.models.learning  # no model fetch outlives the discovery
+        assert not run.discovery.targets.models.learning  # no model fetch outlives the discovery
 
 
 # --------------------------------------------------------------------------- list and watch

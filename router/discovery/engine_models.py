@@ -4,8 +4,9 @@ A routable pod or service is not routed until its engine has answered (an engine
 still loading, or whose models are unknown, takes no request): the engine is asked until it
 does, quickly at first, then every `K8sSettings.models_refresh` seconds. Every routed engine is
 asked again at that interval, as LoRA adapters are loaded at run time; one that does not answer
-keeps the models it had and is left to the health checks. The watch (`router.discovery.kubernetes`)
-says which engines are wanted and publishes the backends whenever the models change.
+keeps the models it had and is left to the health checks. The target set
+(`router.discovery.k8s_target_set`) says which engines are wanted and publishes the backends
+whenever the models change.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger("router.k8s")
 MAX_CONCURRENT_FETCHES = 16
 
 Wanted = Mapping[str, Target]
-"""Routable objects by engine URL (`KubernetesDiscovery._wanted`)."""
+"""Routable objects by engine URL (`TargetSet._wanted`)."""
 
 
 class _ModelsError(Exception):
@@ -43,8 +44,8 @@ def short_error(error: BaseException) -> str:
 class EngineModels:
     """The models per engine URL of the wanted objects whose engine answered.
 
-    `wanted` gives the watch's current routable objects; `publish` hands them back to it when
-    the models of one changed. `kind` (`pod` or `service`) names the objects in log lines.
+    `wanted` gives the target set's current routable objects; `publish` hands them back to it
+    when the models of one changed. `kind` (`pod` or `service`) names the objects in log lines.
     `session` is the discovery's, owned by its caller. Run `refresh_forever` as a task and
     call `stop` when the discovery ends."""
 

@@ -1,6 +1,7 @@
 """What one Kubernetes object means for routing: a pod (`pod-ip` discovery) or a service
 (`service-name` discovery) becomes a `Target`: the engine URL and the backend's labels, or why it
-is not routable. Pure functions of the object; the watch lives in `router.discovery.kubernetes`.
+is not routable. Pure functions of the object; the set of them is kept in
+`router.discovery.k8s_target_set`, fed by the watch in `router.discovery.kubernetes`.
 
 Pods: routable while `Running`, `Ready`, with `status.podIP` and no `metadata.deletionTimestamp`
 (Terminating); the URL is `SCHEME://POD_IP:PORT`, PORT being `--k8s-port` or the pod's

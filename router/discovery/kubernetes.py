@@ -30,11 +30,12 @@ so an object whose DELETED event was missed goes too. Failures back off exponent
 jitter; the first 410 re-lists at once. While the API server cannot be reached the last known
 set keeps serving (the health prober still ejects dead engines).
 
-The four modules of Kubernetes discovery, in the order a change travels:
+The modules of Kubernetes discovery, in the order a change travels:
 `router.discovery.k8s_access` (the credentials: a service account or a kubeconfig),
-this one (list and watch, keep the set, publish it to the pool), `router.discovery.k8s_targets`
-(what one object means for routing) and `router.discovery.engine_models` (what each engine
-serves).
+`router.discovery.k8s_api` (the API server's error answers, the watch stream's lines),
+this one (list and watch, back off, log failures), `router.discovery.k8s_target_set` (keep the
+set of objects, publish its backends to the pool), `router.discovery.k8s_targets` (what one
+object means for routing) and `router.discovery.engine_models` (what each engine serves).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -54,11 +55,13 @@ import aiohttp
 from aiohttp import web
 
 from router import __version__
-from router.backends.pool import Backend, BackendPool
+from router.backends.pool import BackendPool
 from router.config.settings import K8sSettings
-from router.discovery.engine_models import EngineModels, short_error
+from router.discovery.engine_models import short_error
 from router.discovery.k8s_access import K8sAccess, Token, load_access
-from router.discovery.k8s_targets import Target, as_mapping, pod_target, service_target
+from router.discovery.k8s_api import ApiError, Gone, WatchBroken, WatchLines, api_error
+from router.discovery.k8s_target_set import TargetSet
+from router.discovery.k8s_targets import as_mapping
 from router.errors import AnswerTooLarge
 from router.proxy.upstream_read import loads_stepwise, read_bounded
 
@@ -70,69 +73,6 @@ LIST_PAGE_SIZE = 500
 QUICK_END = 1.0
 """A watch that ends cleanly within this many seconds with no event counts as a failure (backoff),
 so an API server or proxy that closes every watch at once cannot cause a hot loop."""
-
-
-# --------------------------------------------------------------------------- the watch
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
-
-
-class _Gone(Exception):
-    """410: the resourceVersion is too old (compacted); only a new LIST helps."""
-
-
-class _WatchBroken(Exception):
-    """The watch stream cannot be trusted any more: events may have been lost."""
-
-
-class _Lines:
-    """Splits the watch stream into lines, bounded by `limit` bytes a line."""
-
-    def __init__(self, limit: int) -> None:
-        self._buffer = bytearray()
-        self._limit = limit
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer
-        scan_from = len(buffer)  # what was kept holds no newline
-        buffer += chunk
-        lines = []
-        start = 0
-        while (end := buffer.find(b"\n", max(start, scan_from))) >= 0:
-            lines.append(bytes(buffer[start:end]))
-            start = end + 1
-        del buffer[:start]
-        if len(buffer) > self._limit:
-            raise _WatchBroken(f"a watch event longer than {self._limit} bytes "
-                               "(--k8s-max-answer-size)")
-        return lines
-
-    def rest(self) -> bytes:
-        return bytes(self._buffer)
-
-
-async def _api_error(response: aiohttp.ClientResponse) -> Exception:
-    """The error a non-200 answer means; Kubernetes sends a `Status` object with a message."""
-    try:
-        raw = await response.content.read(64 * 1024)
-    except (aiohttp.ClientError, TimeoutError):
-        raw = b""
-    message = ""
-    try:
-        status = json.loads(raw)
-        if isinstance(status, dict):
-            message = str(status.get("message") or status.get("reason") or "")
-    except ValueError:
-        message = raw.decode("utf-8", errors="replace").strip()[:300]
-    message = message or response.reason or "no message"
-    if response.status == 410:
-        return _Gone(message)
-    return _ApiError(response.status, message)
 
 
 class KubernetesDiscovery:
@@ -155,21 +95,14 @@ class KubernetesDiscovery:
         """Set once the first LIST has been applied."""
         self.kind = "service" if settings.discovery_type == "service-name" else "pod"
         """What is watched, as the API and the log lines name it (plural: `kind + "s"`)."""
-        self._service_namespace = None if access.namespace == access.home_namespace \
-            else access.namespace
-        """For `service_target`: None where short service names resolve (the router's own
-        namespace), else the namespace that qualifies them."""
         self._url = (f"{access.server}/api/v1/namespaces/{quote(self.namespace, safe='')}/"
                      f"{self.kind}s")
         self._token = Token(access, settings.token_reload)
-        self._objects: dict[str, Target] = {}
-        """Every pod or service the selector matches, by name, routable or not."""
-        self.models = EngineModels(settings, session, self.kind, self._wanted, self._publish)
-        """What each wanted engine serves; published once known."""
-        self._backends: dict[str, Backend] = {}
-        """What the pool was last given, by URL."""
-        self._names: dict[str, str] = {}
-        """Pod or service name per published URL, for log lines."""
+        # Short service names resolve in the router's own namespace only.
+        service_namespace = None if access.namespace == access.home_namespace \
+            else access.namespace
+        self.targets = TargetSet(pool, settings, self.kind, service_namespace, session)
+        """The objects seen, their engines' models, and the backends published to `pool`."""
         self._failures = 0
         self._last_failure = -math.inf
         self._failing = False
@@ -186,13 +119,13 @@ class KubernetesDiscovery:
 
     async def run(self) -> None:
         """List, watch, and list again when needed, until cancelled; never raises otherwise."""
-        refresher = asyncio.create_task(self.models.refresh_forever(),
-                                        name="k8s-models-refresh")
+        models = self.targets.models
+        refresher = asyncio.create_task(models.refresh_forever(), name="k8s-models-refresh")
         try:
             await self._list_and_watch_forever()
         finally:
             refresher.cancel()
-            await asyncio.gather(refresher, self.models.stop(), return_exceptions=True)
+            await asyncio.gather(refresher, models.stop(), return_exceptions=True)
 
     async def _list_and_watch_forever(self) -> None:
         version: str | None = None
@@ -202,7 +135,7 @@ class KubernetesDiscovery:
                     version = await self._list()
                 opened = time.monotonic()
                 version, events = await self._watch(version)
-            except _Gone as gone:
+            except Gone as gone:
                 delay = self._next_delay(first_free=True)
                 log.info("resourceVersion %s is too old (%s): listing %ss again%s",
                          self.resource_version, gone, self.kind, _after(delay))
@@ -238,20 +171,20 @@ class KubernetesDiscovery:
 
     def _log_failure(self, error: Exception, delay: float) -> None:
         # "Answers again" is worth a line after the API failed us, not after a broken stream.
-        self._failing = not isinstance(error, (_WatchBroken, aiohttp.ClientPayloadError))
+        self._failing = not isinstance(error, (WatchBroken, aiohttp.ClientPayloadError))
         self._watching = False
         where = f"{self.kind}s in namespace {self.namespace}"
         then = f"; listing again{_after(delay)}"
-        if isinstance(error, _ApiError) and error.status == 401:
+        if isinstance(error, ApiError) and error.status == 401:
             self._token.expire()
             log.error("the kubernetes API rejected the credentials from %s (HTTP 401: %s) for "
                       "%s: check the token%s", self.access.source, error.message, where, then)
-        elif isinstance(error, _ApiError) and error.status == 403:
+        elif isinstance(error, ApiError) and error.status == 403:
             log.error("the kubernetes API forbids reading %s (HTTP 403: %s): grant get, list "
                       "and watch on %ss to the router's service account (see "
                       "docs/deploy/kubernetes/rbac.yaml)%s", where, error.message, self.kind,
                       then)
-        elif isinstance(error, _ApiError):
+        elif isinstance(error, ApiError):
             log.warning("the kubernetes API answered HTTP %d (%s) when asked for %s%s",
                         error.status, error.message, where, then)
         elif isinstance(error, aiohttp.ClientConnectorCertificateError):
@@ -260,7 +193,7 @@ class KubernetesDiscovery:
         elif isinstance(error, AnswerTooLarge):
             log.warning("%s (--k8s-max-answer-size) when asked for %s: cut%s", error.message,
                         where, then)
-        elif isinstance(error, _WatchBroken):
+        elif isinstance(error, WatchBroken):
             log.warning("the %s watch broke: %s%s", self.kind, error, then)
         elif isinstance(error, aiohttp.ClientPayloadError):
             log.warning("the %s watch broke off: %s%s", self.kind, short_error(error), then)
@@ -296,7 +229,7 @@ class KubernetesDiscovery:
                 timeout=self._list_timeout, allow_redirects=False,
             ) as response:
                 if response.status != 200:
-                    raise await _api_error(response)
+                    raise await api_error(response)
                 raw = await read_bounded(response, self.settings.max_answer_size,
                                          "the kubernetes API")
             try:
@@ -304,9 +237,9 @@ class KubernetesDiscovery:
                 # decode, which in one go (or in a thread: the GIL) would stall requests.
                 body = await loads_stepwise(raw)
             except (ValueError, RecursionError):
-                raise _ApiError(200, f"the {self.kind} list is not JSON") from None
+                raise ApiError(200, f"the {self.kind} list is not JSON") from None
             if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-                raise _ApiError(200, f"the answer is not a {self.kind} list")
+                raise ApiError(200, f"the answer is not a {self.kind} list")
             items.extend(body["items"])
             metadata = as_mapping(body.get("metadata"))
             more = metadata.get("continue")
@@ -315,15 +248,14 @@ class KubernetesDiscovery:
             params = {**params, "continue": str(more)}
         version = metadata.get("resourceVersion")
         if not isinstance(version, str) or not version:
-            raise _ApiError(200, f"the {self.kind} list has no metadata.resourceVersion")
+            raise ApiError(200, f"the {self.kind} list has no metadata.resourceVersion")
         if self._failing:
             log.info("the kubernetes API answers again")
             self._failing = False
-        self._replace_all(items)
+        self.targets.replace_all(items)
         self.resource_version = version
         log.info("listed %d %ss in namespace %s (%d routable) at resourceVersion %s",
-                 len(self._objects), self.kind, self.namespace,
-                 sum(1 for target in self._objects.values() if target.url), version)
+                 len(self.targets), self.kind, self.namespace, self.targets.routable, version)
         self.synced.set()
         return version
 
@@ -339,12 +271,12 @@ class KubernetesDiscovery:
             timeout=self._watch_client_timeout, allow_redirects=False,
         ) as response:
             if response.status != 200:
-                raise await _api_error(response)
+                raise await api_error(response)
             if not self._watching:
                 log.info("watching %ss in namespace %s from resourceVersion %s",
                          self.kind, self.namespace, version)
                 self._watching = True
-            lines = _Lines(self.settings.max_answer_size)
+            lines = WatchLines(self.settings.max_answer_size)
             async for chunk in response.content.iter_any():
                 for line in lines.feed(chunk):
                     if line.strip():
@@ -361,7 +293,7 @@ class KubernetesDiscovery:
         try:
             event = json.loads(line)
         except (ValueError, RecursionError) as error:
-            raise _WatchBroken(f"an undecodable event ({short_error(error)})") from None
+            raise WatchBroken(f"an undecodable event ({short_error(error)})") from None
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
             log.warning("skipped a watch event without an object: %.200r", line)
             return version
@@ -371,13 +303,13 @@ class KubernetesDiscovery:
             code = obj.get("code")
             message = obj.get("message") or obj.get("reason") or "no message"
             if code == 410:
-                raise _Gone(message)
-            raise _WatchBroken(f"an ERROR event (code {code}: {message})")
+                raise Gone(message)
+            raise WatchBroken(f"an ERROR event (code {code}: {message})")
         try:
             if kind in ("ADDED", "MODIFIED"):
-                self._upsert(obj)
+                self.targets.upsert(obj)
             elif kind == "DELETED":
-                self._delete(obj)
+                self.targets.delete(obj)
             elif kind != "BOOKMARK":
                 log.warning("skipped a watch event of unknown type %r", kind)
         except Exception:  # one bad event must not end the watch
@@ -387,125 +319,20 @@ class KubernetesDiscovery:
             version = self.resource_version = new_version
         return version
 
-    # ----------------------------------------------------------------- the set
-
-    def _target(self, obj: Any) -> Target | None:
-        obj = as_mapping(obj)
-        try:
-            if self.kind == "service":
-                return service_target(obj, self.settings, self._service_namespace)
-            return pod_target(obj, self.settings)
-        except ValueError as error:
-            log.warning("skipped a %s: %s", self.kind, error)
-            return None
-
-    def _replace_all(self, items: list[Any]) -> None:
-        fresh: dict[str, Target] = {}
-        for item in items:
-            target = self._target(item)
-            if target is not None:
-                fresh[target.name] = target
-        for name, old in self._objects.items():
-            if name not in fresh and old.url:
-                # Its DELETED event was lost (a dead pod kept routed for hours): the list tells.
-                log.info("%s %s is gone (not in the new %s list)", self.kind, name, self.kind)
-        for name, target in fresh.items():
-            self._log_transition(self._objects.get(name), target)
-        self._objects = fresh
-        self._sync()
-
-    def _upsert(self, obj: dict[str, Any]) -> None:
-        target = self._target(obj)
-        if target is None:
-            return
-        self._log_transition(self._objects.get(target.name), target)
-        self._objects[target.name] = target
-        self._sync()
-
-    def _delete(self, obj: dict[str, Any]) -> None:
-        name = as_mapping(obj.get("metadata")).get("name")
-        if not isinstance(name, str):
-            log.warning("skipped a DELETED event without metadata.name")
-            return
-        old = self._objects.pop(name, None)
-        if old is not None and old.url:
-            log.info("%s %s was deleted", self.kind, name)
-        self._sync()
-
-    def _log_transition(self, old: Target | None, new: Target) -> None:
-        was_routable = old is not None and old.url is not None
-        if new.url and not was_routable:
-            log.info("%s %s is routable at %s", self.kind, new.name, new.url)
-        elif was_routable and not new.url:
-            log.info("%s %s is no longer routable: %s", self.kind, new.name, new.reason)
-        elif was_routable and old is not None and new.url != old.url:
-            log.info("%s %s moved from %s to %s", self.kind, new.name, old.url, new.url)
-        elif not new.url and (old is None or old.reason != new.reason):
-            log.debug("%s %s is not routable: %s", self.kind, new.name, new.reason)
-
-    def _wanted(self) -> dict[str, Target]:
-        """Routable objects by engine URL, in name order (the first wins a shared URL)."""
-        wanted: dict[str, Target] = {}
-        for name in sorted(self._objects):
-            target = self._objects[name]
-            if target.url is not None and target.url not in wanted:
-                wanted[target.url] = target
-        return wanted
-
-    def _sync(self) -> None:
-        """Drop what belongs to objects that left, ask new ones for their models, publish."""
-        wanted = self._wanted()
-        self.models.follow(wanted)
-        self._publish(wanted)
-
-    def _publish(self, wanted: Mapping[str, Target]) -> None:
-        """Give the pool the routable objects whose models are known, if that set changed."""
-        backends: dict[str, Backend] = {}
-        for url, target in wanted.items():
-            models = self.models.get(url)
-            if models is None:
-                continue
-            current = self._backends.get(url)
-            if current is not None and current.models == models \
-                    and current.labels == target.labels:
-                backends[url] = current
-            else:
-                backends[url] = Backend(url=url, models=models, labels=target.labels)
-        if backends.keys() == self._backends.keys() and all(
-            backends[url] is self._backends[url] for url in backends
-        ):
-            return
-        names = {url: wanted[url].name for url in backends}
-        for url in self._backends.keys() - backends.keys():
-            log.info("backend %s removed (%s %s)", url, self.kind, self._names.get(url, "?"))
-        for url, backend in backends.items():
-            old = self._backends.get(url)
-            labels = f", labels {', '.join(backend.labels)}" if backend.labels else ""
-            if old is None:
-                log.info("backend %s added (%s %s): %s%s", url, self.kind, names[url],
-                         ", ".join(backend.models), labels)
-            elif old is not backend:
-                log.info("backend %s (%s %s) now serves %s%s", url, self.kind, names[url],
-                         ", ".join(backend.models), labels)
-        self._backends = backends
-        self._names = names
-        self.pool.replace(backends.values())
-
     @property
     def engine_urls(self) -> str:
         """The shape of the engine URLs, for the start-up log line."""
         if self.kind == "pod":
             return f"{self.settings.scheme}://POD_IP:{self.settings.port}"
-        host = "NAME" if self._service_namespace is None \
-            else f"NAME.{self._service_namespace}.svc"
+        namespace = self.targets.service_namespace
+        host = "NAME" if namespace is None else f"NAME.{namespace}.svc"
         return f"{self.settings.scheme}://{host}:PORT"
 
     def __repr__(self) -> str:
-        routable = sum(1 for target in self._objects.values() if target.url)
         state = "watching" if self._watching else "listing"
         return (f"<KubernetesDiscovery {self.namespace}/{self.settings.label_selector or '*'} "
-                f"{self.kind}s={len(self._objects)} routable={routable} "
-                f"backends={len(self._backends)} "
+                f"{self.kind}s={len(self.targets)} routable={self.targets.routable} "
+                f"backends={self.targets.published} "
                 f"rv={self.resource_version} {state}>")
 
 
