@@ -9,7 +9,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,17 +28,24 @@ from .test_server import receive
 notify_socket = test_server.notify_socket
 
 
+def two_workers(
+    engine: str, port: int, **options: Any
+) -> Coroutine[Any, Any, asyncio.subprocess.Process]:
+    """`python -m router --workers 2` on `port` in front of `engine`."""
+    return asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
+        "--port", str(port), "--static-backends", engine,
+        "--static-models", ";".join(MODELS), "--log-level", "warning", **options,
+    )
+
+
 async def test_workers_share_the_port_and_stop_together(
     engines: list[RunningEngine], notify_socket: socket.socket, tmp_path: Path
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     environ = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
-        "--port", str(port), "--static-backends", engines[0].url,
-        "--static-models", ";".join(MODELS), "--log-level", "warning", env=environ,
-    )
+    process = await two_workers(engines[0].url, port, env=environ)
     try:
         assert await receive(notify_socket, 20) == "READY=1"  # once, for both workers
         workers = await asyncio.to_thread(child_pids, process.pid)
@@ -77,12 +86,8 @@ async def test_workers_that_cannot_listen_stop_the_router(engines: list[RunningE
         taken.bind(("127.0.0.1", 0))
         taken.listen()  # no SO_REUSEPORT: the workers cannot share it
         port = taken.getsockname()[1]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
-            "--port", str(port), "--static-backends", engines[0].url,
-            "--static-models", ";".join(MODELS), "--log-level", "warning",
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await two_workers(engines[0].url, port,
+                                    stderr=asyncio.subprocess.PIPE)
         try:
             _, err = await asyncio.wait_for(process.communicate(), 20)
         finally:
@@ -105,12 +110,8 @@ async def test_a_worker_that_dies_is_restarted(
     url = f"http://127.0.0.1:{port}"
     environ = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
     environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "--workers", "2", "--host", "127.0.0.1",
-        "--port", str(port), "--static-backends", engines[0].url,
-        "--static-models", ";".join(MODELS), "--log-level", "warning", env=environ,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await two_workers(engines[0].url, port, env=environ,
+                                stderr=asyncio.subprocess.PIPE)
     try:
         assert await receive(notify_socket, 20) == "READY=1"
         workers = await asyncio.to_thread(child_pids, process.pid)

@@ -11,7 +11,6 @@ caller's own files and batches (`owner`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -25,7 +24,7 @@ from router.api.middleware import expect_handler
 from router.batch.files import OPEN, PURPOSES, Received
 from router.errors import BadRequest, RequestTimeout, shorten
 from router.keys import API_KEYS, BATCHES, CONFIG
-from router.proxy.inbound import BodySize, read_body, unreadable
+from router.proxy.inbound import JSON_BODY, BodySize, read_json_object, unreadable
 from router.proxy.multipart import multipart_boundary
 
 __all__ = ["add_routes"]
@@ -201,15 +200,8 @@ def metadata_field(body: dict[str, Any]) -> dict[str, str] | None:
 @openai_errors
 async def create_batch(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    size = BodySize(request, config.max_json_body_size, config.max_inflate_ratio,
-                    "the JSON body")
-    raw = await read_body(request, size, config.client_body_timeout)
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
+    size = BodySize(request, config.max_json_body_size, config.max_inflate_ratio, JSON_BODY)
+    _, body = await read_json_object(request, size, config.client_body_timeout)
     batch = await request.app[BATCHES].create(
         owner=owner(request), client=client_key(request),
         input_file_id=string_field(body, "input_file_id"),

@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # the rewriter's interface; the plugins module is not on the 
 
 __all__ = [
     "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "BodySize", "InboundRequest", "UploadBody",
-    "body_coding", "json_request", "read_body", "read_chunk", "read_json_request",
+    "body_coding", "json_request", "read_body", "read_chunk", "read_json_object",
+    "read_json_request",
     "resolve_model", "rewrite", "rewriting", "unreadable",
 ]
 
@@ -275,7 +276,16 @@ async def read_json_request(
     """Read and check a JSON body of at most `limit` bytes (decoded; a compressed one inflating
     at most `inflate_ratio` times); the client has `timeout` seconds to send it all. The body
     is serialised again only when `rewrite` or an alias changed it."""
-    size = BodySize(request, limit, inflate_ratio, JSON_BODY)
+    raw, body = await read_json_object(request, BodySize(request, limit, inflate_ratio, JSON_BODY),
+                                       timeout)
+    return json_request(body, request.headers, pool, rewrite, limit, raw)
+
+
+async def read_json_object(
+    request: web.BaseRequest, size: BodySize, timeout: float
+) -> tuple[bytes, dict[str, Any]]:
+    """A body that must be a JSON object, read within `size` and `timeout`: its bytes and
+    the object; any other body is a `BadRequest`."""
     raw = await read_body(request, size, timeout)
     try:
         body = json.loads(raw)
@@ -283,7 +293,7 @@ async def read_json_request(
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    return json_request(body, request.headers, pool, rewrite, limit, raw)
+    return raw, body
 
 
 def json_request(
