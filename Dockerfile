@@ -15,7 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY router ./router
-RUN pip install . \
+# Every runtime extra, so that whatever a chart value switches on (otel.endpoint: tracing)
+# is in the image instead of making the router exit at start.
+RUN pip install '.[otel]' \
     && rm -rf /src \
     && groupadd --system --gid 10001 router \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
