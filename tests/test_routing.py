@@ -248,7 +248,8 @@ async def test_disaggregated_prefill_runs_both_hops_in_one_lifecycle(
                 live_backend(engine, "prefill" if engine in prefills else "decode")
                 for engine in engines
             ),
-            routing_logic="disaggregated_prefill",
+            # The kv_transfer_params handoff asserted below is the orchestrated flow's.
+            routing_logic="disaggregated_prefill_orchestrated",
         ))
         client = openai.AsyncOpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0)
         for _ in range(4):
@@ -310,10 +311,11 @@ def chat_request(body: dict[str, Any]) -> InboundRequest:
 
 
 @pytest.mark.parametrize("policy", ["roundrobin", "session", "leastload", "prefixaware",
-                                    "disaggregated_prefill"])
+                                    "disaggregated_prefill",
+                                    "disaggregated_prefill_orchestrated"])
 async def test_every_policy_through_python_m_router(policy: str) -> None:
-    roles = ["prefill", "prefill", "decode", "decode"] if policy == "disaggregated_prefill" \
-        else ["", ""]
+    disaggregated = policy.startswith("disaggregated_prefill")
+    roles = ["prefill", "prefill", "decode", "decode"] if disaggregated else ["", ""]
     engines = [await start_engine(MODELS, name=f"{role or 'engine'}-{n}")
                for n, role in enumerate(roles)]
     port = free_port()
@@ -322,7 +324,7 @@ async def test_every_policy_through_python_m_router(policy: str) -> None:
             "--static-backends", ",".join(e.url for e in engines),
             "--static-models", ",".join(";".join(MODELS) for _ in engines),
             "--log-level", "warning"]
-    if policy == "disaggregated_prefill":
+    if disaggregated:
         args += ["--static-model-labels", ",".join(roles)]
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "router", *args)
     try:

@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
              "(production-stack's format); their keys are read from the environment "
              "variables it names")
     add("--routing-logic", choices=sorted(POLICIES), default="roundrobin",
-        help="routing policy (default roundrobin)")
+        help="routing policy (default roundrobin); disaggregated_prefill sends the prefill "
+             "engine a one-token copy of the request, then the request as it came to a decode "
+             "engine, and disaggregated_prefill_orchestrated also passes the prefill's "
+             "kv_transfer_params to the decode (see docs/routing.md)")
     add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
     add("--log-stats", action="store_true",
         help="log a one-line summary per backend every --log-stats-interval seconds")

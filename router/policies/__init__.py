@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from router.config.settings import Config
-from router.policies.disaggregated import DisaggregatedPrefill
+from router.policies.disaggregated import (
+    DisaggregatedPrefill, DisaggregatedPrefillOrchestrated,
+)
 from router.policies.leastload import LeastLoad
 from router.policies.prefixaware import PrefixAware
 from router.policies.roundrobin import RoundRobin
@@ -47,6 +49,9 @@ class RoutingPolicy(Protocol):
 class TwoStagePolicy(RoutingPolicy, Protocol):
     """A policy that also picks a prefill backend for generation requests."""
 
+    kv_handoff: bool
+    """Whether the decode request carries the prefill answer's `kv_transfer_params`."""
+
     def choose_prefill(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:
         ...
 
@@ -57,6 +62,7 @@ POLICIES: dict[str, Callable[[PolicyContext], RoutingPolicy]] = {
     "leastload": LeastLoad,
     "prefixaware": PrefixAware,
     "disaggregated_prefill": DisaggregatedPrefill,
+    "disaggregated_prefill_orchestrated": DisaggregatedPrefillOrchestrated,
 }
 
 

@@ -10,6 +10,7 @@ plugins' `post_request` gets the answer's body once the flow completed.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -68,8 +69,14 @@ async def route(
     chooser = app[CHOOSER]
     flow.backend = chooser.choose(inbound, pinned)
     failover: Failover | None = None
+    prefill_hop = app[PREFILL_HOP]
     if pinned is None:  # a pinned request goes to that backend only
         flow.prefill_backend = chooser.choose_prefill(inbound, flow.endpoint)
+        if flow.prefill_backend is not None:
+            # What the decode hop takes from the prefill is the policy's (a reload may change
+            # the policy, never the application's hop bounds).
+            kv_handoff = bool(getattr(chooser.policy, "kv_handoff", False))
+            prefill_hop = replace(prefill_hop, kv_handoff=kv_handoff)
         config = app[CONFIG]
         failover = Failover(
             lambda tried: chooser.choose_next(inbound, tried),
@@ -81,7 +88,7 @@ async def route(
     headers = upstream_headers(inbound.headers, flow.id, app[UPSTREAM_AUTH])
     lifecycle.routed()
     await forward(sink, flow, inbound, app[CLIENT_SESSION], app[EVENTS], path, headers,
-                  failover, prefill_hop=app[PREFILL_HOP])
+                  failover, prefill_hop=prefill_hop)
 
 
 async def pre_request(app: web.Application, flow: RequestFlow) -> web.StreamResponse | None:

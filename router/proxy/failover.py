@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -29,7 +30,7 @@ from router.proxy.upstream_read import read_bounded
 
 __all__ = [
     "RETRIED_STATUSES", "RETRIED_ERRORS", "Failover", "PrefillHop", "upstream_error",
-    "same_again", "prefill",
+    "same_again", "prefill", "prefill_body", "PREFILL_DROPPED",
 ]
 
 log = logging.getLogger("router.proxy")
@@ -74,12 +75,16 @@ class Failover:
 
 @dataclass(frozen=True)
 class PrefillHop:
-    """Bounds of the prefill hop of disaggregated prefill, whose answer is read whole."""
+    """The prefill hop of disaggregated prefill: its bounds (its answer is read whole) and
+    what the decode request takes from it."""
 
     timeout: float
     """Seconds for the whole hop: connect, the prefill itself and the answer's last byte."""
     max_answer: int
     """Bytes of answer read; past them the hop fails (the answer is one token)."""
+    kv_handoff: bool = False
+    """Whether the prefill answer's `kv_transfer_params` go into the decode request (the
+    policy's `kv_handoff`: `disaggregated_prefill_orchestrated`)."""
 
 
 RETRIED_STATUSES = frozenset({502, 503, 504})
@@ -103,6 +108,28 @@ def same_again(flow: RequestFlow) -> Backend | None:
     return backend if used < backend.max_retries else None
 
 
+PREFILL_DROPPED = frozenset({"min_tokens", "max_completion_tokens", "stream_options"})
+"""Client fields the prefill hop leaves out: they bound or shape a longer answer than its one
+token (vLLM rejects `min_tokens` above `max_tokens`, and `max_completion_tokens` would win
+over `max_tokens`)."""
+
+KV_HANDOFF_REQUEST = {
+    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+    "remote_block_ids": None, "remote_host": None, "remote_port": None,
+}
+"""With `kv_handoff`: what asks vLLM's KV connector to keep the cache for a remote decode."""
+
+
+def prefill_body(client: dict[str, Any], kv_handoff: bool) -> dict[str, Any]:
+    """The prefill hop's body: the client's, for one token without a stream; with
+    `kv_handoff`, asking for the parameters the decode hop will need."""
+    body = {key: value for key, value in client.items() if key not in PREFILL_DROPPED}
+    body.update(max_tokens=1, stream=False)
+    if kv_handoff:
+        body["kv_transfer_params"] = dict(KV_HANDOFF_REQUEST)
+    return body
+
+
 async def prefill(
     flow: RequestFlow,
     inbound: InboundRequest,
@@ -112,20 +139,17 @@ async def prefill(
     hop: PrefillHop,
 ) -> None:
     """Disaggregated prefill, first hop: `flow.prefill_backend` computes the prompt's KV cache
-    (one token, no stream); the decode request then carries the `kv_transfer_params` it
-    returned, so the decode backend fetches the cache instead of recomputing it.
+    (one token, no stream), then the decode request goes out as the caller sends it. With
+    `hop.kv_handoff` the decode request carries the `kv_transfer_params` the prefill
+    returned, so the decode backend fetches the cache instead of recomputing it; without,
+    the engines share the cache themselves (LMCache) and the decode request is the client's
+    body untouched.
 
     The answer is read whole, so the hop is bounded in time (`hop.timeout`, all of it) and
     size (`hop.max_answer`): a prefill backend that answers without end is cut there."""
     assert flow.prefill_backend is not None and inbound.json is not None
     backend = flow.prefill_backend
-    body = {key: value for key, value in inbound.json.items() if key != "stream_options"}
-    body.update(stream=False, max_tokens=1, kv_transfer_params={
-        "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-        "remote_block_ids": None, "remote_host": None, "remote_port": None,
-    })
-    if "max_completion_tokens" in body:
-        body["max_completion_tokens"] = 1
+    body = prefill_body(inbound.json, hop.kv_handoff)
     if flow.trace_headers:
         headers.update(flow.trace_headers)
     timeout = session.timeout
@@ -145,10 +169,17 @@ async def prefill(
         raise upstream_error(error, backend.id, inbound.upload) from error
     if response.status != 200:
         raise PrefillFailed(response.status, answer, backend.id)
+    if hop.kv_handoff:
+        params = kv_params(answer, backend)
+        inbound.body = json.dumps({**inbound.json, "kv_transfer_params": params}).encode()
+
+
+def kv_params(answer: bytes, backend: Backend) -> dict[str, Any]:
+    """The `kv_transfer_params` of a prefill answer; a 502 when it has none."""
     try:
         params = json.loads(answer).get("kv_transfer_params")
     except (ValueError, AttributeError):
         params = None
     if not isinstance(params, dict):
         raise UpstreamError(f"prefill backend {backend.id} returned no kv_transfer_params")
-    inbound.body = json.dumps({**inbound.json, "kv_transfer_params": params}).encode()
+    return params
