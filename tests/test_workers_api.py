@@ -14,7 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from router.backends.pool import Backend, BackendPool
 from router.config.settings import StaticBackend
+from router.discovery.runtime import RuntimeWorkers
 from router.keys import POOL
 from router.serve.reload import Reloader
 from router.testing import RunningEngine
@@ -238,3 +240,25 @@ async def test_changes_are_refused_with_several_worker_processes(
             assert "--workers" in (await resp.json())["error"]["message"]
         async with session.get(router.url + "/list_workers") as response:
             assert (await response.json())["urls"] == [first.url]
+
+
+def test_discovery_updates_keep_the_overlay_and_backend_ids() -> None:
+    """Whatever discovery publishes next (a Kubernetes watch event, a reload), the worker
+    API's additions stay and its removals stay out; a kept URL keeps its id."""
+    pool = BackendPool()
+    runtime = RuntimeWorkers(pool, "k8s")
+    pool.replace([Backend("http://10.0.0.1:8000", (CHAT,)),
+                  Backend("http://10.0.0.2:8000", (CHAT,))])
+    added = Backend("http://10.0.0.9:8000", (CHAT,))
+    runtime.add(added)
+    assert runtime.remove("http://10.0.0.1:8000")
+    forgotten: list[frozenset[str]] = []
+    pool.on_removed(forgotten.append)
+    pool.replace([Backend("http://10.0.0.1:8000", (CHAT,)),
+                  Backend("http://10.0.0.3:8000", (CHAT,)),
+                  Backend("http://10.0.0.9:8000", ("other",))])
+    assert [(b.url, runtime.source(b)) for b in pool.backends] == [
+        ("http://10.0.0.3:8000", "k8s"), ("http://10.0.0.9:8000", "runtime")]
+    assert pool.candidates(CHAT)[-1] is added
+    assert forgotten == [frozenset({Backend("http://10.0.0.2:8000", ()).id})]
+    assert not runtime.remove("http://10.0.0.1:8000")
