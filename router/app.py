@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from router import batch
-from router.api import admin, dashboard, openai
+from router.api import admin, dashboard, openai, workers
 from router.api.auth import ApiKeys, auth_middleware
 from router.api.middleware import guard, json_errors
 from router.backends.pool import BackendPool
@@ -21,13 +21,14 @@ from router.backends.tracker import HealthTracker
 from router.config.settings import Config
 from router.discovery.external import external_backends
 from router.discovery.kubernetes import kubernetes_discovery
+from router.discovery.runtime import RuntimeWorkers
 from router.discovery.static import static_backends
 from router.events import RequestEvents
 from router.flow import Outcome
 from router.keys import (
     ADMISSION, API_KEYS, BATCHES, CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, PLUGINS, POOL, PREFILL_HOP, RATE_LIMITER,
-    RETRY_BUDGET, REWRITER, STATS, UPSTREAM_AUTH,
+    RETRY_BUDGET, REWRITER, RUNTIME_WORKERS, STATS, UPSTREAM_AUTH,
 )
 from router.observe.access_log import AccessLog
 from router.observe.metrics import Metrics
@@ -211,6 +212,8 @@ def make_app(config: Config) -> web.Application:
     app[RETRY_BUDGET] = RetryBudget(config.retry_budget_percent, config.retry_budget_min)
     app[PREFILL_HOP] = PrefillHop(config.prefill_timeout, config.prefill_max_answer_size)
     app[POOL] = pool
+    discovery = "demo" if config.demo else config.service_discovery
+    app[RUNTIME_WORKERS] = RuntimeWorkers(pool, discovery)
     app[STATS] = stats
     app[ENGINE_STATS] = engine_stats
     app[METRICS] = metrics
@@ -265,6 +268,7 @@ def make_app(config: Config) -> web.Application:
     openai.add_routes(app)
     admin.add_routes(app)
     dashboard.add_routes(app)
+    workers.add_routes(app)
     return app
 
 

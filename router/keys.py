@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from router.backends.tracker import HealthTracker
     from router.batch.batches import Batches
     from router.config.settings import Config
+    from router.discovery.runtime import RuntimeWorkers
     from router.events import RequestEvents
     from router.observe.metrics import Metrics
     from router.observe.multiprocess import FleetPublisher
@@ -35,11 +36,13 @@ __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "LIVE_REQUESTS", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
     "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES", "PREFILL_HOP",
-    "RETRY_BUDGET",
+    "RETRY_BUDGET", "RUNTIME_WORKERS",
 ]
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 POOL: web.AppKey[BackendPool] = web.AppKey("pool")
+RUNTIME_WORKERS: web.AppKey[RuntimeWorkers] = web.AppKey("runtime_workers")
+"""The worker API's additions and removals, an overlay on discovery's backends."""
 HEALTH: web.AppKey[HealthTracker] = web.AppKey("health")
 CHOOSER: web.AppKey[BackendChooser] = web.AppKey("chooser")
 EVENTS: web.AppKey[RequestEvents] = web.AppKey("events")

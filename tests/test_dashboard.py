@@ -145,6 +145,7 @@ async def test_dashboard_renders_every_backend_with_its_health(
     for backend in backends:
         row = rows[backend.id]
         assert row["URL"] == backend.url
+        assert row["Source"] == "static"
         assert row["Health"] == "✓ Healthy"
         assert row["Breaker"] == "✓ Closed"
         assert row["Probe"] == "✓ OK"

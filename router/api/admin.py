@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router import __version__
 from router.api.middleware import expect_handler
 from router.keys import (
-    CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, POOL, STATS,
+    CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, POOL,
+    RUNTIME_WORKERS, STATS,
 )
 from router.observe import multiprocess
 
@@ -77,6 +78,7 @@ async def engines(request: web.Request) -> web.Response:
         listing.append({
             "id": backend.id,
             "kind": backend.kind,
+            "source": app[RUNTIME_WORKERS].source(backend),
             "url": backend.url,
             "models": list(backend.models),
             "labels": list(backend.labels),

@@ -9,9 +9,11 @@ from typing import Literal
 
 from yarl import URL
 
-__all__ = ["Backend", "BackendKind", "BackendPool", "parse_url"]
+__all__ = ["Backend", "BackendKind", "BackendPool", "Overlay", "parse_url"]
 
 BackendKind = Literal["engine", "external"]
+Overlay = Callable[[tuple["Backend", ...]], Sequence["Backend"]]
+"""Turns the set discovery gave into the set routed."""
 
 
 def backend_id(url: str) -> str:
@@ -63,7 +65,8 @@ class BackendPool:
     """The current backend set, indexed by model; aliases map extra names to served models.
 
     `fixed` backends (external providers, which no discovery finds) stay in the set whatever
-    discovery puts in it."""
+    discovery puts in it; an `overlay` (the worker API's additions and removals,
+    `router.backends.runtime`) is applied on top of every set discovery gives."""
 
     def __init__(
         self,
@@ -76,6 +79,8 @@ class BackendPool:
         self._backends: tuple[Backend, ...] = ()
         self._by_model: dict[str, tuple[Backend, ...]] = {}
         self._removal_listeners: list[Callable[[frozenset[str]], None]] = []
+        self._discovered: tuple[Backend, ...] = ()
+        self._overlay: Overlay | None = None
         self.replace(backends)
 
     def on_removed(self, listener: Callable[[frozenset[str]], None]) -> None:
@@ -84,9 +89,30 @@ class BackendPool:
         self._removal_listeners.append(listener)
 
     def replace(self, backends: Iterable[Backend]) -> None:
-        """Swap in a new backend set (discovery calls this), the fixed backends kept; lookups
-        see it at once."""
+        """Swap in a new backend set (discovery calls this), the overlay applied and the fixed
+        backends kept; lookups see it at once."""
+        self._discovered = tuple(backends)
+        self._publish()
+
+    def set_overlay(self, overlay: Overlay | None) -> None:
+        """Apply `overlay` to discovery's set, now and on every `replace`; call again (or
+        `republish`) when what it adds or hides changed."""
+        self._overlay = overlay
+        self._publish()
+
+    def republish(self) -> None:
+        """The overlay changed: apply it again to the last set discovery gave."""
+        self._publish()
+
+    @property
+    def discovered(self) -> tuple[Backend, ...]:
+        """The last set discovery gave, before the overlay."""
+        return self._discovered
+
+    def _publish(self) -> None:
         before = {backend.id for backend in self._backends}
+        backends = (self._discovered if self._overlay is None
+                    else self._overlay(self._discovered))
         self._backends = (*backends, *self._fixed)
         by_model: dict[str, list[Backend]] = {}
         for backend in self._backends:
