@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from unittest import mock
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 from yarl import URL
 
+from router.api.workers import from_this_host
 from router.backends.pool import Backend, BackendPool
 from router.config.settings import StaticBackend
 from router.discovery.runtime import RuntimeWorkers
@@ -262,3 +264,16 @@ def test_discovery_updates_keep_the_overlay_and_backend_ids() -> None:
     assert pool.candidates(CHAT)[-1] is added
     assert forgotten == [frozenset({Backend("http://10.0.0.2:8000", ()).id})]
     assert not runtime.remove("http://10.0.0.1:8000")
+
+
+def test_without_keys_only_this_host_may_change_workers() -> None:
+    def caller(peer: tuple[str, int] | str) -> web.Request:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = (
+            lambda name, default=None: peer if name == "peername" else default)
+        return make_mocked_request("POST", "/add_worker", transport=transport)
+
+    assert from_this_host(caller(("127.0.0.1", 5000)))
+    assert from_this_host(caller(("::1", 5000)))
+    assert not from_this_host(caller(("10.0.0.7", 5000)))
+    assert not from_this_host(caller(("192.168.1.20", 5000)))

@@ -4,23 +4,26 @@ REST form (sglang-router): `POST /workers` with `{"url": ..., "model_id"?: ...}`
 `GET /workers`, `GET /workers/{url}`, `DELETE /workers/{url}` (the URL percent-encoded).
 Query form (both): `POST /add_worker?url=`, `POST /remove_worker?url=`, `GET /list_workers`
 (`{"urls": [...]}`). Successes have their shapes; failures are our JSON errors. Behind the
-API keys always, as admin paths are with `--protect-admin`. What an addition or removal does
+API keys always, as admin paths are with `--protect-admin`; without keys, changes are
+accepted from this host (loopback) only. What an addition or removal does
 to routing, and how it meets discovery: `router.discovery.runtime`.
 """
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from router.api.middleware import expect_handler, request_id
+from router.api.limits import openai_errors
+from router.api.middleware import expect_handler
 from router.backends.pool import Backend, parse_url
 from router.discovery.runtime import RuntimeWorkers, WorkerUnreachable, fetch_models
-from router.errors import BadRequest, RouterError, error_response
-from router.keys import CONFIG, HEALTH, POOL, RUNTIME_WORKERS, STATS
+from router.errors import BadRequest, RouterError
+from router.keys import API_KEYS, CONFIG, HEALTH, POOL, RUNTIME_WORKERS, STATS
+from router.proxy.inbound import JSON_BODY, BodySize, read_json_object
 
 __all__ = ["PATHS", "add_routes"]
 
@@ -45,10 +48,23 @@ class WorkerUnavailable(RouterError):
     code = "worker_unreachable"
 
 
+class WorkersForbidden(RouterError):
+    status = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class WorkersConflict(RouterError):
     status = 409
     error_type = "invalid_request_error"
     code = "conflict"
+
+
+def from_this_host(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:  # a Unix socket (no address): not a network caller
+        return not request.remote
 
 
 def _runtime(request: web.Request, changing: bool) -> RuntimeWorkers:
@@ -57,6 +73,11 @@ def _runtime(request: web.Request, changing: bool) -> RuntimeWorkers:
         # Each process of --workers has its own pool: a change would reach one of them.
         raise WorkersConflict("the worker API cannot change backends with --workers above 1 "
                               "(each process routes on its own); run one process")
+    if changing and not request.app[API_KEYS].enabled and not from_this_host(request):
+        # Adding an engine decides where every prompt goes: without keys to tell a caller
+        # apart, only this host may do it.
+        raise WorkersForbidden("without --api-keys the worker API accepts changes from this "
+                               "host only; set --api-keys to change workers from elsewhere")
     if changing and config.service_discovery == "external-only":
         raise WorkersConflict("the worker API adds engines; this router routes only to "
                               "external providers")
@@ -134,30 +155,20 @@ def _remove(request: web.Request, raw: object) -> str:
     return url
 
 
-def _answers_errors(handler: Any) -> Any:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        except RouterError as error:
-            return error_response(error, request_id(request))
-    return answer
-
-
-@_answers_errors
+@openai_errors
 async def create_worker(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    size = BodySize(request, config.max_json_body_size, config.max_inflate_ratio, JSON_BODY)
     try:
-        spec = json.loads(await request.read())
-    except ValueError:
-        spec = None
-    if not isinstance(spec, dict):
-        raise BadRequest('the body is a JSON object: {"url": "http://host:port"}')
+        _, spec = await read_json_object(request, size, config.client_body_timeout)
+    except BadRequest:
+        raise BadRequest('the body is a JSON object: {"url": "http://host:port"}') from None
     backend = await _add(request, spec)
     return web.json_response({"success": True, "message": f"Worker {backend.url} added",
                               "worker": _entry(request, backend)})
 
 
-@_answers_errors
+@openai_errors
 async def list_workers_rest(request: web.Request) -> web.Response:
     workers = [_entry(request, backend) for backend in _engines(request)]
     types = [worker["worker_type"] for worker in workers]
@@ -168,7 +179,7 @@ async def list_workers_rest(request: web.Request) -> web.Response:
     })
 
 
-@_answers_errors
+@openai_errors
 async def get_worker(request: web.Request) -> web.Response:
     url = _url(request.match_info["url"])
     for backend in _engines(request):
@@ -177,26 +188,26 @@ async def get_worker(request: web.Request) -> web.Response:
     raise WorkerNotFound("no engine is routed at that URL (GET /workers lists them)")
 
 
-@_answers_errors
+@openai_errors
 async def delete_worker(request: web.Request) -> web.Response:
     url = _remove(request, request.match_info["url"])
     return web.json_response({"success": True, "message": f"Worker {url} removed"})
 
 
-@_answers_errors
+@openai_errors
 async def add_worker(request: web.Request) -> web.Response:
     spec = {name: request.query.get(name) for name in ("url", "api_key", "model_id")}
     backend = await _add(request, spec)
     return web.Response(text=f"Successfully added worker: {backend.url}")
 
 
-@_answers_errors
+@openai_errors
 async def remove_worker(request: web.Request) -> web.Response:
     url = _remove(request, request.query.get("url"))
     return web.Response(text=f"Successfully removed worker: {url}")
 
 
-@_answers_errors
+@openai_errors
 async def list_workers(request: web.Request) -> web.Response:
     return web.json_response({"urls": [backend.url for backend in _engines(request)]})
 
