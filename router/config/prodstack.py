@@ -82,15 +82,16 @@ def add_prodstack_flags(parser: argparse.ArgumentParser) -> None:
     # Same meaning, another name: they set the same value as our flag (the last one given
     # wins) and leave its default alone when absent.
     add("--static-backend-health-check-interval", dest="health_check_interval",
-        type=interval, default=argparse.SUPPRESS,
+        type=interval, default=argparse.SUPPRESS, metavar="SECONDS",
         help="= --health-check-interval")
     add("--static-backend-health-check-timeout-seconds", "--backend-health-check-timeout-seconds",
         dest="health_check_timeout", type=seconds, default=argparse.SUPPRESS,
+        metavar="SECONDS",
         help="= --health-check-timeout")
     add("--max-instance-failover-reroute-attempts", dest="max_retries", type=count,
-        default=argparse.SUPPRESS,
+        default=argparse.SUPPRESS, metavar="N",
         help="= --max-retries (reroutes of a request that failed before its answer started)")
-    add("--k8s-watcher-timeout-seconds", type=count, default=0,
+    add("--k8s-watcher-timeout-seconds", type=count, default=0, metavar="SECONDS",
         help="timeoutSeconds of each Kubernetes watch, resumed when it ends; 0: the "
              "router's own (300)")
     add("--file-storage-class", choices=["local_file"], default="local_file",
@@ -98,30 +99,31 @@ def add_prodstack_flags(parser: argparse.ArgumentParser) -> None:
     add("--batch-processor", choices=["local"], default="local",
         help="accepted: batches always run in the router, through its routing")
     # Accepted and ignored, with a notice at start.
-    add("--kv-aware-threshold", type=int, default=None,
+    add("--kv-aware-threshold", type=int, default=None, metavar="N",
         help="ignored: kvaware routes as prefixaware (no LMCache controller)")
     for flag in ("--lmcache-controller-port", "--lmcache-health-check-interval",
                  "--lmcache-worker-timeout"):
-        add(flag, type=int, default=None,
+        add(flag, type=int, default=None, metavar="N",
             help="ignored: the router runs no LMCache controller; kvaware routes as "
                  "prefixaware")
-    add("--sentry-dsn", default=None,
+    add("--sentry-dsn", default=None, metavar="DSN",
         help="ignored: no Sentry reporting built in (errors are logged; traces: "
              "--otel-endpoint)")
-    add("--sentry-traces-sample-rate", type=sample_rate, default=None, help="ignored")
-    add("--sentry-profile-session-sample-rate", type=sample_rate, default=None,
+    add("--sentry-traces-sample-rate", type=sample_rate, default=None, metavar="RATE",
         help="ignored")
+    add("--sentry-profile-session-sample-rate", type=sample_rate, default=None,
+        metavar="RATE", help="ignored")
     for flag, kind in (("--priority-header", str), ("--priority-field", str),
                        ("--priority-default", int), ("--priority-threshold", int)):
-        add(flag, type=kind, default=None,
+        add(flag, type=kind, default=None, metavar="VALUE",
             help="ignored: --routing-logic priority routes as leastload")
-    add("--feature-gates", default="",
+    add("--feature-gates", default="", metavar="GATES",
         help="Name=true,...: SemanticCache and PIIDetection are refused (not run here); "
              "others are ignored")
     # Refused: they only configure the semantic cache, which the router does not run.
     for flag in ("--semantic-cache-model", "--semantic-cache-dir",
                  "--semantic-cache-threshold"):
-        add(flag, default=None, help="refused: no semantic cache here")
+        add(flag, default=None, metavar="VALUE", help="refused: no semantic cache here")
 
 
 @dataclass(frozen=True)
