@@ -33,6 +33,8 @@ def run(config: Config, argv: Sequence[str], environ: Mapping[str, str]) -> None
     """Serve with `config` (parsed from `argv`, which a reload or a worker parses again);
     `environ` holds systemd's variables and is the workers' environment."""
     configure_logging(config.log_level, config.log_format, access_log=config.access_log)
+    for notice in config.notices:  # production-stack flags mapped or ignored
+        log.warning("%s", notice)
     try:
         if config.workers > 1:
             raise SystemExit(supervise(config, argv, environ))

@@ -87,6 +87,20 @@ BAD_FLAGS = {
     "ejection-percent-over-100": (
         ["--demo", "--max-ejection-percent", "101"], "--max-ejection-percent",
     ),
+    # production-stack's flags keep their checks: a sample rate is a ratio, a count whole.
+    "sentry-rate-over-1": (
+        ["--demo", "--sentry-traces-sample-rate", "1.5"], "--sentry-traces-sample-rate",
+    ),
+    "negative-failover-attempts": (
+        ["--demo", "--max-instance-failover-reroute-attempts", "-1"],
+        "--max-instance-failover-reroute-attempts",
+    ),
+    "other-file-storage-class": (
+        ["--demo", "--file-storage-class", "s3"], "--file-storage-class",
+    ),
+    "unknown-routing-logic-value-of-theirs-neither": (
+        ["--demo", "--routing-logic", "kv_aware"], "--routing-logic",
+    ),
 }
 
 # Run as real `python -m router` processes (all at once: each costs ~0.4 s of imports). One

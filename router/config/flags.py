@@ -9,6 +9,7 @@ import math
 from typing import NoReturn
 
 from router import __version__
+from router.config.prodstack import LOG_LEVEL_MAPPED, ROUTING_LOGIC_MAPPED, add_prodstack_flags
 from router.config.settings import DISCOVERY_TYPES, ConfigError, parse_size
 from router.observe.tracing import PROTOCOLS
 from router.policies import POLICIES
@@ -148,12 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML file of hosted OpenAI-compatible providers served beside the local fleet "
              "(production-stack's format); their keys are read from the environment "
              "variables it names")
-    add("--routing-logic", choices=sorted(POLICIES), default="roundrobin",
+    add("--routing-logic", choices=sorted({*POLICIES, *ROUTING_LOGIC_MAPPED}),
+        default="roundrobin",
         help="routing policy (default roundrobin); disaggregated_prefill sends the prefill "
              "engine a one-token copy of the request, then the request as it came to a decode "
              "engine, and disaggregated_prefill_orchestrated also passes the prefill's "
-             "kv_transfer_params to the decode (see docs/routing.md)")
-    add("--log-level", choices=LOG_LEVELS, default="info", type=str.lower)
+             "kv_transfer_params to the decode (see docs/routing.md); production-stack's "
+             "kvaware routes as prefixaware, priority as leastload")
+    add("--log-level", choices=(*LOG_LEVELS, *LOG_LEVEL_MAPPED), default="info",
+        type=str.lower, help="(default info; trace, from production-stack, logs at debug)")
     add("--log-stats", action="store_true",
         help="log a one-line summary per backend every --log-stats-interval seconds")
     add("--log-stats-interval", type=positive_float, default=10.0,
@@ -364,4 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
              "--retry-budget-min, whichever is more (default 20)")
     add("--retry-budget-min", type=non_negative_int, default=3,
         help="retries in flight always allowed, whatever the load (default 3)")
+
+    add_prodstack_flags(parser)
     return parser

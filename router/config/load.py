@@ -13,6 +13,7 @@ from router.backends.pool import parse_url
 from router.backends.prober import MODEL_TYPES
 from router.config.file import file_tokens, read_config_file
 from router.config.flags import build_parser
+from router.config.prodstack import prodstack_settings
 from router.config.settings import Config, ConfigError, K8sSettings, StaticBackend
 from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.k8s_access import in_cluster_api_server
@@ -61,6 +62,7 @@ def load_config(argv: Sequence[str]) -> Config:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    compat = prodstack_settings(args)
     urls = split_list(args.static_backends)
     model_groups = split_list(args.static_models)
     if urls and args.demo:
@@ -104,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 api_server=in_cluster_api_server(os.environ),
                 engine_api_key=args.backend_api_key or os.environ.get("VLLM_API_KEY") or None,
                 max_answer_size=args.k8s_max_answer_size,
+                watch_timeout=compat.k8s_watch_timeout or K8sSettings.watch_timeout,
             )
         except ValueError as error:
             raise ConfigError(f"argument --k8s-*: {error}") from None
@@ -199,8 +202,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         service_discovery=args.service_discovery,
         static_backends=tuple(backends),
         aliases=aliases,
-        routing_logic=args.routing_logic,
-        log_level=args.log_level,
+        routing_logic=compat.routing_logic,
+        log_level=compat.log_level,
         log_format=args.log_format,
         access_log=args.access_log,
         request_stats_window=args.request_stats_window,
@@ -278,4 +281,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
         retry_backoff=args.retry_backoff,
         retry_budget_percent=args.retry_budget_percent,
         retry_budget_min=args.retry_budget_min,
+        notices=compat.notices,
     )

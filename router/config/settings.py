@@ -344,6 +344,9 @@ class Config:
     """Retries in flight may be at most this share of the requests in flight..."""
     retry_budget_min: int = 3
     """...or this many, whichever is more (Envoy's `min_retry_concurrency`)."""
+    notices: tuple[str, ...] = ()
+    """Lines logged at start: production-stack flags mapped onto ours or ignored
+    (`router.config.prodstack`)."""
 
 
 SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
