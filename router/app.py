@@ -48,7 +48,7 @@ from router.proxy.upstream_pool import GuardedConnector
 from router.stats.engine import EngineScraper, EngineStats
 from router.stats.requests import RequestStats
 
-__all__ = ["make_app", "mounted"]
+__all__ = ["make_app"]
 
 log = logging.getLogger("router")
 
@@ -185,7 +185,7 @@ def make_app(config: Config) -> web.Application:
         guard(config.max_headers_total_size),
         json_errors,
         # Always there, so a reload can add keys; without keys it checks one flag.
-        auth_middleware(api_keys, config.protect_admin, config.root_path,
+        auth_middleware(api_keys, config.protect_admin,
                         lambda: refusals[0]() if refusals else None),
     ]
     app = web.Application(client_max_size=config.max_json_body_size, middlewares=middlewares)
@@ -270,15 +270,3 @@ def make_app(config: Config) -> web.Application:
     dashboard.add_routes(app)
     workers.add_routes(app)
     return app
-
-
-def mounted(app: web.Application) -> web.Application:
-    """The application to serve: `app` itself, or with `--root-path` a root that serves it
-    below that prefix (behind an ingress)."""
-    config = app[CONFIG]
-    if not config.root_path:
-        return app
-    root = web.Application(client_max_size=config.max_json_body_size,
-                           middlewares=[guard(config.max_headers_total_size), json_errors])
-    root.add_subapp(config.root_path, app)
-    return root

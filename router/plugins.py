@@ -20,7 +20,9 @@ A plugin's exception is logged and the request goes on as if the plugin had not 
 
 Plugins written for production-stack's `CustomCallbackHandler` (`pre_request(request,
 request_body, request_json)` and `post_request(request, response_content)`) load through
-`ProductionStackAdapter`.
+`ProductionStackAdapter`, named its way (`module.instance`); their import of
+`vllm_router`'s base class resolves to `router.plugin_shim` when production-stack is not
+installed.
 """
 
 from __future__ import annotations
@@ -28,20 +30,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
+import sys
 import time
+import types
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from router import plugin_shim
 from router.config.settings import ConfigError
 from router.events import EVENT_NAMES, RequestEvents
 from router.flow import RequestFlow
 
-__all__ = ["find_class", "load_object", "PluginHost", "RequestRewriter"]
+__all__ = ["find_object", "load_object", "PluginHost", "RequestRewriter"]
 
 log = logging.getLogger("router.plugins")
 
@@ -52,28 +59,52 @@ INLINE_BUDGET = 0.001
 plugin threads."""
 
 
-def find_class(spec: str, flag: str) -> Callable[[], object]:
-    """Import `module:Class` (or production-stack's `module.Class`); errors name `flag`."""
+def find_object(spec: str, flag: str) -> object:
+    """What `spec` names: `module:Name`, or production-stack's `module.name`, whose module
+    may also be a file path without `.py` (`/etc/router/callbacks.handler`); `Name` is a
+    class or (production-stack's form) an instance. Errors name `flag`."""
     module_name, sep, name = spec.partition(":")
     if not sep:
         module_name, _, name = spec.rpartition(".")
     if not module_name or not name:
-        raise ConfigError(f"argument {flag}: {spec!r} names no class (use module:Class)")
+        raise ConfigError(f"argument {flag}: {spec!r} names nothing to load (use "
+                          "module:Class or module.instance)")
+    plugin_shim.install()  # production-stack modules import its base class
     try:
-        module = importlib.import_module(module_name)
+        module = import_module_or_file(module_name)
     except Exception as error:
         raise ConfigError(f"argument {flag}: cannot import {module_name!r}: {error!r}") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise ConfigError(f"argument {flag}: {spec!r} names no class (use module:Class)")
-    return factory  # type: ignore[no-any-return]
+    found = getattr(module, name, None)
+    if found is None:
+        raise ConfigError(f"argument {flag}: {module_name!r} has no {name!r}")
+    return found
+
+
+def import_module_or_file(name: str) -> types.ModuleType:
+    """`name` as a module path, or as a file path (with a `/`, `.py` added)."""
+    if "/" not in name and os.sep not in name:
+        return importlib.import_module(name)
+    path = os.path.abspath(name + ".py")
+    known = sys.modules.get(f"router_callbacks:{path}")
+    if known is not None:
+        return known
+    spec = importlib.util.spec_from_file_location(os.path.basename(name), path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # Kept, so a reload (which checks the flags again) finds the same module and instance.
+    sys.modules[f"router_callbacks:{path}"] = module
+    return module
 
 
 def load_object(spec: str, flag: str) -> object:
-    """Import `module:Class` (or `module.Class`) and instantiate it."""
-    factory = find_class(spec, flag)
+    """What `spec` names: a class is instantiated (no arguments), an instance used as is."""
+    found = find_object(spec, flag)
+    if not inspect.isclass(found):
+        return found
     try:
-        return factory()
+        return found()
     except Exception as error:
         raise ConfigError(f"argument {flag}: cannot load {spec!r}: {error!r}") from None
 
@@ -98,12 +129,27 @@ class ProductionStackAdapter:
         result = method(flow.request, body, flow.request_json)
         if inspect.isawaitable(result):
             result = await result
-        return result if isinstance(result, web.StreamResponse) else None
+        return as_response(result)
 
     async def post_request(self, flow: RequestFlow, body: bytes) -> None:
         result = self.handler.post_request(flow.request, body)  # type: ignore[attr-defined]
         if inspect.isawaitable(result):
             await result
+
+
+def as_response(result: object) -> web.StreamResponse | None:
+    """A handler's answer as an aiohttp response: its own, or a Starlette/FastAPI one (a
+    production-stack handler's) copied, or None."""
+    if result is None or isinstance(result, web.StreamResponse):
+        return result
+    status, body = getattr(result, "status_code", None), getattr(result, "body", None)
+    if not isinstance(status, int) or not isinstance(body, (bytes, bytearray)):
+        return None
+    headers = getattr(result, "headers", {})
+    return web.Response(status=status, body=bytes(body), headers={
+        str(name): str(value) for name, value in headers.items()
+        if str(name).lower() not in ("content-length", "transfer-encoding")
+    })
 
 
 def is_production_stack_handler(plugin: object) -> bool:

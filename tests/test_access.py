@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.app import make_app, mounted
+from router.app import make_app
 from router.config.load import load_config
 from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
@@ -230,21 +230,21 @@ async def test_oversized_or_malformed_heads_get_json_errors(
     assert len(refusals) == len(heads) and not any(r.exc_info for r in caplog.records)
 
 
-async def test_keys_work_under_a_root_path_and_refusals_are_counted(
+async def test_keys_work_with_a_root_path_and_refusals_are_counted(
     aiohttp_client: Any, engines: list[RunningEngine], caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app(config_for(engines, api_keys=("k",), root_path="/router"))
-    client = await aiohttp_client(mounted(app))
-    for path in ("/router/health", "/router/ready"):
+    client = await aiohttp_client(app)
+    for path in ("/health", "/ready"):
         assert (await client.get(path)).status == 200, path
     caplog.set_level("INFO", logger="router.access")
-    response = await client.post("/router/v1/chat/completions", json=BODY)
+    response = await client.post("/v1/chat/completions", json=BODY)
     assert response.status == 401
     assert "refused" in caplog.text and "no valid API key" in caplog.text
-    response = await client.post("/router/v1/chat/completions", json=BODY,
+    response = await client.post("/v1/chat/completions", json=BODY,
                                  headers={"Authorization": "bearer   k"})  # any case, spaces
     assert response.status == 200
-    metrics = await (await client.get("/router/metrics")).text()
+    metrics = await (await client.get("/metrics")).text()
     assert "router_unauthorized_requests_total 1.0" in metrics
     assert (await client.get("/elsewhere")).content_type == "application/json"
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from router import plugin_shim
 from router.config.load import parse_config
 from router.flow import Outcome
 from router.keys import PLUGINS
+from router.plugins import load_object
 from router.testing import RunningEngine
 
 from .conftest import CHAT, RouterUnderTest, StartRouter, config_for
@@ -185,3 +188,36 @@ def test_callbacks_flags_take_both_spellings_and_refuse_bad_ones(
         with pytest.raises(SystemExit):
             parse_config(["--demo", "--callbacks", bad])
         assert "argument --callbacks" in capsys.readouterr().err
+
+
+async def test_a_production_stack_module_instance_loads_with_its_base_class_import(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    # production-stack's `file.instance` form: the module imports vllm_router's base class.
+    router = await start_router(config_for(
+        engines, callbacks=("tests.production_stack_callbacks.callbacks_handler",)))
+    status, body = await post(router, BODY)
+    assert status == 200
+    status, refused = await post(router, {**BODY, "user": "blocked"})
+    assert status == 403 and b"blocked" in refused
+    from tests.production_stack_callbacks import Auditor, callbacks_handler
+
+    handler = plugin(router, Auditor)
+    assert handler is callbacks_handler  # the named instance, not a new one
+    assert handler.models == [CHAT, CHAT]
+    async with asyncio.timeout(2):
+        while not handler.responses:
+            await asyncio.sleep(0.01)
+    assert handler.responses == [body]
+    assert sum(engine.state.started for engine in engines) == 1
+
+
+def test_callbacks_take_a_file_path_and_the_rewriter_takes_noop() -> None:
+    path = Path(__file__).with_name("production_stack_callbacks")
+    config = parse_config(["--demo", "--callbacks", f"{path}.callbacks_handler",
+                           "--request-rewriter", "noop"])
+    assert config.request_rewriter is None
+    handler = load_object(config.callbacks[0], "--callbacks")
+    assert type(handler).__name__ == "Auditor"
+    assert isinstance(handler, plugin_shim.CustomCallbackHandler)
+    assert load_object(config.callbacks[0], "--callbacks") is handler  # loaded once

@@ -13,7 +13,6 @@ import openai
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from router.app import make_app, mounted
 from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
 from router.keys import CHOOSER, ENGINE_STATS, HEALTH, POOL
@@ -382,18 +381,6 @@ async def test_a_backend_503_is_retried_elsewhere_but_passed_on_when_alone(
     healthy.behaviour.fail_status = 503
     status, reply, _ = await post(router)
     assert status == 503 and "Injected failure from engine" in reply["error"]["message"]
-
-
-async def test_root_path_serves_every_route_under_the_prefix(
-    aiohttp_client: Any, engines: list[RunningEngine]
-) -> None:
-    client = await aiohttp_client(mounted(make_app(config_for(engines, root_path="/router"))))
-    response = await client.post("/router/v1/chat/completions?x=1", json=CHAT_BODY)
-    assert response.status == 200, await response.text()
-    served = [engine for engine in engines if engine.state.last_path]
-    assert served[0].state.last_path == "/v1/chat/completions?x=1"
-    assert (await client.get("/router/health")).status == 200
-    assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status == 404
 
 
 async def test_log_stats_writes_a_line_per_backend(

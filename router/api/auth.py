@@ -70,13 +70,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def auth_middleware(
-    keys: ApiKeys, protect_admin: bool, root_path: str, refused: Callable[[], None]
+    keys: ApiKeys, protect_admin: bool, refused: Callable[[], None]
 ) -> Middleware:
     """Refuse requests without a valid key with a 401 OpenAI-style error. Installed whenever
     keys may exist, so a reload can add keys to a running router; `refused` counts refusals
     (each is also logged), so guessing keys does not go unseen."""
     exempt = OPEN_PATHS if protect_admin else OPEN_PATHS | ADMIN_PATHS
-    exempt = exempt | {root_path + path for path in exempt}
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:

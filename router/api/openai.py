@@ -83,8 +83,8 @@ def upstream_path(request: web.Request, endpoint: str) -> tuple[str, str | None]
     """Where the backend is sent the request, and the backend id it is pinned to (`?id=`)."""
     pinned = request.query.get("id") if request.query_string else None
     if pinned is None:
-        # The route's own path (not the client's, which may carry --root-path), and the
-        # query as the client encoded it: decoded, `?a=%23b` would become a fragment.
+        # The route's own path, and the query as the client encoded it: decoded, `?a=%23b`
+        # would become a fragment.
         query = request.rel_url.raw_query_string
     else:  # pinned to one backend: `id` is ours, not the backend's
         query = without_parameter(request.rel_url.raw_query_string, "id")

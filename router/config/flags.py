@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add("--port", type=port_number, default=8001, help="port to listen on (default 8001)")
     add("--root-path", default="",
-        help="serve every route under this path prefix, e.g. /router (behind an ingress)")
+        help="the path prefix a proxy in front strips, e.g. /router (uvicorn's root_path, "
+             "as in production-stack): routes are served at /, not under the prefix")
     add("--service-discovery", choices=["static", "k8s", "external-only"], default="static",
         help="where backends come from: static (the flags), k8s (pods) or external-only (no "
              "local fleet: only --external-providers-config; default static)")
@@ -281,11 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
     extensions = parser.add_argument_group("extensions")
     add = extensions.add_argument
     add("--callbacks", action="append", default=[],
-        help="plugin class as module:Class (or module.Class); repeat the flag or separate "
-             "several with commas")
+        help="plugin class as module:Class, or production-stack's module.instance (a "
+             "module path, or a file path without .py, then the name of a class or an "
+             "instance in it); repeat the flag or separate several with commas")
     add("--request-rewriter", default=None,
         help="class as module:Class whose rewrite(flow, body) changes JSON bodies before "
-             "routing")
+             "routing; noop (production-stack's default) is no rewriter")
+
+    # --- production-stack drop-in: dynamic config files and prefix matching (issue 15) ---
+    dynamic = parser.add_argument_group(
+        "dynamic config file (production-stack)",
+        "a JSON or YAML file in production-stack's format, read at start and watched: a "
+        "change is applied like a reload (flags on the command line override it)")
+    one_file = dynamic.add_mutually_exclusive_group()
+    one_file.add_argument(
+        "--dynamic-config-yaml", default=None,
+        help="production-stack's dynamic config as YAML (static_models may be a mapping of "
+             "model -> {static_backends, static_model_type})")
+    one_file.add_argument(
+        "--dynamic-config-json", default=None,
+        help="production-stack's dynamic config as JSON")
+    dynamic.add_argument(
+        "--dynamic-config-interval", type=positive_float, default=1.0,
+        help="seconds between checks of the dynamic config file for a change (default 1; "
+             "production-stack re-reads it every 10)")
+    # --- end of the production-stack drop-in block ---
 
     tracing = parser.add_argument_group("tracing (OpenTelemetry)")
     add = tracing.add_argument
@@ -323,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--balance-rel-threshold", type=positive_float, default=1.5,
         help="prefixaware: ...when the busiest backend also has this many times the load "
              "of the idlest (default 1.5)")
+    add("--prefix-min-match-length", type=non_negative_int, default=0,
+        help="prefixaware: characters of the prompt a backend's cached prefix must match "
+             "at least, else the least loaded backend serves it (production-stack's flag, "
+             "in characters as there; default 0)")
     add("--prefix-cache-max-chars", type=positive_int, default=10_000_000,
         help="prefixaware: bound on each model's prefix tree, in characters, each node "
              "counting for its overhead too (about the tree's size in bytes; default 1e7)")

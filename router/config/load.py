@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from router.backends.pool import parse_url
 from router.backends.prober import MODEL_TYPES
+from router.config.dynamic import read_dynamic_config
 from router.config.file import file_tokens, read_config_file
 from router.config.flags import build_parser
 from router.config.prodstack import prodstack_settings
@@ -18,7 +19,7 @@ from router.config.settings import Config, ConfigError, K8sSettings, StaticBacke
 from router.discovery.external import load_external_providers, merge_aliases
 from router.discovery.k8s_access import in_cluster_api_server
 from router.observe.tracing import otlp_target, sdk_missing
-from router.plugins import find_class
+from router.plugins import find_object
 
 __all__ = ["parse_config", "load_config", "METRICS_DIR_ENV"]
 
@@ -49,14 +50,20 @@ def load_config(argv: Sequence[str]) -> Config:
     the file's key. Reads the file: blocking, so a reload calls it from a thread."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config is not None:
+    dynamic = args.dynamic_config_yaml or args.dynamic_config_json
+    if args.config is not None and dynamic:
+        raise ConfigError("argument --config: not with --dynamic-config-yaml/json (give "
+                          "one settings file)")
+    path = args.config or dynamic
+    if path is not None:
         # Flags on the command line override the file's, repeatable ones included.
         given = {arg.partition("=")[0] for arg in argv if arg.startswith("--")}
-        tokens = file_tokens(read_config_file(args.config), parser, args.config, given)
+        data = read_dynamic_config(path) if dynamic else read_config_file(path)
+        tokens = file_tokens(data, parser, path, given)
         try:
             parser.parse_args(tokens)
         except ConfigError as error:
-            raise ConfigError(f"config file {args.config}: {error}") from None
+            raise ConfigError(f"config file {path}: {error}") from None
         args = parser.parse_args([*tokens, *argv])
     return config_from_args(args)
 
@@ -175,10 +182,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise ConfigError(f"argument --api-keys-file: {error}") from None
     rate, burst = args.rate_limit or (0.0, 0.0)
     callbacks = tuple(spec for item in args.callbacks for spec in split_list(item))
+    # production-stack's default value: no rewriter.
+    rewriter = None if args.request_rewriter in (None, "", "noop") else args.request_rewriter
     for spec, flag in [*((s, "--callbacks") for s in callbacks),
-                       *(((args.request_rewriter, "--request-rewriter"),)
-                         if args.request_rewriter else ())]:
-        find_class(spec, flag)  # import now, so a typo stops the start
+                       *(((rewriter, "--request-rewriter"),) if rewriter else ())]:
+        find_object(spec, flag)  # import now, so a typo stops the start
     if args.otel_endpoint:
         try:
             target = otlp_target(args.otel_endpoint, args.otel_protocol, args.otel_secure)
@@ -251,13 +259,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_stats=args.log_stats,
         log_stats_interval=args.log_stats_interval,
         callbacks=callbacks,
-        request_rewriter=args.request_rewriter,
+        request_rewriter=rewriter,
+        dynamic_config_file=args.dynamic_config_yaml or args.dynamic_config_json,
+        dynamic_config_interval=args.dynamic_config_interval,
         drain_timeout=args.drain_timeout,
         shutdown_delay=args.shutdown_delay,
         session_key=args.session_key,
         prefix_match_threshold=args.prefix_match_threshold,
         balance_abs_threshold=args.balance_abs_threshold,
         balance_rel_threshold=args.balance_rel_threshold,
+        prefix_min_match_length=args.prefix_min_match_length,
         prefix_cache_max_chars=args.prefix_cache_max_chars,
         static_backend_health_checks=args.static_backend_health_checks,
         prefill_model_labels=tuple(split_list(args.prefill_model_labels)),

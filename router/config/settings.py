@@ -158,7 +158,8 @@ class StaticBackend:
 class Config:
     host: str = "0.0.0.0"
     root_path: str = ""
-    """A path prefix every route is served under (behind an ingress), e.g. `/router`."""
+    """The path prefix a proxy in front strips, e.g. `/router` (uvicorn's `root_path`): the
+    routes are served at `/` all the same."""
     port: int = 8001
     service_discovery: str = "static"
     static_backends: tuple[StaticBackend, ...] = ()
@@ -257,6 +258,13 @@ class Config:
     callbacks: tuple[str, ...] = ()
     """Plugins as `module:Class` (or `module.Class`)."""
     request_rewriter: str | None = None
+    """`module:Class`; None (production-stack's `noop` too): no rewriter."""
+
+    # production-stack drop-in (router/config/dynamic.py): its dynamic config file.
+    dynamic_config_file: str | None = None
+    """`--dynamic-config-yaml` or `--dynamic-config-json`: read at start, polled every
+    `dynamic_config_interval` seconds, a change applied like a reload."""
+    dynamic_config_interval: float = 1.0
 
     log_stats: bool = False
     """Log a one-line summary per backend every `log_stats_interval` seconds."""
@@ -295,6 +303,9 @@ class Config:
     """`prefixaware`: load gap (in requests) beyond which the fleet counts as imbalanced..."""
     balance_rel_threshold: float = 1.5
     """...when also the busiest backend carries this many times the load of the idlest."""
+    prefix_min_match_length: int = 0
+    """`prefixaware`: characters a cached prefix must match at least (production-stack's
+    `--prefix-min-match-length`); below it the least loaded backend serves the request."""
     prefix_cache_max_chars: int = 10_000_000
     """`prefixaware`: bound on each model's prefix tree, in characters with each node counted
     for its overhead as well (roughly the tree's size in bytes); LRU eviction."""

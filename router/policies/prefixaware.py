@@ -3,7 +3,9 @@ cache serves it (a multi-turn chat resends its whole history every turn), unless
 pile work onto an overloaded backend.
 
 For each request: the candidate that received the longest prefix of this prompt wins when that
-prefix is at least `prefix_match_threshold` of the prompt, and the fleet is not imbalanced
+prefix is at least `prefix_match_threshold` of the prompt and `prefix_min_match_length`
+characters long (production-stack's `--prefix-min-match-length`, which counts characters
+too), and the fleet is not imbalanced
 (load gap over `balance_abs_threshold` and busiest over `balance_rel_threshold` × idlest);
 otherwise the least loaded candidate. Either way the prompt is recorded for the chosen backend.
 Ties (several backends hold the same prefix) go to the least loaded of them, then at random.
@@ -42,6 +44,7 @@ class PrefixAware:
         self._context = context
         config = context.config
         self._threshold = config.prefix_match_threshold
+        self._min_length = config.prefix_min_match_length
         self._abs = config.balance_abs_threshold
         self._rel = config.balance_rel_threshold
         self._max_chars = config.prefix_cache_max_chars
@@ -90,7 +93,7 @@ class PrefixAware:
                 best_length, best = length, [index]
             elif length == best_length and length:
                 best.append(index)
-        if not best or best_length < self._threshold * size:
+        if not best or best_length < self._threshold * size or best_length < self._min_length:
             return None
         high, low = max(scores), min(scores)
         if high - low > self._abs and high > self._rel * low:
@@ -113,4 +116,5 @@ class PrefixAware:
 
     def __repr__(self) -> str:
         return (f"<PrefixAware models={len(self._trees)} chars={self.tree_chars()} "
-                f"threshold={self._threshold:g} max_chars_per_model={self._max_chars}>")
+                f"threshold={self._threshold:g} min_length={self._min_length} "
+                f"max_chars_per_model={self._max_chars}>")

@@ -1,13 +1,18 @@
-"""Config reload (SIGHUP, or a change of `--config` with `--config-watch`), without dropping
-anything in flight.
+"""Config reload (SIGHUP, a change of `--config` with `--config-watch`, or a change of
+production-stack's `--dynamic-config-yaml/json` file), without dropping anything in flight.
 
 What a reload changes: the static backends and their models and labels, the aliases, the
 routing policy and its settings, the API keys (`--api-keys-file` is read again), the log
 level. Requests in flight keep the backend object
 they were routed to, so their streams run on. A new configuration that does not parse or
 validate is refused with a log line, and the running one keeps serving. Settings that only
-take effect at start (listening address, timeouts, limits...) are reported as needing a
-restart.
+take effect at start (listening address, timeouts, limits, the discovery type, Kubernetes
+settings, `--callbacks`...) are reported as needing a restart.
+
+The watched file is polled with `os.stat` in a thread (no event-loop blocking, no inotify
+dependency): a change of its modification time, size or inode (a Kubernetes ConfigMap
+update swaps a symlink) triggers a reload. production-stack re-reads its dynamic config every
+10 seconds; here the poll runs every `--dynamic-config-interval` seconds (default 1).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -31,6 +36,7 @@ log = logging.getLogger("router.reload")
 
 RELOADABLE = frozenset({
     "static_backends", "aliases", "routing_logic", "session_key", "prefix_match_threshold",
+    "prefix_min_match_length",
     "balance_abs_threshold", "balance_rel_threshold", "prefix_cache_max_chars",
     "prefill_model_labels", "decode_model_labels", "log_level", "api_keys",
 })
@@ -91,19 +97,34 @@ class Reloader:
         # Compared against next time: a restart-only change is reported once.
         self.current = new
 
+    def watching(
+        self, path: str, interval: float
+    ) -> Callable[[web.Application], AsyncIterator[None]]:
+        """A cleanup_ctx entry: poll `path` while the app runs, reload when it changes."""
+
+        async def watch_file(app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(self.watch(path, interval))
+            yield
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        return watch_file
+
     async def watch(self, path: str, interval: float = 1.0) -> None:
-        """Poll the file's modification time; reload when it changes."""
-        last = await asyncio.to_thread(_mtime, path)
+        """Poll the file's identity (see the module's docstring); reload when it changes."""
+        last = await asyncio.to_thread(file_identity, path)
         while True:
             await asyncio.sleep(interval)
-            now = await asyncio.to_thread(_mtime, path)
+            now = await asyncio.to_thread(file_identity, path)
             if now != last:
                 last = now
-                await self.reload("config file changed")
+                await self.reload(f"{path} changed")
 
 
-def _mtime(path: str) -> float | None:
+def file_identity(path: str) -> tuple[int, int, int] | None:
+    """Modification time, size and inode (following symlinks); None while it is missing."""
     try:
-        return os.stat(path).st_mtime
+        stat = os.stat(path)
     except OSError:
         return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino

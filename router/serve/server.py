@@ -10,7 +10,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from router import __version__
-from router.app import make_app, mounted
+from router.app import make_app
 from router.config.settings import DEMO_MODELS, Config
 from router.keys import LIVE_REQUESTS
 from router.serve.connection_errors import JsonErrorsHandler
@@ -55,10 +55,16 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     notifier = notifier or Notifier({})
     app = make_app(config)
+    reloader = Reloader(app, load) if load is not None else None
+    if reloader is not None and config.dynamic_config_file:
+        app.cleanup_ctx.append(
+            reloader.watching(config.dynamic_config_file, config.dynamic_config_interval))
+    elif reloader is not None and config.config_watch and config.config_file:
+        app.cleanup_ctx.append(reloader.watching(config.config_file, 1.0))
     # Without handler_cancellation a handler learns of a disconnect only at its next write,
     # and a backend computing a first token would keep working for a client that is gone.
     runner = web.AppRunner(
-        mounted(app), handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0,
         keepalive_timeout=config.keepalive_timeout,
         max_line_size=config.max_header_size, max_field_size=config.max_header_size,
     )
@@ -72,13 +78,10 @@ async def serve(
         announce(config, listener.sockets[0].getsockname()[1])
         notifier.notify("READY=1")
         tasks.add(asyncio.create_task(notifier.watchdog()))
-        if load is not None:
-            reloader = Reloader(app, load)
+        if reloader is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: tasks.add(
                 asyncio.create_task(reloader.reload("SIGHUP"))
             ))
-            if config.config_watch and config.config_file:
-                tasks.add(asyncio.create_task(reloader.watch(config.config_file)))
         await stop.wait()
         await drain(app, listener, config, notifier)
     finally:
