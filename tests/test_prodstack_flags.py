@@ -72,8 +72,9 @@ ACCEPTED: dict[str, tuple[list[str], dict[str, Any] | None]] = {
     "--kv-aware-threshold": (["--kv-aware-threshold", "2000"],
                              {"notices": "--kv-aware-threshold"}),
     "--session-key": (["--session-key", "x-user-id"], {"session_key": "x-user-id"}),
-    "--callbacks": (["--callbacks", "my_callbacks.instance"], None),
-    "--request-rewriter": (["--request-rewriter", "noop"], None),
+    "--callbacks": (["--callbacks", "tests.production_stack_callbacks.callbacks_handler"],
+                    {"callbacks": ("tests.production_stack_callbacks.callbacks_handler",)}),
+    "--request-rewriter": (["--request-rewriter", "noop"], {"request_rewriter": None}),
     "--enable-batch-api": (["--enable-batch-api"], {"enable_batch_api": True}),
     "--file-storage-class": (["--file-storage-class", "local_file"], None),
     "--file-storage-path": (["--file-storage-path", "{tmp}"], {"file_storage_path": "{tmp}"}),
@@ -84,8 +85,12 @@ ACCEPTED: dict[str, tuple[list[str], dict[str, Any] | None]] = {
                                {"request_stats_window": 60.0}),
     "--log-stats": (["--log-stats"], {"log_stats": True}),
     "--log-stats-interval": (["--log-stats-interval", "10"], {"log_stats_interval": 10.0}),
-    "--dynamic-config-yaml": (["--dynamic-config-yaml", "{tmp}/dynamic.yaml"], None),
-    "--dynamic-config-json": (["--dynamic-config-json", "{tmp}/dynamic.json"], None),
+    "--dynamic-config-yaml": (["--dynamic-config-yaml", "{tmp}/dynamic.yaml"],
+                              {"dynamic_config_file": "{tmp}/dynamic.yaml",
+                               "session_key": "x-user-id"}),
+    "--dynamic-config-json": (["--dynamic-config-json", "{tmp}/dynamic.json"],
+                              {"dynamic_config_file": "{tmp}/dynamic.json",
+                               "session_key": "x-user-id"}),
     "--feature-gates": (["--feature-gates", "SemanticCache=false"], {"notices": ()}),
     "--log-level": (["--log-level", "warning"], {"log_level": "warning"}),
     "--sentry-dsn": (["--sentry-dsn", "https://key@sentry.example/1"],
@@ -111,8 +116,9 @@ ACCEPTED: dict[str, tuple[list[str], dict[str, Any] | None]] = {
     "--priority-default": (["--priority-default", "0"], {"notices": "--priority-default"}),
     "--priority-threshold": (["--priority-threshold", "0"],
                              {"notices": "--priority-threshold"}),
-    "--root-path": (["--root-path", "/router"], None),
-    "--prefix-min-match-length": (["--prefix-min-match-length", "128"], None),
+    "--root-path": (["--root-path", "/router"], {"root_path": "/router"}),
+    "--prefix-min-match-length": (["--prefix-min-match-length", "128"],
+                                  {"prefix_min_match_length": 128}),
 }
 
 # Refused at start: they configure a component this router does not run.
@@ -134,19 +140,6 @@ ROUTING_LOGIC = {
 LOG_LEVEL = {"critical": "critical", "error": "error", "warning": "warning", "info": "info",
              "debug": "debug", "trace": "debug"}
 
-# Owned by another part of issue 15: skipped here until it lands (the integrator empties
-# this set after the merge).
-HANDLED_ELSEWHERE = {
-    "--dynamic-config-yaml", "--dynamic-config-json", "--root-path", "--callbacks",
-    "--request-rewriter", "--prefix-min-match-length",
-    "--routing-logic disaggregated_prefill_orchestrated",
-}
-
-
-def skip_if_elsewhere(name: str) -> None:
-    if name in HANDLED_ELSEWHERE:
-        pytest.skip(f"{name}: handled by another part of issue 15")
-
 
 def filled(tokens: Sequence[str], tmp: Path) -> list[str]:
     return [token.replace("{tmp}", str(tmp)) for token in tokens]
@@ -154,8 +147,10 @@ def filled(tokens: Sequence[str], tmp: Path) -> list[str]:
 
 @pytest.mark.parametrize("flag", sorted(ACCEPTED))
 def test_production_stack_flag_is_accepted(flag: str, tmp_path: Path) -> None:
-    skip_if_elsewhere(flag)
     tokens, expected = ACCEPTED[flag]
+    # The dynamic-config files of production-stack's format that the samples name.
+    (tmp_path / "dynamic.yaml").write_text("session_key: x-user-id\n")
+    (tmp_path / "dynamic.json").write_text('{"session_key": "x-user-id"}')
     config = load_config([*BASE, *filled(tokens, tmp_path)])
     for name, want in (expected or {}).items():
         got = getattr(config, name)
@@ -183,7 +178,6 @@ def test_component_we_do_not_run_is_refused_in_one_line(flag: str) -> None:
 
 @pytest.mark.parametrize("value", sorted(ROUTING_LOGIC))
 def test_routing_logic_values(value: str) -> None:
-    skip_if_elsewhere(f"--routing-logic {value}")
     config = load_config([*BASE, "--routing-logic", value])
     assert config.routing_logic == ROUTING_LOGIC[value]
     mapped = [notice for notice in config.notices if notice.startswith("--routing-logic")]
@@ -223,8 +217,7 @@ def test_k8s_watcher_timeout_sets_the_watch_timeout() -> None:
 def test_help_names_every_production_stack_flag_and_its_mapping() -> None:
     text = " ".join(build_parser().format_help().split())
     for flag in [*ACCEPTED, *(tokens[0] for tokens in REFUSED.values())]:
-        if flag not in HANDLED_ELSEWHERE:
-            assert flag in text, flag
+        assert flag in text, flag
     for theirs, ours in (("--static-backend-health-check-interval", "--health-check-interval"),
                          ("--backend-health-check-timeout-seconds", "--health-check-timeout"),
                          ("--max-instance-failover-reroute-attempts", "--max-retries")):
