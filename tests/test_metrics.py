@@ -29,7 +29,7 @@ from router import __version__
 from router.backends.pool import Backend, BackendPool
 from router.backends.tracker import HealthTracker
 from router.flow import Attempt, Outcome, RequestFlow
-from router.keys import METRICS
+from router.keys import CHOOSER, METRICS
 from router.observe.metrics import Metrics, error_kind
 from router.observe.usage import find_usage
 from router.stats.requests import RequestStats
@@ -651,7 +651,10 @@ async def test_health_and_version_answer_json(router: RouterUnderTest) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(router.url + "/health") as response:
             assert response.status == 200
-            assert await response.json() == {"status": "ok", "backends": 2, "in_flight": 0}
+            assert await response.json() == {
+                "status": "healthy", "backends": 2, "in_flight": 0,
+                "routing": repr(router.app[CHOOSER].policy),
+            }
         async with session.get(router.url + "/version") as response:
             assert response.status == 200
             assert await response.json() == {"version": __version__}

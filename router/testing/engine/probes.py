@@ -16,20 +16,34 @@ __all__ = ["health", "list_models", "metrics"]
 _KV_CACHE_SLOTS = 64  # requests that would fill the fake KV cache
 
 
+def _permission(created: int, model: str) -> dict[str, object]:
+    return {
+        "id": f"modelperm-{model}", "object": "model_permission", "created": created,
+        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+        "organization": "*", "group": None, "is_blocking": False,
+    }
+
+
 async def list_models(request: web.Request) -> web.Response:
+    """vLLM's cards: a base model's `root` is where its weights came from (here: its name)
+    and it has a `max_model_len`; a LoRA adapter's `root` is the adapter's path, its
+    `parent` the base model, and it has no `max_model_len`."""
     created = int(time.time())
-    data = [
-        {
+    config = request.app[ENGINE_CONFIG]
+    data = []
+    for model in config.models:
+        parent = config.lora_parents.get(model)
+        data.append({
             "id": model,
             "object": "model",
             "created": created,
             "owned_by": "vllm",
-            "root": model,
-            "parent": None,
-            "max_model_len": MAX_MODEL_LEN,
-        }
-        for model in request.app[ENGINE_CONFIG].models
-    ]
+            "root": f"/adapters/{model}" if parent else model,
+            "parent": parent,
+            "max_model_len": None if parent else MAX_MODEL_LEN,
+            "permission": [_permission(created, model)],
+        })
     return json_reply({"object": "list", "data": data})
 
 

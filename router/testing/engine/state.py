@@ -107,6 +107,9 @@ class EngineConfig:
     models: tuple[str, ...]
     name: str
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    lora_parents: dict[str, str] = field(default_factory=dict)
+    """Models that are LoRA adapters -> their base model, as `/v1/models` shows them
+    (`parent`); tests set it."""
 
     def next_id(self, prefix: str) -> str:
         return f"{prefix}-{self.name}-{next(self.ids)}"
