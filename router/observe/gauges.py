@@ -217,7 +217,8 @@ class EngineGauges(Collector):
         hit_rate = GaugeMetricFamily(
             "vllm:gpu_prefix_cache_hit_rate",
             "Share of prefix-cache queries that hit, since the engine started (its own "
-            "gauge where it exports one, else hits / queries).", labels=server)
+            "gauge where it exports one, else hits / queries; 0 before any query).",
+            labels=server)
         hits = GaugeMetricFamily(
             "vllm:gpu_prefix_cache_hits_total",
             "Prefix-cache hits (tokens) the engine counted since it started.", labels=server)
@@ -234,9 +235,9 @@ class EngineGauges(Collector):
                 waiting.add_metric(labels, snapshot.waiting)
             swapped.add_metric(labels, snapshot.swapped or 0.0)
             rate = snapshot.prefix_cache_hit_rate
-            if rate is None and snapshot.prefix_cache_hits is not None \
-                    and snapshot.prefix_cache_queries:
-                rate = snapshot.prefix_cache_hits / snapshot.prefix_cache_queries
+            hit, asked = snapshot.prefix_cache_hits, snapshot.prefix_cache_queries
+            if rate is None and hit is not None and asked is not None:
+                rate = hit / asked if asked else 0.0  # no query yet: no hit either
             if rate is not None:
                 hit_rate.add_metric(labels, rate)
             if snapshot.prefix_cache_hits is not None:

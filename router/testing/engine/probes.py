@@ -14,6 +14,7 @@ __all__ = ["health", "list_models", "metrics"]
 
 
 _KV_CACHE_SLOTS = 64  # requests that would fill the fake KV cache
+_PROMPT_BLOCK_TOKENS = 32  # tokens of prefix-cache lookup per request
 
 
 def _permission(created: int, model: str) -> dict[str, object]:
@@ -78,6 +79,18 @@ async def metrics(request: web.Request) -> web.Response:
         f'vllm:request_success_total{{finished_reason="stop",{label}}} '
         f"{float(state.completed)}\n"
     )
+    if behaviour.prefix_cache:
+        # Each request queries the cache for its prompt; all but the first find half of it.
+        queried = _PROMPT_BLOCK_TOKENS * state.started
+        hits = _PROMPT_BLOCK_TOKENS // 2 * max(0, state.started - 1)
+        text += (
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in queried tokens.\n"
+            "# TYPE vllm:prefix_cache_queries_total counter\n"
+            f"vllm:prefix_cache_queries_total{{{label}}} {float(queried)}\n"
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in cached tokens.\n"
+            "# TYPE vllm:prefix_cache_hits_total counter\n"
+            f"vllm:prefix_cache_hits_total{{{label}}} {float(hits)}\n"
+        )
     return web.Response(
         body=text.encode(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
