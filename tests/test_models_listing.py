@@ -15,6 +15,7 @@ from aiohttp import web
 
 from router.backends.pool import Backend, BackendPool, model_cards
 from router.config.settings import Config, StaticBackend
+from router.stats.engine import EngineScraper, EngineStats
 from router.testing import RunningEngine, start_engine
 from router.testing.engine.state import ENGINE_CONFIG, MAX_MODEL_LEN
 
@@ -203,3 +204,27 @@ async def test_engines_is_production_stacks_list_and_its_engine_id_pins_a_reques
             health = await response.json()
     assert health["status"] == "healthy" and "routing" in health
     assert (engines[0].state.completed, target.state.completed) == (0, 3)
+
+
+async def test_the_scraper_rereads_cards_and_keeps_the_last_good_ones(
+    lora_engine: RunningEngine,
+) -> None:
+    backend = Backend(lora_engine.url, (BASE, LORA))
+    pool = BackendPool([backend])
+    async with aiohttp.ClientSession() as session:
+        scraper = EngineScraper(EngineStats(), pool, session, interval=1.0, timeout=2.0,
+                                cards_refresh=0.0)
+        await scraper.scrape_once()
+        card = pool.card(LORA)
+        assert card is not None and card["parent"] == BASE
+        # The adapter is reloaded on another base at run time: the next read sees it.
+        lora_engine.app[ENGINE_CONFIG].lora_parents[LORA] = "other-base"
+        await scraper.scrape_once()
+        card = pool.card(LORA)
+        assert card is not None and card["parent"] == "other-base"
+        # An engine that stops answering keeps the cards it gave before.
+        await lora_engine.close()
+        await scraper.scrape_once()
+        assert scraper.store.last_error(backend.id) is not None  # it was asked, and failed
+        card = pool.card(LORA)
+        assert card is not None and card["parent"] == "other-base"
