@@ -203,8 +203,9 @@ def make_app(config: Config) -> web.Application:
     stats = RequestStats(config.request_stats_window)
     health = HealthTracker(config.cb_failure_threshold, config.cb_cooldown,
                            max_ejection_percent=config.max_ejection_percent)
-    metrics = Metrics(stats, pool, health, multiprocess=config.metrics_dir is not None)
     engine_stats = EngineStats()
+    metrics = Metrics(stats, pool, health, multiprocess=config.metrics_dir is not None,
+                      engine_stats=engine_stats)
     policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
     app[CONFIG] = config
     app[LIVE_REQUESTS] = LiveRequests()

@@ -152,7 +152,7 @@ async def test_dashboard_renders_every_backend_with_its_health(
         assert row["KV cache"] == "0 %"  # scraped from the idle engine
         assert row["Running"] == "0" and row["Waiting"] == "0"
     assert page.text_by_id["total-healthy"] == "2 of 2"
-    assert page.text_by_id["total-status"] == "ok"
+    assert page.text_by_id["total-status"] == "healthy"
     assert page.text_by_id["version"] == f"v{__version__}"
     # The policy's repr looks like a tag (`<RoundRobin ...>`): it must arrive as text.
     assert page.text_by_id["total-routing"] == repr(router.app[CHOOSER].policy)

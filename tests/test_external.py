@@ -545,8 +545,8 @@ async def test_engines_health_and_metrics_show_the_provider_without_its_key(
             async with http.get(router.url + "/engines") as response:
                 text = await response.text()
             assert PROVIDER_KEY not in text and ORG not in text
-            listing: dict[str, Any] = json.loads(text)
-            return {entry["id"]: entry for entry in listing["engines"]}
+            listing: list[dict[str, Any]] = json.loads(text)
+            return {entry["id"]: entry for entry in listing}
 
         deadline = time.monotonic() + 3
         while True:
@@ -665,7 +665,7 @@ async def test_external_only_runs_with_no_local_fleet(
         async with http.get(router.url + "/ready") as response:
             assert response.status == 200
         async with http.get(router.url + "/engines") as response:
-            listed = (await response.json())["engines"]
+            listed = await response.json()
         assert [(e["id"], e["kind"]) for e in listed] == [("hosted", "external")]
         async with http.post(router.url + "/v1/chat/completions",
                              json={"model": "gpt-4o-mini", **CHAT_BODY}) as response:

@@ -594,7 +594,7 @@ async def backends(client: aiohttp.ClientSession, url: str) -> list[str]:
     async with client.get(url + "/engines") as response:
         assert response.status == 200
         listing = await response.json()
-    return sorted(engine["url"] for engine in listing["engines"])
+    return sorted(engine["url"] for engine in listing)
 
 
 async def _lists(client: aiohttp.ClientSession, url: str, expected: list[str]) -> bool:

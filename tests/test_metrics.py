@@ -29,13 +29,15 @@ from router import __version__
 from router.backends.pool import Backend, BackendPool
 from router.backends.tracker import HealthTracker
 from router.flow import Attempt, Outcome, RequestFlow
-from router.keys import METRICS
+from router.keys import CHOOSER, METRICS
 from router.observe.metrics import Metrics, error_kind
+from router.observe.process_usage import ProcessUsage
 from router.observe.usage import find_usage
+from router.stats.engine import EngineSnapshot, EngineStats
 from router.stats.requests import RequestStats
 from router.testing import RunningEngine
 
-from .conftest import Clock, CHAT, RouterUnderTest, make_flow
+from .conftest import Clock, CHAT, RouterUnderTest, StartRouter, config_for, make_flow
 from .test_usage import CHAT_JSON, CHUNK, USAGE_CHUNK, sse
 
 CHAT_PATH = "/v1/chat/completions"
@@ -616,6 +618,8 @@ PROMTOOL_ACCEPTED = (
     "metric names should not contain ':'",
     # production-stack's name for a gauge; kept so its dashboards work (docs/observability.md)
     'vllm:healthy_pods_total non-counter metrics should not have "_total" suffix',
+    'vllm:gpu_prefix_cache_hits_total non-counter metrics should not have "_total" suffix',
+    'vllm:gpu_prefix_cache_queries_total non-counter metrics should not have "_total" suffix',
 )
 
 
@@ -651,7 +655,108 @@ async def test_health_and_version_answer_json(router: RouterUnderTest) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(router.url + "/health") as response:
             assert response.status == 200
-            assert await response.json() == {"status": "ok", "backends": 2, "in_flight": 0}
+            assert await response.json() == {
+                "status": "healthy", "backends": 2, "in_flight": 0,
+                "routing": repr(router.app[CHOOSER].policy),
+            }
         async with session.get(router.url + "/version") as response:
             assert response.status == 200
             assert await response.json() == {"version": __version__}
+
+
+# --- production-stack's other names: engine figures, decoding time, the router process -------
+
+PRODUCTION_STACK_NAMES = (
+    # src/vllm_router/services/metrics_service and routers/metrics_router.py
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_requests_swapped",
+    "vllm:gpu_prefix_cache_hit_rate", "vllm:gpu_prefix_cache_hits_total",
+    "vllm:gpu_prefix_cache_queries_total", "vllm:current_qps", "vllm:avg_decoding_length",
+    "vllm:num_prefill_requests", "vllm:num_decoding_requests",
+    "vllm:num_incoming_requests_total", "vllm:healthy_pods_total", "vllm:avg_latency",
+    "vllm:avg_itl", "vllm:input_tokens_total", "vllm:output_tokens_total",
+    "vllm:request_errors_total", "vllm:request_latency_seconds_bucket",
+    "router_cpu_usage_percent", "router_memory_usage_percent", "router_disk_usage_percent",
+)
+
+
+def test_avg_decoding_length_is_the_mean_time_from_first_byte_to_end(
+    metrics: Metrics, clock: Clock
+) -> None:
+    run(metrics, clock, make_flow(A, clock.now), ttft=0.5, duration=2.5)  # decoding 2.0
+    run(metrics, clock, make_flow(A, clock.now), ttft=0.2, duration=1.2)  # decoding 1.0
+    run(metrics, clock, make_flow(A, clock.now), ttft=None, duration=3.0)  # no body: none
+    labels = {"server": A.url, "model": "m"}
+    assert value(metrics, "vllm:avg_decoding_length", **labels) == pytest.approx(1.5)
+    assert value(metrics, "vllm:avg_decoding_length", server=B.url, model="m") is None
+    clock.now += WINDOW + 1
+    assert value(metrics, "vllm:avg_decoding_length", **labels) is None
+
+
+def test_engine_gauges_come_from_the_last_scrape_of_each_engine(
+    pool: BackendPool, clock: Clock
+) -> None:
+    store = EngineStats()
+    metrics = Metrics(RequestStats(WINDOW, clock=clock), pool, clock=clock, engine_stats=store)
+    assert value(metrics, "vllm:num_requests_waiting", server=A.url) is None  # not scraped
+    store.update(A.id, EngineSnapshot(scraped_at=0.0, waiting=3.0, prefix_cache_hits=40.0,
+                                      prefix_cache_queries=160.0))
+    # vLLM V0 exports its own hit rate and the swapped requests.
+    store.update(B.id, EngineSnapshot(scraped_at=0.0, waiting=0.0, swapped=2.0,
+                                      prefix_cache_hit_rate=0.5))
+    assert value(metrics, "vllm:num_requests_waiting", server=A.url) == 3.0
+    assert value(metrics, "vllm:num_requests_waiting", server=B.url) == 0.0
+    assert value(metrics, "vllm:num_requests_swapped", server=A.url) == 0.0  # V1: no swap
+    assert value(metrics, "vllm:num_requests_swapped", server=B.url) == 2.0
+    assert value(metrics, "vllm:gpu_prefix_cache_hit_rate", server=A.url) == 0.25
+    assert value(metrics, "vllm:gpu_prefix_cache_hit_rate", server=B.url) == 0.5
+    assert value(metrics, "vllm:gpu_prefix_cache_hits_total", server=A.url) == 40.0
+    assert value(metrics, "vllm:gpu_prefix_cache_queries_total", server=A.url) == 160.0
+    assert value(metrics, "vllm:gpu_prefix_cache_hits_total", server=B.url) is None
+
+
+def test_process_usage_is_the_cpu_time_over_the_wall_time_since_the_last_sample() -> None:
+    wall, cpu = Clock(), Clock()
+    usage = ProcessUsage(clock=wall, cpu_clock=cpu)
+    wall.now += 2.0
+    cpu.now += 0.5
+    usage.sample()
+    assert usage.cpu_percent == pytest.approx(25.0)
+    wall.now += 1.0
+    cpu.now += 1.0
+    usage.sample()
+    assert usage.cpu_percent == pytest.approx(100.0)
+    assert usage.disk_percent is not None and 0.0 < usage.disk_percent <= 100.0
+    assert usage.memory_percent is not None and 0.0 < usage.memory_percent < 100.0
+
+
+async def test_every_name_production_stack_exports_has_real_values(
+    start_router: StartRouter, engines: list[RunningEngine]
+) -> None:
+    engines[0].behaviour.num_requests_waiting = 7  # before the router's first scrape
+    for engine in engines:
+        engine.behaviour.prefix_cache = True
+    router = await start_router(config_for(engines))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(router.url + CHAT_PATH, json={
+                "model": CHAT, "messages": MESSAGES, "max_tokens": 3, "stream": True,
+                "stream_options": {"include_usage": True},
+            }) as response:
+                assert response.status == 200
+                await response.read()
+        assert await post(session, router.url + CHAT_PATH, json={
+            "model": "no-such-model", "messages": MESSAGES}) == 404
+        await router.settled(3)
+        samples = await scrape(session, router)
+    missing = [name for name in PRODUCTION_STACK_NAMES if not samples.get(name)]
+    assert missing == []
+    waiting = by_label(samples["vllm:num_requests_waiting"], "server")
+    assert waiting == {(engines[0].url,): 7.0, (engines[1].url,): 0.0}
+    # The fake engines count 32 queried tokens a request, half of them hits after the first.
+    queries = by_label(samples["vllm:gpu_prefix_cache_queries_total"], "server")
+    assert set(queries) == {(engine.url,) for engine in engines}
+    decoding = by_label(samples["vllm:avg_decoding_length"], "server", "model")
+    assert all(seconds >= 0 for seconds in decoding.values()) and decoding
+    for name in ("router_memory_usage_percent", "router_disk_usage_percent"):
+        assert 0.0 < samples[name][()] <= 100.0, name
+    assert samples["router_cpu_usage_percent"][()] >= 0.0

@@ -178,7 +178,8 @@ async def test_aliases_are_resolved_and_listed(
     assert engines[0].state.last_json["model"] == CHAT
     listed = {model.id: model for model in (await client.models.list()).data}
     assert set(listed) == {*MODELS, "gpt-4o"}
-    assert listed["gpt-4o"].model_extra == {"root": CHAT}
+    assert listed["gpt-4o"].model_extra is not None
+    assert listed["gpt-4o"].model_extra["root"] == CHAT
     await router.settled(1)
 
 

@@ -192,7 +192,7 @@ async def test_fault_burst_on_every_engine_leaves_the_fleet_routable(
             assert response.status == 200
             assert (await response.json())["available_backends"] == 1
         async with session.get(router.url + "/engines") as response:
-            listing = (await response.json())["engines"]
+            listing = await response.json()
         assert sorted(len(entry["kept_by_ejection_cap"]) for entry in listing) == [0, 2]
         async with session.get(router.url + "/metrics") as response:
             assert f'router_ejection_cap_backends{{model="{CHAT}"}} 1.0' in await response.text()
@@ -223,7 +223,7 @@ async def test_engines_lists_health_load_and_scraped_figures(
         async with asyncio.timeout(3):  # the first scrape runs at start
             while True:
                 async with session.get(router.url + "/engines") as response:
-                    listing = (await response.json())["engines"]
+                    listing = await response.json()
                 if all(entry["engine"] for entry in listing):
                     break
                 await asyncio.sleep(0.02)

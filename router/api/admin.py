@@ -20,13 +20,15 @@ __all__ = ["add_routes"]
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness: cheap, true while the event loop runs."""
+    """Liveness: cheap, true while the event loop runs. `status` is production-stack's
+    `healthy`; `routing` is the policy `/engines` showed before it became a list."""
     app = request.app
     return web.json_response(
         {
-            "status": "ok",
+            "status": "healthy",
             "backends": len(app[POOL].backends),
             "in_flight": app[STATS].total_in_flight(),
+            "routing": repr(app[CHOOSER].policy),
         }
     )
 
@@ -50,10 +52,11 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__})
 
 
-async def engines(request: web.Request) -> web.Response:
-    """Every backend with its health, the router's request figures over the stats window and
-    the engine's last scraped figures (`age_s`: seconds since that scrape)."""
-    app = request.app
+def engine_entries(app: web.Application) -> list[dict[str, Any]]:
+    """`/engines`: one entry per backend. production-stack's fields first (`engine_id`, the
+    id `?id=` pins a request to; `serving_models`; `created`, when it came into the pool),
+    then ours: its health, the router's request figures over the stats window and the
+    engine's last scraped figures (`age_s`: seconds since that scrape)."""
     now = time.monotonic()
     pool = app[POOL]
     kept: dict[str, list[str]] = {}
@@ -76,6 +79,9 @@ async def engines(request: web.Request) -> web.Response:
                 "prefix_cache_queries": snapshot.prefix_cache_queries,
             }
         listing.append({
+            "engine_id": backend.id,
+            "serving_models": list(backend.models),
+            "created": int(pool.added_at(backend.id)),
             "id": backend.id,
             "kind": backend.kind,
             "source": app[RUNTIME_WORKERS].source(backend),
@@ -95,14 +101,18 @@ async def engines(request: web.Request) -> web.Response:
             "engine": engine,
             "last_scrape_error": app[ENGINE_STATS].last_error(backend.id),
         })
-    return web.json_response({
-        "routing": repr(app[CHOOSER].policy),
-        "engines": listing,
-    })
+    return listing
+
+
+async def engines(request: web.Request) -> web.Response:
+    """production-stack's shape, a JSON list (its tutorials read `.[0].engine_id`), each
+    entry carrying our fields too; the routing policy is on `/health`."""
+    return web.json_response(engine_entries(request.app))
 
 
 async def metrics(request: web.Request) -> web.Response:
     publisher = request.app[FLEET_PUBLISHER]
+    await request.app[METRICS].sample_process()
     if publisher is not None:  # --workers: every worker's figures
         body = await multiprocess.render(publisher)
     else:

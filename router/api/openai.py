@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from typing import Any
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -100,17 +101,24 @@ def without_parameter(raw_query: str, name: str) -> str:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """The union of the backends' models, with aliases (their `root` is the served model)."""
+    """The union of the backends' models, each with the card its engine gave (every field
+    kept, LoRA adapters' `parent` included), then the aliases (`root`: the served model).
+
+    A model whose engine's card is not known yet (its `/v1/models` not read yet, or an
+    external provider) gets a minimal card."""
     pool = request.app[POOL]
     created = int(time.time())
-    entries = [
-        {"id": model, "object": "model", "created": created, "owned_by": "router", "root": model}
-        for model in pool.models()
-    ]
-    entries += [
-        {"id": alias, "object": "model", "created": created, "owned_by": "router", "root": model}
-        for alias, model in pool.routable_aliases().items()
-    ]
+
+    def card_of(model: str) -> dict[str, Any]:
+        card = pool.card(model)
+        if card is None:
+            return {"id": model, "object": "model", "created": created, "owned_by": "router",
+                    "root": model, "parent": None}
+        return dict(card)
+
+    entries = [card_of(model) for model in pool.models()]
+    for alias, model in pool.routable_aliases().items():
+        entries.append({**card_of(model), "id": alias, "root": model})
     return web.json_response({"object": "list", "data": entries})
 
 

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from yarl import URL
 
-__all__ = ["Backend", "BackendKind", "BackendPool", "Overlay", "parse_url"]
+__all__ = [
+    "Backend", "BackendKind", "BackendPool", "ModelCard", "Overlay", "model_cards", "parse_url",
+]
 
 BackendKind = Literal["engine", "external"]
 Overlay = Callable[[tuple["Backend", ...]], Sequence["Backend"]]
 """Turns the set discovery gave into the set routed."""
+ModelCard = dict[str, Any]
+"""One entry of an engine's `/v1/models` `data`, every field as the engine gave it (`id`,
+`created`, `owned_by`, `root`, `parent`, `max_model_len`, `permission`...)."""
+
+
+def model_cards(answer: Any) -> dict[str, ModelCard]:
+    """The cards of a `/v1/models` answer by model id, in the engine's order; an entry
+    without a non-empty string `id` is skipped, and a repeated id keeps its first card."""
+    data = answer.get("data") if isinstance(answer, dict) else None
+    cards: dict[str, ModelCard] = {}
+    for item in data if isinstance(data, list) else ():
+        if isinstance(item, dict):
+            model = item.get("id")
+            if isinstance(model, str) and model and model not in cards:
+                cards[model] = item
+    return cards
 
 
 def backend_id(url: str) -> str:
@@ -81,6 +100,10 @@ class BackendPool:
         self._removal_listeners: list[Callable[[frozenset[str]], None]] = []
         self._discovered: tuple[Backend, ...] = ()
         self._overlay: Overlay | None = None
+        self._added: dict[str, float] = {}
+        """Backend id -> when (Unix time) it came into the pool: `/engines`' `created`."""
+        self._cards: dict[str, dict[str, ModelCard]] = {}
+        """Backend id -> its engine's model cards by model id, from its `/v1/models`."""
         self.replace(backends)
 
     def on_removed(self, listener: Callable[[frozenset[str]], None]) -> None:
@@ -119,7 +142,14 @@ class BackendPool:
             for model in backend.models:
                 by_model.setdefault(model, []).append(backend)
         self._by_model = {model: tuple(group) for model, group in by_model.items()}
-        removed = frozenset(before - {backend.id for backend in self._backends})
+        current = {backend.id for backend in self._backends}
+        now = time.time()
+        for backend_id in current:
+            self._added.setdefault(backend_id, now)
+        removed = frozenset(before - current)
+        for backend_id in removed:
+            self._added.pop(backend_id, None)
+            self._cards.pop(backend_id, None)
         if removed:
             for listener in self._removal_listeners:
                 listener(removed)
@@ -139,6 +169,24 @@ class BackendPool:
     def models(self) -> list[str]:
         """Served model names, sorted."""
         return sorted(self._by_model)
+
+    def added_at(self, backend_id: str) -> float:
+        """When (Unix time) the backend came into the pool; now for one that is not in it."""
+        return self._added.get(backend_id, time.time())
+
+    def set_cards(self, backend_id: str, cards: Mapping[str, ModelCard]) -> None:
+        """The model cards a backend's engine listed, by model id (ignored for a backend that
+        left the pool meanwhile)."""
+        if backend_id in self._added:
+            self._cards[backend_id] = dict(cards)
+
+    def card(self, model: str) -> ModelCard | None:
+        """The card of a served model from the first of its backends that listed it."""
+        for backend in self._by_model.get(model, ()):
+            card = self._cards.get(backend.id, {}).get(model)
+            if card is not None:
+                return card
+        return None
 
     def routable_aliases(self) -> dict[str, str]:
         """Aliases whose model some backend serves, sorted by alias."""

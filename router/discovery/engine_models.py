@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
+from router.backends.pool import model_cards
 from router.config.settings import K8sSettings
 from router.discovery.k8s_targets import Target
 from router.errors import AnswerTooLarge
@@ -144,11 +145,7 @@ class EngineModels:
         except (aiohttp.ClientError, OSError, ValueError, RecursionError,
                 AnswerTooLarge) as error:
             raise _ModelsError(short_error(error)) from None
-        data = body.get("data") if isinstance(body, dict) else None
-        models = tuple(dict.fromkeys(
-            item["id"] for item in (data if isinstance(data, list) else ())
-            if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]
-        ))
+        models = tuple(model_cards(body))
         if not models:
             raise _ModelsError("the answer lists no model")
         return models

@@ -18,10 +18,11 @@ from prometheus_client.registry import Collector
 from router.backends.breaker import BreakerState
 from router.backends.pool import Backend, BackendPool
 from router.backends.tracker import HealthTracker
+from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 from router.stats.window import Window
 
-__all__ = ["BREAKER_VALUES", "BackendCollector", "FleetGauges", "Slot"]
+__all__ = ["BREAKER_VALUES", "BackendCollector", "EngineGauges", "FleetGauges", "Slot"]
 
 Clock = Callable[[], float]
 
@@ -49,13 +50,15 @@ class Slot:
         """In flight, the answer is coming."""
         self.recent = Window(window)
 
-    def averages(self, now: float) -> tuple[float, float | None, float | None]:
-        """QPS, mean latency and mean inter-token latency over the window."""
+    def averages(self, now: float) -> tuple[float, float | None, float | None, float | None]:
+        """QPS, mean latency, mean inter-token latency and mean decoding time (first body
+        byte to the end) over the window."""
         total = self.recent.totals(now)
         return (
             total.started / self.recent.seconds,
             total.latency_sum / total.completed if total.completed else None,
             total.itl_sum / total.itl_count if total.itl_count else None,
+            total.decode_sum / total.decode_count if total.decode_count else None,
         )
 
 
@@ -134,6 +137,10 @@ class FleetGauges(Collector):
             "vllm:avg_itl",
             f"Mean inter-token latency (seconds) over the last {self.window} s, estimated from "
             "streamed answers with usage; absent without any.", labels=sm)
+        decoding_length = GaugeMetricFamily(
+            "vllm:avg_decoding_length",
+            f"Mean seconds from the backend's first body byte to the end of the answer over "
+            f"the last {self.window} s; absent without any.", labels=sm)
         healthy = GaugeMetricFamily(
             "vllm:healthy_pods_total",
             "1 when the backend takes requests (probe and breaker agree), else 0; one series "
@@ -169,16 +176,72 @@ class FleetGauges(Collector):
             running.add_metric(labels, slot.prefill + slot.decoding)
             prefill.add_metric(labels, slot.prefill)
             decoding.add_metric(labels, slot.decoding)
-            rate, avg_latency, avg_itl = slot.averages(now)
+            rate, avg_latency, avg_itl, avg_decoding = slot.averages(now)
             qps.add_metric(labels, rate)
             if avg_latency is not None:
                 latency.add_metric(labels, avg_latency)
             if avg_itl is not None:
                 itl.add_metric(labels, avg_itl)
-        yield from (running, prefill, decoding, qps, latency, itl, healthy, breaker, capped)
+            if avg_decoding is not None:
+                decoding_length.add_metric(labels, avg_decoding)
+        yield from (running, prefill, decoding, qps, latency, itl, decoding_length, healthy,
+                    breaker, capped)
 
     def _health_of(self, backend: Backend) -> tuple[bool, str]:
         if self.health is None:
             return True, BreakerState.CLOSED.value
         state = self.health.state(backend.id)
         return state.available, state.breaker
+
+
+class EngineGauges(Collector):
+    """What the engines said about themselves at their last scrape (`router.stats.engine`),
+    under production-stack's names, one series per engine (`server`, its URL): the figures
+    are the engine's, whatever model the requests were for. An engine not scraped yet, or
+    an external provider, has no series."""
+
+    def __init__(self, pool: BackendPool, engine_stats: EngineStats) -> None:
+        self.pool = pool
+        self.engine_stats = engine_stats
+
+    def collect(self) -> Iterator[Metric]:
+        server = ["server"]
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Requests waiting in the engine's queue, from its last /metrics scrape.",
+            labels=server)
+        swapped = GaugeMetricFamily(
+            "vllm:num_requests_swapped",
+            "Requests swapped out to CPU, from the engine's last scrape (0 for an engine that "
+            "does not report it: vLLM V1 does not swap).", labels=server)
+        hit_rate = GaugeMetricFamily(
+            "vllm:gpu_prefix_cache_hit_rate",
+            "Share of prefix-cache queries that hit, since the engine started (its own "
+            "gauge where it exports one, else hits / queries; 0 before any query).",
+            labels=server)
+        hits = GaugeMetricFamily(
+            "vllm:gpu_prefix_cache_hits_total",
+            "Prefix-cache hits (tokens) the engine counted since it started.", labels=server)
+        queries = GaugeMetricFamily(
+            "vllm:gpu_prefix_cache_queries_total",
+            "Prefix-cache queries (tokens) the engine counted since it started.",
+            labels=server)
+        for backend in self.pool.backends:
+            snapshot = self.engine_stats.get(backend.id)
+            if snapshot is None:
+                continue
+            labels = [backend.url]
+            if snapshot.waiting is not None:
+                waiting.add_metric(labels, snapshot.waiting)
+            swapped.add_metric(labels, snapshot.swapped or 0.0)
+            rate = snapshot.prefix_cache_hit_rate
+            hit, asked = snapshot.prefix_cache_hits, snapshot.prefix_cache_queries
+            if rate is None and hit is not None and asked is not None:
+                rate = hit / asked if asked else 0.0  # no query yet: no hit either
+            if rate is not None:
+                hit_rate.add_metric(labels, rate)
+            if snapshot.prefix_cache_hits is not None:
+                hits.add_metric(labels, snapshot.prefix_cache_hits)
+            if snapshot.prefix_cache_queries is not None:
+                queries.add_metric(labels, snapshot.prefix_cache_queries)
+        yield from (waiting, swapped, hit_rate, hits, queries)

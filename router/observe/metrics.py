@@ -25,6 +25,8 @@ exposition for ever.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,14 +35,17 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from router.backends.pool import Backend, BackendPool
 from router.backends.tracker import HealthTracker
 from router.flow import Outcome, RequestFlow
 from router.observe.connect_timing import TimedConnector
 from router.observe.families import Families
-from router.observe.gauges import BackendCollector, FleetGauges, Slot
+from router.observe.gauges import BackendCollector, EngineGauges, FleetGauges, Slot
+from router.observe.process_usage import ProcessUsage
 from router.observe.usage import usage_of
+from router.stats.engine import EngineStats
 from router.stats.requests import RequestStats
 
 __all__ = ["Metrics", "error_kind"]
@@ -79,8 +84,10 @@ class Metrics:
     """Subscriber: the router's Prometheus metrics; owns the app's registry.
 
     `health` gives the breaker states and `vllm:healthy_pods_total` (without it every backend
-    counts as healthy and all breakers read closed). The proxy's session opens its connections
-    through `connector()`, for `router_upstream_connect_seconds`.
+    counts as healthy and all breakers read closed); `engine_stats`, the engines' own figures
+    (`vllm:num_requests_waiting`, the prefix cache). The proxy's session opens its
+    connections through `connector()`, for `router_upstream_connect_seconds`. Call
+    `sample_process()` before a scrape for the `router_*_usage_percent` gauges.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class Metrics:
         clock: Clock = time.monotonic,
         retention: float = 300.0,
         multiprocess: bool = False,
+        engine_stats: EngineStats | None = None,
     ) -> None:
         self.pool = pool
         self.health = health
@@ -190,7 +198,12 @@ class Metrics:
         families.register()
         registry.register(BackendCollector(stats, pool))
         self._fleet = FleetGauges(pool, health, self._slots, self.window, clock)
-        registry.register(self._fleet)
+        self.process = ProcessUsage()
+        self._gauges: list[Collector] = [self._fleet, self.process]
+        if engine_stats is not None:
+            self._gauges.append(EngineGauges(pool, engine_stats))
+        for collector in self._gauges:
+            registry.register(collector)
 
     # -- labels --
 
@@ -282,6 +295,9 @@ class Metrics:
         bucket = slot.recent.bucket(self._clock())
         bucket.completed += 1
         bucket.latency_sum += duration or 0.0
+        if flow.t_first_byte is not None and duration is not None:
+            bucket.decode_sum += max(0.0, duration - (flow.t_first_byte - flow.t_start))
+            bucket.decode_count += 1
         usage = usage_of(flow)
         if usage is None:
             return
@@ -327,8 +343,14 @@ class Metrics:
     # -- scrape time --
 
     def collect_fleet(self) -> Iterator[Metric]:
-        """The per-(server, model) gauges, breaker states and health, computed now."""
-        return self._fleet.collect()
+        """Every gauge, computed now: per (server, model), breaker states and health, the
+        engines' own figures and the process's use of CPU, memory and disk."""
+        return itertools.chain.from_iterable(gauges.collect() for gauges in self._gauges)
+
+    async def sample_process(self) -> None:
+        """Read the process's CPU, memory and disk use, in a thread (`/proc` and the file
+        system may block)."""
+        await asyncio.to_thread(self.process.sample)
 
     def _prune(self, now: float) -> None:
         """Forget servers gone from the pool for `retention` seconds with nothing in flight."""

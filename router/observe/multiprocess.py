@@ -6,8 +6,8 @@ the mode from `Config.metrics_dir` (`router.config.load` reads the variable); pr
 reads the variable itself when imported, which is why the supervisor starts its workers with
 it in their environment. The fleet gauges (in flight, QPS, averages, health, breakers) are
 computed from a process's own state, so each worker publishes its figures into multiprocess
-gauges every second, and a scrape adds them up (in flight, QPS) or takes the worst (health,
-breakers).
+gauges every second, and a scrape adds them up (in flight, QPS, each worker's CPU and memory)
+or takes the worst (health, breakers; the engines' figures, which every worker scrapes).
 """
 
 from __future__ import annotations
@@ -30,6 +30,15 @@ MODES: dict[str, Mode] = {
     "vllm:current_qps": "livesum",
     "vllm:avg_latency": "livemax",
     "vllm:avg_itl": "livemax",
+    "vllm:avg_decoding_length": "livemax",
+    "vllm:num_requests_waiting": "livemax",
+    "vllm:num_requests_swapped": "livemax",
+    "vllm:gpu_prefix_cache_hit_rate": "livemax",
+    "vllm:gpu_prefix_cache_hits_total": "livemax",
+    "vllm:gpu_prefix_cache_queries_total": "livemax",
+    "router_cpu_usage_percent": "livesum",
+    "router_memory_usage_percent": "livesum",
+    "router_disk_usage_percent": "livemax",
     "vllm:healthy_pods_total": "livemin",
     "router_breaker_state": "livemax",
     "router_ejection_cap_backends": "livemax",
@@ -58,15 +67,17 @@ class FleetPublisher:
                         family.name, family.documentation, list(sample.labels),
                         multiprocess_mode=MODES.get(family.name, "livesum"), registry=None,
                     )
-                gauge.labels(*labels).set(sample.value)
+                (gauge.labels(*labels) if labels else gauge).set(sample.value)
                 seen.add(labels)
             if gauge is not None:
                 for gone in self._published.get(family.name, set()) - seen:
-                    gauge.remove(*gone)
+                    if gone:
+                        gauge.remove(*gone)
             self._published[family.name] = seen
 
     async def run(self) -> None:
         while True:
+            await self._metrics.sample_process()
             self.publish()
             await asyncio.sleep(PUBLISH_INTERVAL)
 

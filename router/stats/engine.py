@@ -1,6 +1,8 @@
-"""What the engines report about themselves: the last figures scraped from each `/metrics`.
+"""What the engines report about themselves: the last figures scraped from each `/metrics`,
+and the model cards of each `/v1/models`.
 
-`EngineStats` is the store policies read (`get(backend_id)`); `EngineScraper` fills it.
+`EngineStats` is the store policies read (`get(backend_id)`); `EngineScraper` fills it, and
+keeps the pool's model cards (`BackendPool.set_cards`) fresh for the router's `/v1/models`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 
-from router.backends.pool import Backend, BackendPool
+from router.backends.pool import Backend, BackendPool, model_cards
 from router.errors import AnswerTooLarge, failure_detail
-from router.proxy.upstream_read import chunks_bounded
+from router.proxy.upstream_read import chunks_bounded, loads_stepwise, read_bounded
 
 __all__ = [
     "EngineSnapshot", "EngineStats", "EngineScraper", "MetricsParser", "parse_engine_metrics",
 ]
 
 log = logging.getLogger("router.stats.engine")
+
+CARDS_REFRESH = 30.0
+"""Seconds between two reads of an engine's `/v1/models` (LoRA adapters come and go at run
+time); an engine whose cards are not known yet is asked at every scrape."""
+MAX_MODELS_ANSWER = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +42,14 @@ class EngineSnapshot:
     """`vllm:num_requests_running`, summed over the engine's models."""
     waiting: float | None = None
     """`vllm:num_requests_waiting`, summed over the engine's models."""
+    swapped: float | None = None
+    """`vllm:num_requests_swapped` (vLLM V0 only: V1 does not swap)."""
     kv_cache_usage: float | None = None
     """`vllm:kv_cache_usage_perc` (older vLLM: `vllm:gpu_cache_usage_perc`), 0..1."""
     prefix_cache_hits: float | None = None
     prefix_cache_queries: float | None = None
+    prefix_cache_hit_rate: float | None = None
+    """`vllm:gpu_prefix_cache_hit_rate`, which only vLLM V0 exports (V1: hits / queries)."""
     scrape_duration: float | None = None
     """Seconds the request and the parse took; vLLM answers `/metrics` on the same event loop
     as the API, so a slow scrape is an early sign of a saturated API server."""
@@ -54,6 +65,8 @@ class EngineSnapshot:
 _SERIES: dict[str, tuple[str, int]] = {
     "vllm:num_requests_running": ("running", 0),
     "vllm:num_requests_waiting": ("waiting", 0),
+    "vllm:num_requests_swapped": ("swapped", 0),
+    "vllm:gpu_prefix_cache_hit_rate": ("prefix_cache_hit_rate", 0),
     "vllm:kv_cache_usage_perc": ("kv_cache_usage", 0),
     "vllm:gpu_cache_usage_perc": ("kv_cache_usage", 1),
     "vllm:prefix_cache_hits_total": ("prefix_cache_hits", 0),
@@ -65,7 +78,7 @@ _SERIES: dict[str, tuple[str, int]] = {
     "vllm:gpu_prefix_cache_queries_total": ("prefix_cache_queries", 2),
     "vllm:gpu_prefix_cache_queries": ("prefix_cache_queries", 3),
 }
-_AVERAGED = frozenset({"kv_cache_usage"})
+_AVERAGED = frozenset({"kv_cache_usage", "prefix_cache_hit_rate"})
 """Fields that are a share of one engine's cache: several label sets (data-parallel engines,
 each with its own cache) are averaged, where request counts add up."""
 
@@ -190,11 +203,16 @@ class EngineScraper:
     whole body), and `max_size` bytes of body; past either it is a failed scrape and the
     connection is closed. The page is parsed as it arrives (`MetricsParser`).
 
+    Every `cards_refresh` seconds it also reads each engine's `/v1/models` (same timeout, at
+    most `MAX_MODELS_ANSWER` bytes) into the pool's model cards; a failed read keeps the cards
+    the engine gave before. Nobody waits for either: a request never does.
+
     The owner runs `run()` as a task and cancels it before closing `session`."""
 
     def __init__(
         self, store: EngineStats, pool: BackendPool, session: aiohttp.ClientSession,
         interval: float, timeout: float, max_size: int = 16 * 1024 * 1024,
+        cards_refresh: float = CARDS_REFRESH,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -202,6 +220,9 @@ class EngineScraper:
         self.interval = interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_size = max_size
+        self.cards_refresh = cards_refresh
+        self._cards_read_at: dict[str, float] = {}
+        """Backend id -> `time.monotonic()` of its last good `/v1/models` read."""
 
     async def run(self) -> None:
         """Scrape, sleep, repeat until cancelled."""
@@ -212,14 +233,35 @@ class EngineScraper:
     async def scrape_once(self) -> None:
         """Scrape all engines concurrently; failures are recorded in the store, not raised.
         External providers have no `/metrics` to scrape."""
-        await asyncio.gather(*(
-            self._scrape(backend) for backend in self.pool.backends
-            if backend.kind == "engine"
-        ))
+        engines = [backend for backend in self.pool.backends if backend.kind == "engine"]
+        now = time.monotonic()
+        due = [backend for backend in engines
+               if now - self._cards_read_at.get(backend.id, -math.inf) >= self.cards_refresh]
+        await asyncio.gather(*(self._scrape(backend) for backend in engines),
+                             *(self._read_cards(backend) for backend in due))
         # Read the pool again: a backend removed while we were scraping it goes too.
         current = {backend.id for backend in self.pool.backends}
         for backend_id in self.store.backend_ids() - current:
             self.store.forget(backend_id)
+        for backend_id in self._cards_read_at.keys() - current:
+            del self._cards_read_at[backend_id]
+
+    async def _read_cards(self, backend: Backend) -> None:
+        try:
+            async with self.session.get(
+                backend.url + "/v1/models", timeout=self.timeout,
+                headers={"Accept": "application/json"}, allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    raise _ScrapeError(f"HTTP {response.status}")
+                raw = await read_bounded(response, MAX_MODELS_ANSWER, "/v1/models")
+            cards = model_cards(await loads_stepwise(raw))
+        except Exception as exc:  # the cards it gave before stay; asked again next scrape
+            log.debug("engine stats: reading the models of backend %s (%s) failed: %s",
+                      backend.id, backend.url, _describe(exc, self.timeout.total))
+            return
+        self._cards_read_at[backend.id] = time.monotonic()
+        self.pool.set_cards(backend.id, cards)
 
     async def _scrape(self, backend: Backend) -> None:
         started = time.monotonic()

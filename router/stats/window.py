@@ -16,7 +16,7 @@ class Bucket:
     """What happened in one second (or, from `Window.totals`, over the whole window)."""
 
     __slots__ = ("second", "started", "completed", "ttft_sum", "ttft_count", "latency_sum",
-                 "itl_sum", "itl_count")
+                 "itl_sum", "itl_count", "decode_sum", "decode_count")
 
     def __init__(self, second: int = 0) -> None:
         self.second = second
@@ -27,6 +27,9 @@ class Bucket:
         self.latency_sum = 0.0
         self.itl_sum = 0.0
         self.itl_count = 0
+        self.decode_sum = 0.0
+        """Seconds from the first body byte to the end, of answers that had one."""
+        self.decode_count = 0
 
 
 class Window:
@@ -56,6 +59,8 @@ class Window:
             total.latency_sum += bucket.latency_sum
             total.itl_sum += bucket.itl_sum
             total.itl_count += bucket.itl_count
+            total.decode_sum += bucket.decode_sum
+            total.decode_count += bucket.decode_count
         return total
 
     def __len__(self) -> int:

@@ -46,7 +46,7 @@ def test_models_and_engines_come_from_the_real_fleet(fleet: Fleet) -> None:
     assert {model.id for model in client(fleet).models.list()} == {MODEL, WHISPER}
 
     def scraped() -> None:
-        listing = json.loads(get_text(fleet.router + "/engines"))["engines"]
+        listing = json.loads(get_text(fleet.router + "/engines"))
         assert {engine["url"] for engine in listing} == {*fleet.engines, fleet.whisper}
         for engine in listing:
             assert engine["healthy"] and engine["last_scrape_error"] is None, engine

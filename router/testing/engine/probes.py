@@ -14,22 +14,37 @@ __all__ = ["health", "list_models", "metrics"]
 
 
 _KV_CACHE_SLOTS = 64  # requests that would fill the fake KV cache
+_PROMPT_BLOCK_TOKENS = 32  # tokens of prefix-cache lookup per request
+
+
+def _permission(created: int, model: str) -> dict[str, object]:
+    return {
+        "id": f"modelperm-{model}", "object": "model_permission", "created": created,
+        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+        "organization": "*", "group": None, "is_blocking": False,
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """vLLM's cards: a base model's `root` is where its weights came from (here: its name)
+    and it has a `max_model_len`; a LoRA adapter's `root` is the adapter's path, its
+    `parent` the base model, and it has no `max_model_len`."""
     created = int(time.time())
-    data = [
-        {
+    config = request.app[ENGINE_CONFIG]
+    data = []
+    for model in config.models:
+        parent = config.lora_parents.get(model)
+        data.append({
             "id": model,
             "object": "model",
             "created": created,
             "owned_by": "vllm",
-            "root": model,
-            "parent": None,
-            "max_model_len": MAX_MODEL_LEN,
-        }
-        for model in request.app[ENGINE_CONFIG].models
-    ]
+            "root": f"/adapters/{model}" if parent else model,
+            "parent": parent,
+            "max_model_len": None if parent else MAX_MODEL_LEN,
+            "permission": [_permission(created, model)],
+        })
     return json_reply({"object": "list", "data": data})
 
 
@@ -64,6 +79,18 @@ async def metrics(request: web.Request) -> web.Response:
         f'vllm:request_success_total{{finished_reason="stop",{label}}} '
         f"{float(state.completed)}\n"
     )
+    if behaviour.prefix_cache:
+        # Each request queries the cache for its prompt; all but the first find half of it.
+        queried = _PROMPT_BLOCK_TOKENS * state.started
+        hits = _PROMPT_BLOCK_TOKENS // 2 * max(0, state.started - 1)
+        text += (
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in queried tokens.\n"
+            "# TYPE vllm:prefix_cache_queries_total counter\n"
+            f"vllm:prefix_cache_queries_total{{{label}}} {float(queried)}\n"
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in cached tokens.\n"
+            "# TYPE vllm:prefix_cache_hits_total counter\n"
+            f"vllm:prefix_cache_hits_total{{{label}}} {float(hits)}\n"
+        )
     return web.Response(
         body=text.encode(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},

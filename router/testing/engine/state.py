@@ -55,6 +55,9 @@ class EngineBehaviour:
     """Keep the `x-request-id` of every proxied request in `EngineState.request_ids`."""
     kv_cache_usage: float | None = None
     num_requests_waiting: int = 0
+    prefix_cache: bool = False
+    """Export vLLM's prefix-cache counters on `/metrics` (32 queried tokens a request, half
+    of them hits after the first)."""
 
 
 @dataclass
@@ -107,6 +110,9 @@ class EngineConfig:
     models: tuple[str, ...]
     name: str
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    lora_parents: dict[str, str] = field(default_factory=dict)
+    """Models that are LoRA adapters -> their base model, as `/v1/models` shows them
+    (`parent`); tests set it."""
 
     def next_id(self, prefix: str) -> str:
         return f"{prefix}-{self.name}-{next(self.ids)}"
