@@ -69,7 +69,7 @@ async def test_post_workers_learns_the_models_and_routes_to_the_new_engine(
         served = {await chat(session, router.url) for _ in range(6)}
         assert new_id in served
         async with session.get(router.url + "/engines") as response:
-            sources = {e["url"]: e["source"] for e in (await response.json())["engines"]}
+            sources = {e["url"]: e["source"] for e in await response.json()}
         assert sources == {first.url: "static", second.url: "runtime"}
         async with session.get(router.url + "/workers/" + quote(second.url, safe="")) as response:
             assert response.status == 200
