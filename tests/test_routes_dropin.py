@@ -6,10 +6,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from router.app import make_app
 
 from router.backends.pool import backend_id
 from router.testing import RunningEngine
@@ -182,5 +188,38 @@ async def test_engine_admin_calls_need_a_key_when_keys_are_set(
         assert [engine.state.sleep_level for engine in engines] == [0, 0]
         async with session.post(router.url + "/sleep",
                                 headers={"Authorization": "Bearer k"}) as response:
+            assert response.status == 200
+        assert [engine.state.sleep_level for engine in engines] == [1, 1]
+
+
+def this_host_address() -> str | None:
+    """An address of this host other than loopback, if it has one (no packet is sent)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 9))
+        address: str = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+async def test_without_keys_only_this_host_may_put_engines_to_sleep(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], engines: list[RunningEngine]
+) -> None:
+    address = this_host_address()
+    if address is None:
+        pytest.skip("this host has no address but loopback")
+    server = await aiohttp_server(make_app(config_for(engines)), host="0.0.0.0")
+    async with aiohttp.ClientSession() as session:
+        remote = f"http://{address}:{server.port}"
+        async with session.post(remote + "/sleep") as response:
+            assert response.status == 403
+            assert (await response.json())["error"]["code"] == "forbidden"
+        async with session.get(remote + "/is_sleeping") as response:
+            assert response.status == 200  # reading is open
+        assert [engine.state.sleep_level for engine in engines] == [0, 0]
+        async with session.post(f"http://127.0.0.1:{server.port}/sleep") as response:
             assert response.status == 200
         assert [engine.state.sleep_level for engine in engines] == [1, 1]

@@ -13,12 +13,15 @@ Hosted providers (`--external-providers`) are never called.
 
 These are router-local calls, not proxied requests: they take no admission slot and count
 in no request metric (like `/engines`). With API keys configured they need a key, with or
-without `--protect-admin`: putting the fleet to sleep is not for anonymous callers.
+without `--protect-admin`. Without keys, `/sleep` and `/wake_up` are taken from this host
+(a loopback client) only, as the worker API's changes are: with no key to tell callers
+apart, any client could put the whole fleet to sleep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from typing import Any
@@ -29,8 +32,8 @@ from aiohttp import web
 from router.api.middleware import expect_handler, request_id
 from router.api.openai import without_parameter
 from router.backends.pool import Backend
-from router.errors import AnswerTooLarge, BadRequest, error_response, shorten
-from router.keys import CLIENT_SESSION, POOL, UPSTREAM_AUTH
+from router.errors import AnswerTooLarge, BadRequest, RouterError, error_response, shorten
+from router.keys import API_KEYS, CLIENT_SESSION, POOL, UPSTREAM_AUTH
 from router.proxy.upstream_read import read_bounded
 
 __all__ = ["ENGINE_CALLS", "add_routes"]
@@ -39,10 +42,24 @@ log = logging.getLogger("router.admin")
 
 ENGINE_CALLS = {"/sleep": "POST", "/wake_up": "POST", "/is_sleeping": "GET"}
 """vLLM's admin paths and their methods."""
+CHANGING = frozenset({"/sleep", "/wake_up"})
 MAX_ANSWER = 64 * 1024
 """Bytes of one engine's answer read (these answers are a few bytes)."""
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=10)
 """Sleeping offloads or drops the weights and waking reloads them: it can take minutes."""
+
+
+class EngineCallForbidden(RouterError):
+    status = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+def from_this_host(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:  # a Unix socket (no address): not a network caller
+        return not request.remote
 
 
 async def call_engine(
@@ -83,6 +100,10 @@ def listed(backend: Backend, status: int, body: bytes) -> dict[str, Any]:
 
 
 async def engine_call(request: web.Request, path: str, method: str) -> web.StreamResponse:
+    if path in CHANGING and not request.app[API_KEYS].enabled and not from_this_host(request):
+        return error_response(EngineCallForbidden(
+            f"without --api-keys, {path} is accepted from this host only; set --api-keys to "
+            "call it from elsewhere"), request_id(request))
     engines = [b for b in request.app[POOL].backends if b.kind == "engine"]
     raw_query = request.rel_url.raw_query_string
     chosen = request.query.get("id") if raw_query else None
