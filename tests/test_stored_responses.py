@@ -61,15 +61,41 @@ async def test_a_streamed_response_is_found_again(
     await router.settled(4)
 
 
-async def test_unknown_id_is_a_404_unless_the_client_names_the_engine(
+async def test_an_id_the_router_forgot_is_looked_for_on_every_engine(
+    router: RouterUnderTest, engines: list[RunningEngine]
+) -> None:
+    client = client_for(router)
+    made = [await client.responses.create(model=CHAT, input=f"q{n}") for n in range(2)]
+    homes = router.app[RESPONSE_HOMES]
+    for response in made:  # as after a restart, or when made through another replica
+        homes.forget(response.id)
+    for response in made:  # every second one would miss without the lookup
+        assert (await client.responses.retrieve(response.id)).id == response.id
+    owner = next(engine for engine in engines if made[0].id in engine.state.responses)
+    home = homes.home_of(made[0].id)
+    assert home is not None and home.backend_id == backend_id(owner.url)  # remembered
+
+    homes.forget(made[1].id)
+    for _ in range(2):  # a conversation finds its engine too
+        follow = await client.responses.create(model=CHAT, input="more",
+                                               previous_response_id=made[1].id)
+        assert follow.status == "completed"
+
+    started = [engine.state.started for engine in engines]
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await client.responses.delete("resp-nowhere")
+    assert unknown.value.body["code"] == "response_not_found"  # type: ignore[index]
+    # Only the read-only question reached the engines: each was asked once, none got a DELETE.
+    assert [engine.state.started for engine in engines] == [n + 1 for n in started]
+    assert all(engine.state.last_path == "/v1/responses/resp-nowhere" for engine in engines)
+    await router.settled(2 + 2 + 2 + 1)
+
+
+async def test_the_client_can_name_the_engine(
     router: RouterUnderTest, engines: list[RunningEngine]
 ) -> None:
     client = client_for(router)
     made = await client.responses.create(model=CHAT, input="hi")
-    router.app[RESPONSE_HOMES].forget(made.id)  # as after a restart, or on another replica
-    with pytest.raises(openai.NotFoundError) as unknown:
-        await client.responses.retrieve(made.id)
-    assert "?id=<backend id>" in unknown.value.message
     owner = next(engine for engine in engines if made.id in engine.state.responses)
     async with aiohttp.ClientSession() as session:
         url = f"{router.url}/v1/responses/{made.id}?id={backend_id(owner.url)}"
@@ -77,7 +103,7 @@ async def test_unknown_id_is_a_404_unless_the_client_names_the_engine(
             assert response.status == 200
             assert (await response.json())["id"] == made.id
     assert owner.state.last_path == f"/v1/responses/{made.id}"  # `id` is the router's
-    await router.settled(3)
+    await router.settled(2)
 
 
 def test_the_id_is_read_from_json_and_from_a_stream_head() -> None:

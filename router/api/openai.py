@@ -43,7 +43,7 @@ async def read_json(request: web.Request, flow: RequestFlow) -> InboundRequest:
         request, app[POOL], config.max_json_body_size, config.client_body_timeout,
         rewriting(app[REWRITER], flow), config.max_inflate_ratio,
     )
-    pin_follow_up(app, flow.endpoint, inbound)
+    await pin_follow_up(request, flow.endpoint, inbound)
     return inbound
 
 

@@ -8,7 +8,7 @@ keeps the newest `capacity` ids. It is a request-events subscriber; the request 
 (`home_of`), like the health tracker.
 
 It is per router process: replicas (or `--workers`) do not share it, and a restart forgets
-it. A client can still reach a response the router does not know with `?id=<backend id>`.
+it; `router.api.stored_responses` looks an unknown id up on the engines.
 """
 
 from __future__ import annotations
