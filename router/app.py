@@ -12,11 +12,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from router import batch
-from router.api import admin, dashboard, openai, workers
+from router.api import admin, dashboard, engine_admin, openai, workers
 from router.api.auth import ApiKeys, auth_middleware
 from router.api.middleware import guard, json_errors
 from router.backends.pool import BackendPool
 from router.backends.prober import HealthProber
+from router.backends.response_homes import ResponseHomes
 from router.backends.tracker import HealthTracker
 from router.config.settings import Config
 from router.discovery.external import external_backends
@@ -28,7 +29,7 @@ from router.flow import Outcome
 from router.keys import (
     ADMISSION, API_KEYS, BATCHES, CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS,
     FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, PLUGINS, POOL, PREFILL_HOP, RATE_LIMITER,
-    RETRY_BUDGET, REWRITER, RUNTIME_WORKERS, STATS, UPSTREAM_AUTH,
+    RESPONSE_HOMES, RETRY_BUDGET, REWRITER, RUNTIME_WORKERS, STATS, UPSTREAM_AUTH,
 )
 from router.observe.access_log import AccessLog
 from router.observe.metrics import Metrics
@@ -235,7 +236,8 @@ def make_app(config: Config) -> web.Application:
     app[HEALTH] = health
     app[CHOOSER] = BackendChooser(pool, policy, health)
     # AccessLog after Metrics: it reuses the usage Metrics parsed from the flow's tail.
-    app[EVENTS] = RequestEvents([stats, health, metrics, AccessLog(), policy])
+    app[RESPONSE_HOMES] = homes = ResponseHomes()
+    app[EVENTS] = RequestEvents([stats, health, metrics, AccessLog(), policy, homes])
     if (plugins_host := app[PLUGINS]) is not None:
         plugins_host.subscribe(app[EVENTS])
     if config.otel_endpoint:  # without it OpenTelemetry is never imported
@@ -268,6 +270,7 @@ def make_app(config: Config) -> web.Application:
         app.cleanup_ctx.append(log_stats)
     openai.add_routes(app)
     admin.add_routes(app)
+    engine_admin.add_routes(app)
     dashboard.add_routes(app)
     workers.add_routes(app)
     return app

@@ -26,6 +26,7 @@ __all__ = [
     "InternalError",
     "BadRequest",
     "ModelNotFound",
+    "ResponseNotFound",
     "PayloadTooLarge",
     "UnsupportedEncoding",
     "Unauthorized",
@@ -95,6 +96,20 @@ class ModelNotFound(RouterError):
     status = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ResponseNotFound(RouterError):
+    """A stored response the router does not know the engine of."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
+class Forbidden(RouterError):
+    status = 403
+    error_type = "permission_error"
+    code = "forbidden"
 
 
 class Unauthorized(RouterError):

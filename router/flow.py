@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
     from router.backends.pool import Backend
 
-__all__ = ["Outcome", "Attempt", "Usage", "RequestFlow", "TAIL_BYTES", "MAX_BODY"]
+__all__ = ["Outcome", "Attempt", "Usage", "RequestFlow", "HEAD_BYTES", "TAIL_BYTES", "MAX_BODY"]
+
+HEAD_BYTES = 1024
+"""How much of the start of a response body the proxy keeps (`RequestFlow.head`): where an
+answer's `id` is (a stored response's, for the follow-ups that must reach its engine)."""
 
 TAIL_BYTES = 4096
 """How much of the end of a response body the proxy keeps (`RequestFlow.tail`): where the
@@ -94,6 +98,8 @@ class RequestFlow:
     upstream connection that the client library's own read timeout misses)."""
     writing_since: float | None = None
     """While a write to the client waits (the client is not reading), since when."""
+    head: bytes = b""
+    """The first `HEAD_BYTES` of the response body (set before `on_response`)."""
     tail: bytes = b""
     """The last few KiB of the response body, where the `usage` object is (for metrics)."""
     parsed_usage: tuple[Usage | None] | None = None

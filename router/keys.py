@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from router.api.auth import ApiKeys
     from router.backends.pool import BackendPool
+    from router.backends.response_homes import ResponseHomes
     from router.backends.tracker import HealthTracker
     from router.batch.batches import Batches
     from router.config.settings import Config
@@ -36,7 +37,7 @@ __all__ = [
     "CONFIG", "POOL", "HEALTH", "CHOOSER", "EVENTS", "STATS", "ENGINE_STATS",
     "METRICS", "CLIENT_SESSION", "LIVE_REQUESTS", "UPSTREAM_AUTH", "API_KEYS", "ADMISSION",
     "RATE_LIMITER", "FLEET_PUBLISHER", "PLUGINS", "REWRITER", "BATCHES", "PREFILL_HOP",
-    "RETRY_BUDGET", "RUNTIME_WORKERS",
+    "RETRY_BUDGET", "RESPONSE_HOMES", "RUNTIME_WORKERS",
 ]
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
@@ -68,5 +69,7 @@ REWRITER: web.AppKey[RequestRewriter | None] = web.AppKey("rewriter")
 """None without --request-rewriter."""
 CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
 """The one session (and connection pool) for every backend call; owned by a cleanup_ctx."""
+RESPONSE_HOMES: web.AppKey[ResponseHomes] = web.AppKey("response_homes")
+"""Which backend stored each `/v1/responses` answer (`router.backends.response_homes`)."""
 BATCHES: web.AppKey[Batches] = web.AppKey("batches")
 """Only with --enable-batch-api: the files, the batches and their runners."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
 from yarl import URL
 
-from router.api.workers import from_this_host
+from router.api.auth import from_this_host
 from router.backends.pool import Backend, BackendPool
 from router.config.settings import StaticBackend
 from router.discovery.runtime import RuntimeWorkers

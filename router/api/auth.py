@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 
@@ -16,7 +17,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from router.api.middleware import request_id
-from router.errors import Unauthorized, error_response
+from router.errors import Forbidden, Unauthorized, error_response
+from router.keys import API_KEYS
 
 __all__ = ["ApiKeys", "OPEN_PATHS", "ADMIN_PATHS", "auth_middleware", "bearer_token"]
 
@@ -92,3 +94,19 @@ def auth_middleware(
         )
 
     return check_api_key
+
+
+def from_this_host(request: web.BaseRequest) -> bool:
+    """Whether the caller is a loopback client (or a Unix socket, which has no address)."""
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return not request.remote
+
+
+def require_key_or_this_host(request: web.Request, refusal: str) -> None:
+    """For calls that change the fleet (add an engine, put one to sleep): without API keys
+    there is no telling callers apart, so only this host may make them; `Forbidden` with
+    `refusal` for anyone else."""
+    if not request.app[API_KEYS].enabled and not from_this_host(request):
+        raise Forbidden(refusal)

@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 from aiohttp import web
 
 from router.api.limits import openai_errors, spend_rate_limit
 from router.api.middleware import expect_handler, request_id
+from router.api.stored_responses import pin_follow_up, read_stored
+from router.backends.response_homes import CANCEL, STORED
 from router.flow import RequestFlow
 from router.keys import ADMISSION, CONFIG, LIVE_REQUESTS, POOL, REWRITER
 from router.proxy.dispatch import dispatch
 from router.proxy.inbound import (
-    JSON_ENDPOINTS, MULTIPART_ENDPOINTS, InboundRequest, read_json_request, rewriting,
+    JSON_ENDPOINTS, LIVE_JSON_ENDPOINTS, UPLOAD_FIELDS, InboundRequest, read_json_request,
+    rewriting,
 )
 from router.proxy.multipart import read_multipart_request
 from router.proxy.sinks import ClientSink
@@ -29,23 +33,33 @@ from router.proxy.sinks import ClientSink
 __all__ = ["add_routes"]
 
 
-async def read_inbound(
-    request: web.Request, multipart: bool, flow: RequestFlow
-) -> InboundRequest:
+Read = Callable[[web.Request, RequestFlow], Awaitable[InboundRequest]]
+"""Reads one endpoint's request (its body, if any) into an `InboundRequest`."""
+
+
+async def read_json(request: web.Request, flow: RequestFlow) -> InboundRequest:
     app = request.app
     config = app[CONFIG]
-    if multipart:  # uploads are never rewritten
-        return await read_multipart_request(
-            request, app[POOL], config.max_body_size, config.spool_dir,
-            config.client_body_timeout, config.max_inflate_ratio,
-        )
-    return await read_json_request(
+    inbound = await read_json_request(
         request, app[POOL], config.max_json_body_size, config.client_body_timeout,
         rewriting(app[REWRITER], flow), config.max_inflate_ratio,
     )
+    await pin_follow_up(request, flow.endpoint, inbound)
+    return inbound
 
 
-async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.StreamResponse:
+async def read_upload(
+    request: web.Request, flow: RequestFlow, file_names: tuple[str, ...]
+) -> InboundRequest:
+    """An upload; never rewritten."""
+    config = request.app[CONFIG]
+    return await read_multipart_request(
+        request, request.app[POOL], config.max_body_size, config.spool_dir,
+        config.client_body_timeout, config.max_inflate_ratio, file_names,
+    )
+
+
+async def proxy(request: web.Request, endpoint: str, read: Read) -> web.StreamResponse:
     """The handler of every proxied endpoint (bound to its route by `add_routes`): the live
     requests track it; the rate limit and admission let it in and its body is read (or any
     of them refuses it, before a backend is chosen); `dispatch` does the rest."""
@@ -64,7 +78,7 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
         if admission is not None:
             await admission.acquire()
             admitted = True
-        inbound = await read_inbound(request, multipart, flow)
+        inbound = await read(request, flow)
         flow.request = request
         return inbound
 
@@ -81,7 +95,12 @@ async def proxy(request: web.Request, endpoint: str, multipart: bool) -> web.Str
 
 
 def upstream_path(request: web.Request, endpoint: str) -> tuple[str, str | None]:
-    """Where the backend is sent the request, and the backend id it is pinned to (`?id=`)."""
+    """Where the backend is sent the request, and the backend id it is pinned to (`?id=`).
+    `endpoint` may name the route's variables (`/v1/responses/{response_id}`)."""
+    if request.match_info:
+        endpoint = endpoint.format_map(
+            {name: quote(value, safe="") for name, value in request.match_info.items()}
+        )
     pinned = request.query.get("id") if request.query_string else None
     if pinned is None:
         # The route's own path, and the query as the client encoded it: decoded, `?a=%23b`
@@ -123,12 +142,16 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    for endpoint in JSON_ENDPOINTS:
-        app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
-                                                        multipart=False),
+    def post(endpoint: str, read: Read) -> None:
+        app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint, read=read),
                             expect_handler=expect_handler)
-    for endpoint in MULTIPART_ENDPOINTS:
-        app.router.add_post(endpoint, functools.partial(proxy, endpoint=endpoint,
-                                                        multipart=True),
-                            expect_handler=expect_handler)
+
+    for endpoint in (*JSON_ENDPOINTS, *LIVE_JSON_ENDPOINTS):
+        post(endpoint, read_json)
+    for endpoint, file_names in UPLOAD_FIELDS.items():
+        post(endpoint, functools.partial(read_upload, file_names=file_names))
+    stored = functools.partial(proxy, endpoint=STORED, read=read_stored)
+    app.router.add_get(STORED, stored, allow_head=False, expect_handler=expect_handler)
+    app.router.add_delete(STORED, stored, expect_handler=expect_handler)
+    post(CANCEL, read_stored)
     app.router.add_get("/v1/models", openai_errors(list_models), expect_handler=expect_handler)

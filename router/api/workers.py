@@ -11,18 +11,18 @@ to routing, and how it meets discovery: `router.discovery.runtime`.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Any
 
 from aiohttp import web
 
+from router.api.auth import require_key_or_this_host
 from router.api.limits import openai_errors
 from router.api.middleware import expect_handler
 from router.backends.pool import Backend, parse_url
 from router.discovery.runtime import RuntimeWorkers, WorkerUnreachable, fetch_models
 from router.errors import BadRequest, RouterError
-from router.keys import API_KEYS, CONFIG, HEALTH, POOL, RUNTIME_WORKERS, STATS
+from router.keys import CONFIG, HEALTH, POOL, RUNTIME_WORKERS, STATS
 from router.proxy.inbound import JSON_BODY, BodySize, read_json_object
 
 __all__ = ["PATHS", "add_routes"]
@@ -48,23 +48,10 @@ class WorkerUnavailable(RouterError):
     code = "worker_unreachable"
 
 
-class WorkersForbidden(RouterError):
-    status = 403
-    error_type = "permission_error"
-    code = "forbidden"
-
-
 class WorkersConflict(RouterError):
     status = 409
     error_type = "invalid_request_error"
     code = "conflict"
-
-
-def from_this_host(request: web.Request) -> bool:
-    try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:  # a Unix socket (no address): not a network caller
-        return not request.remote
 
 
 def _runtime(request: web.Request, changing: bool) -> RuntimeWorkers:
@@ -73,11 +60,10 @@ def _runtime(request: web.Request, changing: bool) -> RuntimeWorkers:
         # Each process of --workers has its own pool: a change would reach one of them.
         raise WorkersConflict("the worker API cannot change backends with --workers above 1 "
                               "(each process routes on its own); run one process")
-    if changing and not request.app[API_KEYS].enabled and not from_this_host(request):
-        # Adding an engine decides where every prompt goes: without keys to tell a caller
-        # apart, only this host may do it.
-        raise WorkersForbidden("without --api-keys the worker API accepts changes from this "
-                               "host only; set --api-keys to change workers from elsewhere")
+    if changing:  # an engine added decides where every prompt goes
+        require_key_or_this_host(
+            request, "without --api-keys the worker API accepts changes from this host only; "
+            "set --api-keys to change workers from elsewhere")
     if changing and config.service_discovery == "external-only":
         raise WorkersConflict("the worker API adds engines; this router routes only to "
                               "external providers")

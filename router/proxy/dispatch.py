@@ -66,6 +66,8 @@ async def route(
         sink.answered(answer)
         return
     flow.model, flow.stream = inbound.model, inbound.stream
+    if pinned is None:  # the client's `?id=` first, then what the body pins it to
+        pinned = inbound.pinned
     chooser = app[CHOOSER]
     flow.backend = chooser.choose(inbound, pinned)
     failover: Failover | None = None

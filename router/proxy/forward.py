@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from router.backends.pool import Backend
 from router.errors import BackendStatus, ClientGone
 from router.events import RequestEvents
-from router.flow import MAX_BODY, TAIL_BYTES, Attempt, RequestFlow
+from router.flow import HEAD_BYTES, MAX_BODY, TAIL_BYTES, Attempt, RequestFlow
 from router.proxy.failover import (
     RETRIED_ERRORS, RETRIED_STATUSES, Failover, PrefillHop, prefill, same_again,
     upstream_error,
@@ -164,6 +164,8 @@ async def exchange(
             flow.reading_since = None
             if not chunk:
                 break
+            if len(flow.head) < HEAD_BYTES:  # a chunk or two: where an answer's `id` is
+                flow.head += chunk[:HEAD_BYTES - len(flow.head)]
             if flow.t_first_byte is None:
                 flow.t_first_byte = time.monotonic()
                 events.on_response(flow)

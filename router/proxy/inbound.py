@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # the rewriter's interface; the plugins module is not on the 
     from router.plugins import RequestRewriter
 
 __all__ = [
-    "JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "BodySize", "InboundRequest", "UploadBody",
+    "JSON_ENDPOINTS", "LIVE_JSON_ENDPOINTS", "MULTIPART_ENDPOINTS", "UPLOAD_FIELDS",
+    "BodySize", "InboundRequest", "UploadBody",
     "body_coding", "json_request", "read_body", "read_chunk", "read_json_object",
     "read_json_request",
     "resolve_model", "rewrite", "rewriting", "unreadable",
@@ -58,9 +59,25 @@ JSON_ENDPOINTS = (
     "/tokenize",
     "/detokenize",
 )
-"""The proxied endpoints whose body is JSON (`read_json_request`)."""
-MULTIPART_ENDPOINTS = ("/v1/audio/transcriptions", "/v1/audio/translations")
-"""The proxied endpoints whose body is an upload (`router.proxy.multipart`)."""
+"""The proxied endpoints whose body is JSON (`read_json_request`); a batch may call those
+under `/v1`."""
+LIVE_JSON_ENDPOINTS = (
+    "/v1/messages",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+)
+"""Proxied endpoints whose body is JSON too, but that a batch may not call: an Anthropic
+Messages answer, audio bytes and images are not what a batch's output file holds. Like every
+JSON body, `model` is a top-level field and `stream: true` asks for a streamed answer."""
+UPLOAD_FIELDS: dict[str, tuple[str, ...]] = {
+    "/v1/audio/transcriptions": ("file",),
+    "/v1/audio/translations": ("file",),
+    "/v1/images/edits": ("image", "image[]"),
+}
+"""The proxied endpoints whose body is an upload (`router.proxy.multipart`), each with the
+names its file part may have (the OpenAI SDK sends one image as `image`, several as
+`image[]`)."""
+MULTIPART_ENDPOINTS = tuple(UPLOAD_FIELDS)
 JSON_BODY = "the JSON body"
 
 DECODED = frozenset({"gzip", "deflate"})
@@ -208,6 +225,9 @@ class InboundRequest:
     """The JSON body to forward."""
     upload: UploadBody | None = None
     """The multipart body to forward."""
+    pinned: str | None = None
+    """The backend id this request must go to, learned from its body (a follow-up of a
+    stored response, `previous_response_id`); the client's `?id=` comes first."""
 
     @property
     def replayable(self) -> bool:

@@ -65,10 +65,8 @@ class Part:
     """Stream offset just past the part's last body byte; None while the part is open."""
     value: bytearray | None = field(default_factory=bytearray)
     """The body of a small non-file part; None for files and oversized values."""
-
-    @property
-    def is_file(self) -> bool:
-        return self.filename is not None or self.name == "file"
+    is_file: bool = False
+    """A file part: it has a filename, or one of the endpoint's file part names."""
 
 
 class MultipartScanner:
@@ -79,7 +77,8 @@ class MultipartScanner:
 
     PREAMBLE, DELIMITER, HEADERS, BODY, END = range(5)
 
-    def __init__(self, boundary: str) -> None:
+    def __init__(self, boundary: str, file_names: tuple[str, ...] = ("file",)) -> None:
+        self._file_names = file_names
         self._delimiter = b"\r\n--" + boundary.encode("latin-1")
         # A virtual CRLF lets the first delimiter match like all the others.
         self._buffer = bytearray(b"\r\n")
@@ -100,6 +99,10 @@ class MultipartScanner:
 
     def has_part(self, name: str) -> bool:
         return any(part.name == name for part in self.parts)
+
+    def has_file(self) -> bool:
+        """A part named as the endpoint's file part (`file`, `image`...) has begun."""
+        return any(part.name in self._file_names for part in self.parts)
 
     def feed(self, chunk: bytes) -> None:
         buffer = self._buffer
@@ -177,7 +180,8 @@ class MultipartScanner:
                     ) from None
         if len(self.parts) >= MAX_PARTS:
             raise PayloadTooLarge(f"the multipart body has over {MAX_PARTS} parts")
-        part = Part(name=name, filename=filename, start=start)
+        part = Part(name=name, filename=filename, start=start,
+                    is_file=filename is not None or name in self._file_names)
         if part.is_file:
             part.value = None
         self.parts.append(part)
@@ -316,15 +320,16 @@ def multipart_boundary(request: web.Request) -> str:
 
 async def read_multipart_request(
     request: web.Request, pool: BackendPool, limit: int, spool_dir: str | None,
-    timeout: float, inflate_ratio: float = 0.0,
+    timeout: float, inflate_ratio: float = 0.0, file_names: tuple[str, ...] = ("file",),
 ) -> InboundRequest:
-    """Read the head of a multipart body until `model` and the start of `file` are known.
+    """Read the head of a multipart body until `model` and the start of its file part (named
+    one of `file_names`) are known.
 
     A compressed body is read (and forwarded) decoded: its Content-Length, which counts the
     compressed bytes, is not forwarded; the decoded length is when the whole body was read."""
     boundary = multipart_boundary(request)
     size = BodySize(request, limit, inflate_ratio, "the body")
-    scanner = MultipartScanner(boundary)
+    scanner = MultipartScanner(boundary, file_names)
     head: list[bytes] = []
     spool: _Spool | None = None
     at_eof = False
@@ -336,9 +341,9 @@ async def read_multipart_request(
                 await spool.write(chunk)
                 continue
             head.append(chunk)
-            if scanner.has_part("file") and "model" in scanner.fields:
+            if scanner.has_file() and "model" in scanner.fields:
                 break  # forward the head, then stream the rest
-            if scanner.has_part("file") or size.size > PEEK_LIMIT:
+            if scanner.has_file() or size.size > PEEK_LIMIT:
                 spool = _Spool(spool_dir)
                 for held in head:
                     await spool.write(held)
@@ -347,8 +352,8 @@ async def read_multipart_request(
             at_eof = True
             if not scanner.complete:
                 raise MalformedMultipart("malformed multipart body: it ends inside a part")
-        if not scanner.has_part("file"):
-            raise BadRequest("the multipart body has no 'file' part")
+        if not scanner.has_file():
+            raise BadRequest(f"the multipart body has no '{file_names[0]}' part")
         if "model" not in scanner.fields:
             raise BadRequest("the multipart body has no 'model' field")
         requested = scanner.fields["model"]

@@ -10,8 +10,13 @@ from aiohttp import web
 
 from router.testing.engine.audio import audio_endpoint
 from router.testing.engine.generate import chat_completions, completions, responses
+from router.testing.engine.media import images_edits, images_generations, speech
+from router.testing.engine.messages import messages
 from router.testing.engine.pooling import detokenize, embeddings, rerank, score, tokenize
 from router.testing.engine.probes import health, list_models, metrics
+from router.testing.engine.stored import (
+    cancel_response, delete_response, get_response, is_sleeping, sleep, wake_up,
+)
 from router.testing.engine.state import (
     ENGINE_BEHAVIOUR,
     ENGINE_CONFIG,
@@ -54,6 +59,16 @@ def make_engine_app(models: Sequence[str], name: str = "engine") -> web.Applicat
     app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/v1/audio/transcriptions", audio_endpoint("transcription"))
     app.router.add_post("/v1/audio/translations", audio_endpoint("translation"))
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/images/generations", images_generations)
+    app.router.add_post("/v1/images/edits", images_edits)
+    app.router.add_post("/sleep", sleep)
+    app.router.add_post("/wake_up", wake_up)
+    app.router.add_get("/is_sleeping", is_sleeping)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -13,14 +13,15 @@ from router.testing.engine.replies import BadRequest, Handler, Sse, dumps, model
 from router.testing.engine.state import ENGINE_CONFIG, ENGINE_STATE, Upload
 from router.testing.engine.tokens import token_usage
 
-__all__ = ["audio_endpoint"]
+__all__ = ["audio_endpoint", "read_upload"]
 
 
 _READ_SIZE = 64 * 1024
 
 
-async def _read_upload(request: web.Request) -> Upload:
-    """Stream a multipart body: hash the `file` part chunk by chunk, keep the other fields."""
+async def read_upload(request: web.Request, file_names: tuple[str, ...] = ("file",)) -> Upload:
+    """Stream a multipart body: hash its file part (named one of `file_names`) chunk by chunk,
+    keep the other fields."""
     digest = hashlib.sha256()
     size = 0
     have_file = False
@@ -30,7 +31,7 @@ async def _read_upload(request: web.Request) -> Upload:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest(400, "Nested multipart bodies are not supported.")
-            if part.name == "file":
+            if part.name in file_names:
                 have_file = True
                 while chunk := await part.read_chunk(_READ_SIZE):
                     digest.update(chunk)
@@ -42,13 +43,13 @@ async def _read_upload(request: web.Request) -> Upload:
     except (AssertionError, ValueError, KeyError, HttpProcessingError) as exc:
         raise BadRequest(400, f"Invalid multipart/form-data body: {exc}") from None
     if not have_file:
-        raise BadRequest(400, "Field `file` is required.")
+        raise BadRequest(400, f"Field `{file_names[0]}` is required.")
     return Upload(sha256=digest.hexdigest(), size=size, fields=fields)
 
 
 def audio_endpoint(kind: str) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        upload = await _read_upload(request)
+        upload = await read_upload(request)
         request.app[ENGINE_STATE].uploads.append(upload)
         fields = upload.fields
         model = model_of(request, fields.get("model"))

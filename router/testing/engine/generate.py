@@ -18,7 +18,7 @@ from router.testing.engine.replies import (
     read_json,
     reply,
 )
-from router.testing.engine.state import ENGINE_CONFIG, JsonDict
+from router.testing.engine.state import ENGINE_CONFIG, ENGINE_STATE, JsonDict
 from router.testing.engine.tokens import completion_text, count_tokens, token_text, token_usage
 
 __all__ = ["chat_completions", "completions", "responses"]
@@ -209,6 +209,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
         raise BadRequest(400, "Field `input` is required.")
     n = n_tokens(request, body, "max_output_tokens")
     prompt_tokens = count_tokens([body.get("instructions"), body["input"]])
+    stored = request.app[ENGINE_STATE].responses
+    previous = body.get("previous_response_id")
+    if previous is not None and previous not in stored:
+        raise BadRequest(404, f"Response with id '{previous}' not found.")
     config = request.app[ENGINE_CONFIG]
     rid = config.next_id("resp")
     item_id = config.next_id("msg")
@@ -218,6 +222,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     final = _response_object(
         rid, created, model, "completed", [_message_item(item_id, text, "completed")], usage
     )
+    if body.get("store", True) is not False:
+        stored[rid] = final
     if body.get("stream") is not True:
         return await reply(request, final)
 

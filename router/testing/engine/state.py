@@ -95,6 +95,11 @@ class EngineState:
     request_ids: list[str] = field(default_factory=list)
     """With `record_request_ids`: every proxied request's `x-request-id`, in arrival order."""
     arrivals: list[float] = field(default_factory=list)
+    responses: dict[str, JsonDict] = field(default_factory=dict)
+    """The `/v1/responses` answers this engine made, by id (what `GET /v1/responses/{id}`
+    finds)."""
+    sleep_level: int = 0
+    """vLLM's sleep mode: 0 awake, else the level of the last `/sleep`."""
     """`time.monotonic()` of each proxied request's arrival, to see how requests were paced."""
 
 
