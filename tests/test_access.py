@@ -61,6 +61,21 @@ async def test_api_keys_guard_the_api_but_not_probes(
     await router.settled(2)
 
 
+async def test_anthropic_clients_present_their_key_as_x_api_key(
+    start_router: StartRouter, engine: RunningEngine
+) -> None:
+    router = await start_router(config_for([engine], api_keys=("key-one",)))
+    async with aiohttp.ClientSession() as session:
+        for key, status in (("wrong", 401), ("key-one", 200)):
+            async with session.post(router.url + "/v1/chat/completions", json=BODY,
+                                    headers={"x-api-key": key}) as response:
+                assert response.status == status
+    # The router's key is the client's credential for the router, not sent on.
+    assert engine.state.last_headers is not None
+    assert "x-api-key" not in engine.state.last_headers
+    await router.settled(1)  # a 401 comes before the request has a flow
+
+
 async def test_protect_admin_closes_metrics_and_engines(
     start_router: StartRouter, engines: list[RunningEngine]
 ) -> None:

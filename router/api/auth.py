@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -19,8 +19,10 @@ from aiohttp.typedefs import Handler, Middleware
 from router.api.middleware import request_id
 from router.errors import Forbidden, Unauthorized, error_response
 from router.keys import API_KEYS
+from router.proxy.headers import X_API_KEY
 
-__all__ = ["ApiKeys", "OPEN_PATHS", "ADMIN_PATHS", "auth_middleware", "bearer_token"]
+__all__ = ["ApiKeys", "OPEN_PATHS", "ADMIN_PATHS", "auth_middleware", "bearer_token",
+           "presented_key"]
 
 log = logging.getLogger("router.access")
 
@@ -43,10 +45,10 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._digests)
 
-    def identify(self, authorization: str | None) -> str | None:
-        """For `Bearer <one of the keys>`, a stable id of that key (a digest prefix, for rate
-        limits and logs: never the key); None for anything else."""
-        token = bearer_token(authorization)
+    def identify(self, headers: Mapping[str, str]) -> str | None:
+        """For a request presenting one of the keys (`presented_key`), a stable id of that key
+        (a digest prefix, for rate limits and logs: never the key); None for anything else."""
+        token = presented_key(headers)
         if token is None:
             return None
         presented = hashlib.sha256(token.encode()).digest()
@@ -55,11 +57,20 @@ class ApiKeys:
             matched |= hmac.compare_digest(digest, presented)
         return presented.hex()[:16] if matched else None
 
-    def accepts(self, authorization: str | None) -> bool:
-        return self.identify(authorization) is not None
+    def accepts(self, headers: Mapping[str, str]) -> bool:
+        return self.identify(headers) is not None
 
     def __repr__(self) -> str:
         return f"<ApiKeys keys={len(self._digests)}>"
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a client presents: `Authorization: Bearer <key>` as OpenAI clients send it, else
+    `x-api-key: <key>` as Anthropic clients (Claude Code on `/v1/messages`) send it."""
+    token = bearer_token(headers.get(hdrs.AUTHORIZATION))
+    if token is None:
+        token = headers.get(X_API_KEY, "").strip() or None
+    return token
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -83,14 +94,15 @@ def auth_middleware(
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not keys.enabled or request.path in exempt:
             return await handler(request)
-        if keys.accepts(request.headers.get(hdrs.AUTHORIZATION)):
+        if keys.accepts(request.headers):
             return await handler(request)
         refused()
         rid = request_id(request)
         log.info("refused request_id=%s remote=%s path=%s: no valid API key",
                  rid, request.remote, request.path)
         return error_response(
-            Unauthorized("a valid API key is required: Authorization: Bearer <key>"), rid
+            Unauthorized("a valid API key is required: Authorization: Bearer <key> "
+                         "(or x-api-key: <key>)"), rid
         )
 
     return check_api_key

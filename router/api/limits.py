@@ -11,7 +11,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from router.api.middleware import request_id
 from router.errors import RouterError, error_response, shorten
@@ -35,7 +35,7 @@ def client_key(request: web.Request) -> str:
     the header's spelling), else its address (a header a client can vary is no identity)."""
     keys = request.app[API_KEYS]
     if keys.enabled:
-        key = keys.identify(request.headers.get(hdrs.AUTHORIZATION))
+        key = keys.identify(request.headers)
         if key is not None:
             return "key:" + key
     return "addr:" + (request.remote or "unknown")

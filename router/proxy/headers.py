@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REQUEST_ID", "BACKEND_HEADER", "HOP_BY_HOP", "NOT_FORWARDED_UP", "NOT_FORWARDED_DOWN",
-    "AUTO_HEADERS", "CLIENT_CREDENTIALS", "UpstreamAuth", "forward_headers",
+    "AUTO_HEADERS", "CLIENT_CREDENTIALS", "CLIENT_KEY_HEADERS", "X_API_KEY", "UpstreamAuth",
+    "forward_headers",
     "upstream_headers", "backend_headers",
 ]
 
@@ -45,6 +46,10 @@ SET_BY_ROUTER = frozenset({
 """Headers the router or aiohttp set per request, which an external provider's configured
 headers may not fix (a fixed value would break the exchange); lower-case."""
 AUTHORIZATION = hdrs.AUTHORIZATION
+X_API_KEY = istr("x-api-key")
+"""Anthropic clients' key header: like `Authorization`, the client's credential for the router."""
+CLIENT_KEY_HEADERS = frozenset({AUTHORIZATION, X_API_KEY})
+"""Where a client presents its key; not sent to backends unless --forward-client-auth."""
 AUTO_HEADERS = (hdrs.USER_AGENT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
 """Headers aiohttp would add for a client that did not send them: not ours to add."""
 CLIENT_CREDENTIALS = frozenset(
@@ -81,7 +86,7 @@ def upstream_headers(
     incoming: CIMultiDictProxy[str], request_id: str, auth: UpstreamAuth
 ) -> CIMultiDict[str]:
     """The headers every attempt of one request sends to its backend."""
-    drop = NOT_FORWARDED_UP if auth.forward_client_auth else NOT_FORWARDED_UP | {AUTHORIZATION}
+    drop = NOT_FORWARDED_UP if auth.forward_client_auth else NOT_FORWARDED_UP | CLIENT_KEY_HEADERS
     headers = forward_headers(incoming, drop, request_id)
     if auth.backend_api_key and AUTHORIZATION not in headers:
         headers[AUTHORIZATION] = f"Bearer {auth.backend_api_key}"
