@@ -12,6 +12,7 @@ from router.testing.engine.audio import audio_endpoint
 from router.testing.engine.generate import chat_completions, completions, responses
 from router.testing.engine.pooling import detokenize, embeddings, rerank, score, tokenize
 from router.testing.engine.probes import health, list_models, metrics
+from router.testing.engine.realtime import add_realtime
 from router.testing.engine.state import (
     ENGINE_BEHAVIOUR,
     ENGINE_CONFIG,
@@ -57,6 +58,7 @@ def make_engine_app(models: Sequence[str], name: str = "engine") -> web.Applicat
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_realtime(app)
     return app
 
 
