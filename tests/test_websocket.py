@@ -250,3 +250,15 @@ async def test_shutdown_cuts_a_session_with_going_away(
     assert router.log.only().outcome is Outcome.CANCELLED
     await eventually(lambda: sum(seen(e).open for e in engines) == 0)
     await asyncio.sleep(0)
+
+
+async def test_the_heartbeat_cuts_a_client_that_stops_answering_pings(
+    start_router: StartRouter, engines: list[RunningEngine], http: aiohttp.ClientSession,
+) -> None:
+    router = await start_router(config_for(engines, websocket_heartbeat=0.2))
+    socket = await connect(http, router)  # autoping off: the router's pings go unanswered
+    await event(socket)
+    await router.settled(1)
+    assert router.log.only().outcome is Outcome.CLIENT_DISCONNECTED
+    await eventually(lambda: [c for e in engines for c in seen(e).close_codes] == [1001])
+    await socket.close()
