@@ -262,3 +262,22 @@ async def test_the_heartbeat_cuts_a_client_that_stops_answering_pings(
     assert router.log.only().outcome is Outcome.CLIENT_DISCONNECTED
     await eventually(lambda: [c for e in engines for c in seen(e).close_codes] == [1001])
     await socket.close()
+
+
+async def test_a_client_that_answers_pings_outlives_many_heartbeats(
+    start_router: StartRouter, engines: list[RunningEngine], http: aiohttp.ClientSession,
+) -> None:
+    router = await start_router(config_for(engines, websocket_heartbeat=0.1))
+    socket = await http.ws_connect(router.url + f"/v1/realtime?model={CHAT}")  # autoping on
+    await event(socket)
+    # aiohttp's client answers pings while a receive() waits (and a timeout of its own
+    # would restart at each ping): one waits in the background through ten heartbeats.
+    reader = asyncio.create_task(socket.receive())
+    await asyncio.sleep(1.0)
+    assert not reader.done()
+    await socket.send_str(json.dumps({"type": "test.echo"}))
+    message = await asyncio.wait_for(reader, TIMEOUT)
+    assert message.type is WSMsgType.TEXT and json.loads(message.data)["type"] == "test.echo"
+    await socket.close()
+    await router.settled(1)
+    assert router.log.only().outcome is Outcome.OK
