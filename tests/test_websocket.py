@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 
 from router.config.settings import Config, StaticBackend
 from router.flow import Outcome
@@ -281,3 +281,22 @@ async def test_a_client_that_answers_pings_outlives_many_heartbeats(
     await socket.close()
     await router.settled(1)
     assert router.log.only().outcome is Outcome.OK
+
+
+async def test_an_engine_without_the_realtime_api_is_a_404_that_leaves_it_healthy(
+    start_router: StartRouter, aiohttp_server: Any, http: aiohttp.ClientSession,
+) -> None:
+    async def healthy(request: web.Request) -> web.Response:
+        return web.Response()
+
+    plain_app = web.Application()  # healthy, and 404 to anything else
+    plain_app.router.add_get("/health", healthy)
+    plain = await aiohttp_server(plain_app)
+    router = await start_router(Config(static_backends=(
+        StaticBackend(url=str(plain.make_url("")).rstrip("/"), models=(CHAT,)),),
+        cb_failure_threshold=1))
+    for _ in range(2):
+        status, body = await upgrade_refused(http, router, "")
+        assert (status, body["error"]["code"]) == (404, "upgrade_refused"), body
+    await router.settled(2)
+    assert router.log.outcomes() == [Outcome.REJECTED] * 2

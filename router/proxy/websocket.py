@@ -29,14 +29,16 @@ from aiohttp.http import WebSocketError
 from multidict import CIMultiDict
 
 from router.backends.pool import Backend
-from router.errors import UpstreamError, failure_detail
+from router.errors import RouterError, UpstreamError, failure_detail
 from router.events import RequestEvents
 from router.flow import Outcome, RequestFlow
 from router.proxy.failover import upstream_error
 from router.proxy.headers import backend_headers
 from router.proxy.sinks import Write, cut_client
 
-__all__ = ["WebSocketLimits", "WebSocketSink", "connect", "relay", "websocket_headers"]
+__all__ = [
+    "UpgradeRefused", "WebSocketLimits", "WebSocketSink", "connect", "relay", "websocket_headers",
+]
 
 log = logging.getLogger("router.proxy")
 
@@ -94,6 +96,20 @@ class WebSocketSink:
         return False
 
 
+class UpgradeRefused(RouterError):
+    """The backend answered the upgrade with a 4xx (an engine without the Realtime API
+    answers 404; a bad key 401/403): the client gets that status. Not the backend's fault,
+    so its health is not touched."""
+
+    error_type = "invalid_request_error"
+    code = "upgrade_refused"
+    outcome = Outcome.REJECTED
+
+    def __init__(self, status: int, backend_id: str) -> None:
+        super().__init__(f"backend {backend_id} refused the WebSocket upgrade ({status})")
+        self.status = status
+
+
 def websocket_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
     """The upstream headers without the client's handshake (`Sec-WebSocket-*`): aiohttp's
     client makes its own key, version, extensions and protocol offer."""
@@ -122,6 +138,8 @@ async def connect(
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
             )
     except aiohttp.WSServerHandshakeError as error:
+        if 400 <= error.status < 500:
+            raise UpgradeRefused(error.status, backend.id) from None
         raise UpstreamError(f"backend {backend.id} refused the WebSocket upgrade",
                             f"status {error.status}") from None
     except (aiohttp.ClientError, TimeoutError) as error:
