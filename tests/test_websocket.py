@@ -300,3 +300,22 @@ async def test_an_engine_without_the_realtime_api_is_a_404_that_leaves_it_health
         assert (status, body["error"]["code"]) == (404, "upgrade_refused"), body
     await router.settled(2)
     assert router.log.outcomes() == [Outcome.REJECTED] * 2
+
+
+async def test_an_unreachable_engine_gives_way_to_another_before_the_upgrade(
+    start_router: StartRouter, engine: RunningEngine, http: aiohttp.ClientSession,
+) -> None:
+    router = await start_router(Config(static_backends=(
+        StaticBackend(url="http://127.0.0.1:9", models=(CHAT,)),
+        StaticBackend(url=engine.url, models=(CHAT,)),
+    ), health_check_interval=0))
+    for _ in range(2):  # round robin: the dead backend is tried first at least once
+        socket = await connect(http, router, "")
+        assert (await event(socket))["type"] == "session.created"
+        await socket.close()
+    await router.settled(2)
+    assert seen(engine).opened == 2
+    attempts = [flow.attempts for flow in router.log.flows.values()]
+    assert 1 <= sum(map(len, attempts)) and all(len(tries) <= 1 for tries in attempts)
+    assert all(tries[0].outcome is Outcome.BACKEND_ERROR for tries in attempts if tries)
+    assert router.log.outcomes() == [Outcome.OK, Outcome.OK]

@@ -15,16 +15,19 @@ is `router.proxy.websocket`'s.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import aiohttp
 from aiohttp import WSCloseCode, hdrs, web
+from multidict import CIMultiDict
 
 from router.api.limits import spend_rate_limit
 from router.api.middleware import expect_handler, request_id
 from router.api.openai import upstream_path
 from router.backends.pool import BackendPool
-from router.errors import BadRequest, ClientGone, error_response
-from router.flow import RequestFlow
+from router.errors import BackendUnreachable, BadRequest, ClientGone, error_response
+from router.flow import Attempt, RequestFlow
 from router.keys import (
     ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, LIVE_REQUESTS, POOL, UPSTREAM_AUTH,
 )
@@ -39,6 +42,8 @@ from router.proxy.websocket import (
 __all__ = ["REALTIME", "add_routes", "realtime_model"]
 
 REALTIME = "/v1/realtime"
+
+log = logging.getLogger("router.proxy")
 
 
 def realtime_model(request: web.Request, pool: BackendPool) -> str:
@@ -108,7 +113,7 @@ async def session(request: web.Request, lifecycle: Lifecycle, sink: WebSocketSin
     flow.model = realtime_model(request, app[POOL])
     path, pinned = upstream_path(request, REALTIME)
     inbound = InboundRequest(model=flow.model, stream=True, headers=request.headers)
-    flow.backend = backend = app[CHOOSER].choose(inbound, pinned)
+    flow.backend = app[CHOOSER].choose(inbound, pinned)
     headers = websocket_headers(upstream_headers(request.headers, flow.id, app[UPSTREAM_AUTH]))
     lifecycle.routed()
     limits = limits_of(app)
@@ -117,7 +122,9 @@ async def session(request: web.Request, lifecycle: Lifecycle, sink: WebSocketSin
         for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
         for protocol in value.split(",") if protocol.strip()
     )
-    upstream = await connect(app[CLIENT_SESSION], backend, path, headers, offered, limits)
+    upstream = await open_upstream(app, flow, inbound, pinned, path, headers, offered, limits)
+    backend = flow.backend  # the one that answered
+    assert backend is not None
     async with upstream:
         flow.t_headers = time.monotonic()
         chosen = upstream.protocol
@@ -139,6 +146,35 @@ async def session(request: web.Request, lifecycle: Lifecycle, sink: WebSocketSin
                         sink.client_gone)
         finally:  # cut short (cancelled): the backend hears why, not a plain 1000
             await close(upstream, WSCloseCode.GOING_AWAY, "")
+
+
+async def open_upstream(
+    app: web.Application, flow: RequestFlow, inbound: InboundRequest, pinned: str | None,
+    path: str, headers: CIMultiDict[str], offered: tuple[str, ...], limits: WebSocketLimits,
+) -> aiohttp.ClientWebSocketResponse:
+    """The socket of `flow.backend`; one that cannot be reached (nothing of the session got
+    there) gives way to another, up to --max-retries, as for other requests. A pinned
+    session has only its backend."""
+    config, chooser = app[CONFIG], app[CHOOSER]
+    while True:
+        assert flow.backend is not None
+        try:
+            return await connect(app[CLIENT_SESSION], flow.backend, path, headers, offered,
+                                 limits)
+        except BackendUnreachable as error:
+            tried = {attempt.backend.id for attempt in flow.attempts} | {flow.backend.id}
+            backend = (
+                None if pinned is not None or len(flow.attempts) >= config.max_retries
+                else chooser.choose_next(inbound, tried)
+            )
+            if backend is None:
+                raise
+            flow.attempts.append(Attempt(flow.backend, error.logged, error.outcome))
+            log.warning("request %s: %s; retrying on backend %s", flow.id, error.logged,
+                        backend.id)
+            flow.backend = backend
+            app[EVENTS].on_retry(flow)
+            await asyncio.sleep(config.retry_backoff * 2 ** (len(flow.attempts) - 1))
 
 
 def add_routes(app: web.Application) -> None:
