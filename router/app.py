@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from router import batch
-from router.api import admin, dashboard, engine_admin, openai, workers
+from router.api import admin, dashboard, engine_admin, openai, realtime, workers
 from router.api.auth import ApiKeys, auth_middleware
 from router.api.middleware import guard, json_errors
 from router.backends.pool import BackendPool
@@ -269,6 +269,7 @@ def make_app(config: Config) -> web.Application:
 
         app.cleanup_ctx.append(log_stats)
     openai.add_routes(app)
+    realtime.add_routes(app)
     admin.add_routes(app)
     engine_admin.add_routes(app)
     dashboard.add_routes(app)

@@ -258,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest list page, watch event or engine /v1/models answer read (default "
              "16MiB)")
 
+    # --- WebSocket sessions (/v1/realtime: router/api/realtime.py) ---
+    websocket = parser.add_argument_group("WebSocket sessions (/v1/realtime)")
+    add = websocket.add_argument
+    add("--websocket-max-message-size", type=size, default="16MiB",
+        help="largest WebSocket message relayed either way; a bigger one closes the session "
+             "(1009) (default 16MiB)")
+    add("--websocket-heartbeat", type=non_negative_float, default=30.0,
+        help="seconds between the router's pings on each side of a session; a peer that "
+             "does not answer within half of it is cut; 0 = no pings (default 30)")
+    add("--websocket-idle-timeout", type=positive_float, default=600.0,
+        help="seconds a session may pass no message either way before the router closes "
+             "it (default 600)")
+    # --- end of WebSocket sessions ---
+
     batch = parser.add_argument_group("Batch and Files APIs")
     add = batch.add_argument
     add("--enable-batch-api", action="store_true",

@@ -275,6 +275,16 @@ class Config:
     """Seconds the router keeps accepting after SIGTERM (with `/ready` at 503), so load
     balancers stop sending before the socket closes."""
 
+    # --- WebSocket sessions (/v1/realtime: router/api/realtime.py) ---
+    websocket_max_message_size: int = 16 * MIB
+    """Largest message relayed either way; a bigger one closes the session with 1009."""
+    websocket_heartbeat: float = 30.0
+    """Seconds between pings on each side of a session (a peer silent for half of it is
+    cut); 0: no pings."""
+    websocket_idle_timeout: float = 600.0
+    """Seconds a session may pass no message either way before the router closes it."""
+    # --- end of WebSocket sessions ---
+
     # Batch and Files APIs (router/batch/).
     enable_batch_api: bool = False
     file_storage_path: str = "/tmp/vllm_files"

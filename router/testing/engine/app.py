@@ -14,6 +14,7 @@ from router.testing.engine.media import images_edits, images_generations, speech
 from router.testing.engine.messages import messages
 from router.testing.engine.pooling import detokenize, embeddings, rerank, score, tokenize
 from router.testing.engine.probes import health, list_models, metrics
+from router.testing.engine.realtime import add_realtime
 from router.testing.engine.stored import (
     cancel_response, delete_response, get_response, is_sleeping, sleep, wake_up,
 )
@@ -72,6 +73,7 @@ def make_engine_app(models: Sequence[str], name: str = "engine") -> web.Applicat
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_realtime(app)
     return app
 
 
