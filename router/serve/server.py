@@ -76,12 +76,15 @@ async def serve(
             config.host, config.port, reuse_address=True, reuse_port=config.workers > 1,
         )
         announce(config, listener.sockets[0].getsockname()[1])
-        notifier.notify("READY=1")
-        tasks.add(asyncio.create_task(notifier.watchdog()))
         if reloader is not None:
+            # Before READY=1: a reload sent as soon as the router is ready (systemctl reload,
+            # or the supervisor of --workers passing one on) must not meet SIGHUP's default
+            # action, which ends the process.
             loop.add_signal_handler(signal.SIGHUP, lambda: tasks.add(
                 asyncio.create_task(reloader.reload("SIGHUP"))
             ))
+        notifier.notify("READY=1")
+        tasks.add(asyncio.create_task(notifier.watchdog()))
         await stop.wait()
         await drain(app, listener, config, notifier)
     finally:
