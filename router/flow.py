@@ -99,7 +99,7 @@ class RequestFlow:
     writing_since: float | None = None
     """While a write to the client waits (the client is not reading), since when."""
     head: bytes = b""
-    """The first `HEAD_BYTES` of the response body (set before `on_response`)."""
+    """The first `HEAD_BYTES` of the response body's first chunk (set before `on_response`)."""
     tail: bytes = b""
     """The last few KiB of the response body, where the `usage` object is (for metrics)."""
     parsed_usage: tuple[Usage | None] | None = None

@@ -164,10 +164,10 @@ async def exchange(
             flow.reading_since = None
             if not chunk:
                 break
-            if len(flow.head) < HEAD_BYTES:  # a chunk or two: where an answer's `id` is
-                flow.head += chunk[:HEAD_BYTES - len(flow.head)]
             if flow.t_first_byte is None:
                 flow.t_first_byte = time.monotonic()
+                # Where an answer's `id` is; one slice per request, nothing per chunk.
+                flow.head = chunk[:HEAD_BYTES]
                 events.on_response(flow)
             flow.bytes_down += len(chunk)
             # A big chunk would be pinned here long after it was written: keep its tail only.
