@@ -7,17 +7,20 @@ A proxied request spends its token in `router.api.openai.proxy`, inside its life
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 
 from aiohttp import web
 
 from router.api.middleware import request_id
 from router.errors import RouterError, error_response, shorten
-from router.keys import API_KEYS, RATE_LIMITER
+from router.flow import RequestFlow
+from router.keys import ADMISSION, API_KEYS, LIVE_REQUESTS, RATE_LIMITER
 
-__all__ = ["Handler", "client_key", "openai_errors", "spend_rate_limit"]
+__all__ = ["Handler", "WayIn", "client_key", "openai_errors", "spend_rate_limit"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,3 +62,43 @@ def openai_errors(handler: Handler, refusals: logging.Logger | None = None) -> H
             return error_response(error, rid)
 
     return handle
+
+
+class WayIn:
+    """How a client's request gets in, for the proxied endpoints and `/v1/realtime` alike:
+    the live requests track it while the `with` runs (shutdown and the stall watch find it);
+    `admit()`, called inside its lifecycle so a refusal completes the flow, spends its
+    rate-limit token and takes an admission slot, which the end of the `with` gives back."""
+
+    __slots__ = ("request", "flow", "_task", "_holds_slot")
+
+    def __init__(self, request: web.Request, flow: RequestFlow) -> None:
+        self.request = request
+        self.flow = flow
+        self._holds_slot = False
+
+    def __enter__(self) -> WayIn:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.request.app[LIVE_REQUESTS].enter(task, self.flow)
+        return self
+
+    async def admit(self) -> None:
+        spend_rate_limit(self.request)
+        admission = self.request.app[ADMISSION]
+        if admission is not None:
+            await admission.acquire()
+            self._holds_slot = True
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        app = self.request.app
+        if self._holds_slot:
+            self._holds_slot = False
+            admission = app[ADMISSION]
+            assert admission is not None
+            admission.release()
+        app[LIVE_REQUESTS].leave(self._task)

@@ -7,7 +7,6 @@ reading its body (JSON or multipart); `router.proxy.dispatch` routes and forward
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -16,12 +15,12 @@ from urllib.parse import quote, unquote_plus
 
 from aiohttp import web
 
-from router.api.limits import openai_errors, spend_rate_limit
+from router.api.limits import WayIn, openai_errors
 from router.api.middleware import expect_handler, request_id
 from router.api.stored_responses import pin_follow_up, read_stored
 from router.backends.response_homes import CANCEL, STORED
 from router.flow import RequestFlow
-from router.keys import ADMISSION, CONFIG, LIVE_REQUESTS, POOL, REWRITER
+from router.keys import CONFIG, POOL, REWRITER
 from router.proxy.dispatch import dispatch
 from router.proxy.inbound import (
     JSON_ENDPOINTS, LIVE_JSON_ENDPOINTS, UPLOAD_FIELDS, InboundRequest, read_json_request,
@@ -65,33 +64,18 @@ async def proxy(request: web.Request, endpoint: str, read: Read) -> web.StreamRe
     of them refuses it, before a backend is chosen); `dispatch` does the rest."""
     app = request.app
     flow = RequestFlow(id=request_id(request), endpoint=endpoint, method=request.method)
-    task = asyncio.current_task()
-    assert task is not None
-    live = app[LIVE_REQUESTS]
-    live.enter(task, flow)
-    admission = app[ADMISSION]
-    admitted = False
+    with WayIn(request, flow) as way_in:
 
-    async def receive() -> InboundRequest:
-        nonlocal admitted
-        spend_rate_limit(request)
-        if admission is not None:
-            await admission.acquire()
-            admitted = True
-        inbound = await read(request, flow)
-        flow.request = request
-        return inbound
+        async def receive() -> InboundRequest:
+            await way_in.admit()
+            inbound = await read(request, flow)
+            flow.request = request
+            return inbound
 
-    try:
         sink = ClientSink(request, app[CONFIG].stream_buffer_size)
         path, pinned = upstream_path(request, endpoint)
         error = await dispatch(app, flow, sink, receive, path, pinned)
         return sink.answer(flow.id, error)
-    finally:
-        if admitted:
-            assert admission is not None
-            admission.release()
-        live.leave(task)
 
 
 def upstream_path(request: web.Request, endpoint: str) -> tuple[str, str | None]:

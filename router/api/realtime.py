@@ -22,15 +22,13 @@ import aiohttp
 from aiohttp import WSCloseCode, hdrs, web
 from multidict import CIMultiDict
 
-from router.api.limits import spend_rate_limit
+from router.api.limits import WayIn
 from router.api.middleware import expect_handler, request_id
 from router.api.openai import upstream_path
 from router.backends.pool import BackendPool
 from router.errors import BackendUnreachable, BadRequest, ClientGone, error_response
 from router.flow import Attempt, RequestFlow
-from router.keys import (
-    ADMISSION, CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, LIVE_REQUESTS, POOL, UPSTREAM_AUTH,
-)
+from router.keys import CHOOSER, CLIENT_SESSION, CONFIG, EVENTS, POOL, UPSTREAM_AUTH
 from router.proxy.headers import BACKEND_HEADER, REQUEST_ID, upstream_headers
 from router.proxy.inbound import InboundRequest, resolve_model
 from router.proxy.lifecycle import Lifecycle
@@ -75,19 +73,10 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     app = request.app
     flow = RequestFlow(id=request_id(request), endpoint=REALTIME, method=request.method,
                        stream=True)
-    task = asyncio.current_task()
-    assert task is not None
-    live = app[LIVE_REQUESTS]
-    live.enter(task, flow)
-    admission = app[ADMISSION]
-    admitted = False
     sink = WebSocketSink(request)
-    try:
+    with WayIn(request, flow) as way_in:
         async with Lifecycle(app[EVENTS], flow, sink) as lifecycle:
-            spend_rate_limit(request)
-            if admission is not None:
-                await admission.acquire()
-                admitted = True
+            await way_in.admit()
             flow.request = request
             await session(request, lifecycle, sink)
         if sink.socket is not None and sink.socket.prepared:
@@ -95,11 +84,6 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         if lifecycle.error is not None:
             return error_response(lifecycle.error, flow.id)
         return web.Response(status=CLIENT_CLOSED_REQUEST)  # the client left before its upgrade
-    finally:
-        if admitted:
-            assert admission is not None
-            admission.release()
-        live.leave(task)
 
 
 async def session(request: web.Request, lifecycle: Lifecycle, sink: WebSocketSink) -> None:
