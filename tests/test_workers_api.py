@@ -25,16 +25,7 @@ from router.testing import RunningEngine
 from router.testing.processes import free_port
 
 from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for, eventually
-
-
-async def chat(session: aiohttp.ClientSession, url: str, stream: bool = False) -> str:
-    """One chat through the router, read to its end; the id of the backend that served it."""
-    body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "max_tokens": 10}
-    async with session.post(url + "/v1/chat/completions", json=body) as response:
-        assert response.status == 200, await response.text()
-        await response.read()
-        return response.headers["x-router-backend"]
+from .test_reload import chat
 
 
 async def workers(session: aiohttp.ClientSession, router: RouterUnderTest) -> dict[str, Any]:
