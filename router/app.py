@@ -28,10 +28,15 @@ from router.events import RequestEvents
 from router.flow import Outcome
 from router.keys import (
     ADMISSION, API_KEYS, BATCHES, CHOOSER, CLIENT_SESSION, CONFIG, ENGINE_STATS, EVENTS,
-    FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, PLUGINS, POOL, PREFILL_HOP, RATE_LIMITER,
-    RESPONSE_HOMES, RETRY_BUDGET, REWRITER, RUNTIME_WORKERS, STATS, UPSTREAM_AUTH,
+    FLEET_PUBLISHER, HEALTH, KV_CACHE, LIVE_REQUESTS, METRICS, PLUGINS, POOL, PREFILL_HOP,
+    RATE_LIMITER, RESPONSE_HOMES, RETRY_BUDGET, REWRITER, RUNTIME_WORKERS, STATS, UPSTREAM_AUTH,
 )
+from router.kvcache.feeds import KvEventFeeds
+from router.kvcache.index import KvIndex
+from router.kvcache.prompt_tokens import PromptTokens
+from router.kvcache.state import KvCache
 from router.observe.access_log import AccessLog
+from router.observe.kv_gauges import KvGauges
 from router.observe.metrics import Metrics
 from router.observe.multiprocess import FleetPublisher
 from router.observe.tracing import make_tracer
@@ -114,6 +119,31 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def kv_cache_feeds(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the engines' KV event streams and `/tokenize` calls (`kvaware`), with a
+    session of their own. The streams are followed only while the policy uses them."""
+    config = app[CONFIG]
+    kv = app[KV_CACHE]
+    key = config.backend_api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(
+        connector=GuardedConnector(), cookie_jar=aiohttp.DummyCookieJar(), headers=headers
+    ) as session:
+        kv.tokens = PromptTokens(session, config.kv_tokenize_timeout)
+        kv.feeds = KvEventFeeds(
+            kv.index, app[POOL], session,
+            lambda: bool(getattr(app[CHOOSER].policy, "uses_kv_events", False)),
+            config.kv_events_endpoint, config.kv_events_replay_endpoint,
+        )
+        task = asyncio.create_task(kv.feeds.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            kv.tokens = None
 
 
 STALL_GRACE = 5.0
@@ -207,7 +237,10 @@ def make_app(config: Config) -> web.Application:
     engine_stats = EngineStats()
     metrics = Metrics(stats, pool, health, multiprocess=config.metrics_dir is not None,
                       engine_stats=engine_stats)
-    policy = make_policy(config.routing_logic, PolicyContext(config, stats, engine_stats))
+    app[KV_CACHE] = kv_cache = KvCache(KvIndex(config.kv_index_max_blocks))
+    metrics.add_gauges(KvGauges(pool, kv_cache))
+    policy = make_policy(config.routing_logic,
+                         PolicyContext(config, stats, engine_stats, kv_cache))
     app[CONFIG] = config
     app[LIVE_REQUESTS] = LiveRequests()
     app[UPSTREAM_AUTH] = UpstreamAuth(config.forward_client_auth, config.backend_api_key)
@@ -258,6 +291,7 @@ def make_app(config: Config) -> web.Application:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(fleet_watchers)
+    app.cleanup_ctx.append(kv_cache_feeds)
     app.cleanup_ctx.append(watch_stalls)
     if config.enable_batch_api:
         # After client_session: batch lines use the session until their runners stop.

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from router.config.settings import Config
     from router.discovery.runtime import RuntimeWorkers
     from router.events import RequestEvents
+    from router.kvcache.state import KvCache
     from router.observe.metrics import Metrics
     from router.observe.multiprocess import FleetPublisher
     from router.plugins import PluginHost, RequestRewriter
@@ -49,6 +50,8 @@ CHOOSER: web.AppKey[BackendChooser] = web.AppKey("chooser")
 EVENTS: web.AppKey[RequestEvents] = web.AppKey("events")
 STATS: web.AppKey[RequestStats] = web.AppKey("stats")
 ENGINE_STATS: web.AppKey[EngineStats] = web.AppKey("engine_stats")
+KV_CACHE: web.AppKey[KvCache] = web.AppKey("kv_cache")
+"""What the engines' KV events say they hold, and the clients that learn it (`kvaware`)."""
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 LIVE_REQUESTS: web.AppKey[LiveRequests] = web.AppKey("live_requests")
 """Every proxied request running now: the drain at shutdown waits for them."""

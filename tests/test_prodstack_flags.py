@@ -133,7 +133,7 @@ REFUSED: dict[str, list[str]] = {
 # Their --routing-logic and --log-level values, and what each is here.
 ROUTING_LOGIC = {
     "roundrobin": "roundrobin", "session": "session", "prefixaware": "prefixaware",
-    "disaggregated_prefill": "disaggregated_prefill", "kvaware": "prefixaware",
+    "disaggregated_prefill": "disaggregated_prefill", "kvaware": "kvaware",
     "priority": "leastload",
     "disaggregated_prefill_orchestrated": "disaggregated_prefill_orchestrated",
 }
@@ -222,7 +222,7 @@ def test_help_names_every_production_stack_flag_and_its_mapping() -> None:
                          ("--backend-health-check-timeout-seconds", "--health-check-timeout"),
                          ("--max-instance-failover-reroute-attempts", "--max-retries")):
         assert f"{theirs} " in text and f"= {ours}" in text
-    assert "kvaware routes as prefixaware" in text
+    assert "kvaware routes on the engines' KV cache events" in text
 
 
 # --- real starts: `python -m router` with the argument lists their chart renders ---------
@@ -310,7 +310,7 @@ async def test_chart_rendered_arguments_start_and_serve_a_chat(
     values: dict[str, Any] = CHARTS[chart]
     log = await serve_a_chat(chart_args(port, [e.url for e in engines], **values), port)
     if chart == "kvaware":
-        assert "--routing-logic kvaware: routing as prefixaware" in log, log
+        assert "routing as" not in log, log  # kvaware is a policy of its own here
         assert "--log-level trace: logging at debug" in log, log
         assert "--lmcache-controller-port ignored" in log, log
     if chart == "extra-args":

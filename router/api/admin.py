@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router import __version__
 from router.api.middleware import expect_handler
 from router.keys import (
-    CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, LIVE_REQUESTS, METRICS, POOL,
+    CHOOSER, ENGINE_STATS, FLEET_PUBLISHER, HEALTH, KV_CACHE, LIVE_REQUESTS, METRICS, POOL,
     RUNTIME_WORKERS, STATS,
 )
 from router.observe import multiprocess
@@ -100,8 +100,35 @@ def engine_entries(app: web.Application) -> list[dict[str, Any]]:
             "avg_latency_s": window.avg_latency,
             "engine": engine,
             "last_scrape_error": app[ENGINE_STATS].last_error(backend.id),
+            "kv_events": kv_entry(app, backend.id),
         })
     return listing
+
+
+def kv_entry(app: web.Application, backend_id: str) -> dict[str, Any] | None:
+    """What the KV events say of one engine (`kvaware`), None while it sends none: the
+    blocks indexed, the stream's state, and the share of prompt tokens the router expected
+    cached in the requests it sent there (compare with the engine's own hits / queries)."""
+    kv = app[KV_CACHE]
+    stats = kv.feeds.stats.get(backend_id) if kv.feeds is not None else None
+    if stats is None:
+        return None
+    engine = kv.index.engines.get(backend_id)
+    predicted = kv.predicted.get(backend_id)
+    return {
+        "index_blocks": len(engine) if engine is not None else 0,
+        "streams": stats.sources,
+        "batches": stats.batches,
+        "lag_s": None if stats.lag is None else round(stats.lag, 4),
+        "gaps_replayed": stats.gaps_replayed,
+        "gaps_lost": stats.gaps_lost,
+        "restarts": stats.restarts,
+        "skipped": stats.malformed + stats.events_skipped,
+        "predicted_hit_rate": (
+            round(predicted.cached_tokens / predicted.prompt_tokens, 4)
+            if predicted is not None and predicted.prompt_tokens else None
+        ),
+    }
 
 
 async def engines(request: web.Request) -> web.Response:

@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="routing policy (default roundrobin); disaggregated_prefill sends the prefill "
              "engine a one-token copy of the request, then the request as it came to a decode "
              "engine, and disaggregated_prefill_orchestrated also passes the prefill's "
-             "kv_transfer_params to the decode (see docs/routing.md); production-stack's "
-             "kvaware routes as prefixaware, priority as leastload")
+             "kv_transfer_params to the decode (see docs/routing.md); kvaware routes on the "
+             "engines' KV cache events (vLLM --kv-events-config); production-stack's "
+             "priority routes as leastload")
     add("--log-level", choices=(*LOG_LEVELS, *LOG_LEVEL_MAPPED), default="info",
         type=str.lower, help="(default info; trace, from production-stack, logs at debug)")
     add("--log-stats", action="store_true",
@@ -362,6 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefixaware: characters of the prompt a backend's cached prefix must match "
              "at least, else the least loaded backend serves it (production-stack's flag, "
              "in characters as there; default 0)")
+    add("--load-cost-tokens", type=non_negative_float, default=256.0,
+        help="kvaware, prefixaware: prompt tokens one request of load is worth: an engine "
+             "holding N more tokens of the prompt wins until it carries N / this many "
+             "requests more (default 256; see docs/routing.md)")
+    add("--kv-events-endpoint", default=None,
+        help="kvaware: where every engine publishes its KV events, {host} for the engine's "
+             "host, e.g. tcp://{host}:5557 (default: each engine's GET /kv_event_sources)")
+    add("--kv-events-replay-endpoint", default=None,
+        help="kvaware: with --kv-events-endpoint, the replay endpoint, e.g. "
+             "tcp://{host}:5558")
+    add("--kv-index-max-blocks", type=positive_int, default=1_000_000,
+        help="kvaware: KV cache blocks indexed over all engines at most; past it the "
+             "busiest engine's oldest go (default 1e6, about 200 MB)")
+    add("--kv-tokenize-timeout", type=positive_float, default=0.25,
+        help="kvaware: seconds for an engine's /tokenize of the prompt; past it the request "
+             "routes on load (default 0.25)")
     add("--prefix-cache-max-chars", type=positive_int, default=10_000_000,
         help="prefixaware: bound on each model's prefix tree, in characters, each node "
              "counting for its overhead too (about the tree's size in bytes; default 1e7)")

@@ -20,9 +20,6 @@ __all__ = [
 ]
 
 ROUTING_LOGIC_MAPPED = {
-    # kvaware asks an LMCache controller where each prompt's KV cache lives; prefixaware
-    # keeps the same affinity from the prompts the router has seen itself.
-    "kvaware": "prefixaware",
     # priority sends high-priority requests to the least-loaded engine; leastload does
     # that for every request. The body's `priority` field reaches vLLM unchanged.
     "priority": "leastload",
@@ -100,12 +97,12 @@ def add_prodstack_flags(parser: argparse.ArgumentParser) -> None:
         help="accepted: batches always run in the router, through its routing")
     # Accepted and ignored, with a notice at start.
     add("--kv-aware-threshold", type=int, default=None, metavar="N",
-        help="ignored: kvaware routes as prefixaware (no LMCache controller)")
+        help="ignored: kvaware routes on the engines' own KV events (no LMCache controller)")
     for flag in ("--lmcache-controller-port", "--lmcache-health-check-interval",
                  "--lmcache-worker-timeout"):
         add(flag, type=int, default=None, metavar="N",
-            help="ignored: the router runs no LMCache controller; kvaware routes as "
-                 "prefixaware")
+            help="ignored: the router runs no LMCache controller; kvaware routes on the "
+                 "engines' own KV events")
     add("--sentry-dsn", default=None, metavar="DSN",
         help="ignored: no Sentry reporting built in (errors are logged; traces: "
              "--otel-endpoint)")
@@ -159,8 +156,10 @@ def prodstack_settings(args: argparse.Namespace) -> ProdstackSettings:
                                  "lmcache_health_check_interval", "lmcache_worker_timeout")
                if getattr(args, name) is not None]
     if ignored:
-        notices.append(f"{flags(ignored)} ignored: the router runs no LMCache controller "
-                       "(--routing-logic kvaware routes as prefixaware)")
+        notices.append(f"{flags(ignored)} ignored: the router runs no LMCache controller; "
+                       "--routing-logic kvaware routes on the engines' own KV events "
+                       "(vLLM --kv-events-config), and on the prompts it saw while an "
+                       "engine publishes none")
     sentry = [name for name in ("sentry_dsn", "sentry_traces_sample_rate",
                                 "sentry_profile_session_sample_rate")
               if getattr(args, name) is not None]

@@ -316,6 +316,18 @@ class Config:
     prefix_min_match_length: int = 0
     """`prefixaware`: characters a cached prefix must match at least (production-stack's
     `--prefix-min-match-length`); below it the least loaded backend serves the request."""
+    load_cost_tokens: float = 256.0
+    """`kvaware`, `prefixaware`: prompt tokens one request of load is worth in the cache
+    score (`router.policies.cache_score`)."""
+    kv_events_endpoint: str | None = None
+    """`kvaware`: where every engine publishes its KV events, `{host}` standing for the
+    engine's host (e.g. `tcp://{host}:5557`); None: ask each engine (`/kv_event_sources`)."""
+    kv_events_replay_endpoint: str | None = None
+    """`kvaware`: the replay endpoint, with `kv_events_endpoint`."""
+    kv_index_max_blocks: int = 1_000_000
+    """`kvaware`: bound on the blocks indexed over all engines."""
+    kv_tokenize_timeout: float = 0.25
+    """`kvaware`: seconds for the engine's `/tokenize`; past it the request routes on load."""
     prefix_cache_max_chars: int = 10_000_000
     """`prefixaware`: bound on each model's prefix tree, in characters with each node counted
     for its overhead as well (roughly the tree's size in bytes); LRU eviction."""

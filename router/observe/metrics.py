@@ -342,6 +342,11 @@ class Metrics:
 
     # -- scrape time --
 
+    def add_gauges(self, collector: Collector) -> None:
+        """More gauges computed at scrape time (published by each worker like the rest)."""
+        self._gauges.append(collector)
+        self.registry.register(collector)
+
     def collect_fleet(self) -> Iterator[Metric]:
         """Every gauge, computed now: per (server, model), breaker states and health, the
         engines' own figures and the process's use of CPU, memory and disk."""

@@ -15,6 +15,7 @@ from router.config.settings import Config
 from router.policies.disaggregated import (
     DisaggregatedPrefill, DisaggregatedPrefillOrchestrated,
 )
+from router.policies.kvaware import KvAware
 from router.policies.leastload import LeastLoad
 from router.policies.prefixaware import PrefixAware
 from router.policies.roundrobin import RoundRobin
@@ -24,9 +25,13 @@ from router.stats.requests import RequestStats
 
 if TYPE_CHECKING:
     from router.backends.pool import Backend
+    from router.kvcache.state import KvCache
     from router.proxy.inbound import InboundRequest
 
-__all__ = ["RoutingPolicy", "TwoStagePolicy", "PolicyContext", "POLICIES", "make_policy"]
+__all__ = [
+    "RoutingPolicy", "PreparingPolicy", "TwoStagePolicy", "PolicyContext", "POLICIES",
+    "make_policy",
+]
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,23 @@ class PolicyContext:
     """The router's own in-flight counts: `stats.for_backend(backend.id).in_flight`."""
     engines: EngineStats
     """The engines' last scraped figures: `engines.get(backend.id)` (None before a scrape)."""
+    kv: KvCache | None = None
+    """What the engines' KV cache events say they hold (`kvaware`)."""
 
 
 class RoutingPolicy(Protocol):
     def choose(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:
         """Return one of `candidates` (never empty; all healthy) for `request`."""
+        ...
+
+
+class PreparingPolicy(RoutingPolicy, Protocol):
+    """A policy that learns something about the request before choosing (`kvaware`: the
+    prompt's tokens), kept in `request.prepared` for the choice and its retries."""
+
+    async def prepare(
+        self, request: InboundRequest, candidates: Sequence[Backend], endpoint: str,
+    ) -> None:
         ...
 
 
@@ -61,6 +78,7 @@ POLICIES: dict[str, Callable[[PolicyContext], RoutingPolicy]] = {
     "session": Session,
     "leastload": LeastLoad,
     "prefixaware": PrefixAware,
+    "kvaware": KvAware,
     "disaggregated_prefill": DisaggregatedPrefill,
     "disaggregated_prefill_orchestrated": DisaggregatedPrefillOrchestrated,
 }

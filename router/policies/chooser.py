@@ -7,7 +7,7 @@ request. A `?id=<backend id>` query pins the request to one backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 from router.backends.pool import Backend, BackendPool
@@ -39,6 +39,16 @@ class BackendChooser:
         self._choose_prefill: Callable[[InboundRequest, Sequence[Backend]], Backend] | None = (
             getattr(policy, "choose_prefill", None)
         )
+        self._prepare: Callable[
+            [InboundRequest, Sequence[Backend], str], Awaitable[None]
+        ] | None = getattr(policy, "prepare", None)
+
+    async def prepare(self, request: InboundRequest, endpoint: str) -> None:
+        """Let the policy learn what it needs of the request before `choose`, if it does."""
+        if self._prepare is not None:
+            candidates = self.candidates(request.model)
+            if candidates:
+                await self._prepare(request, candidates, endpoint)
 
     def candidates(self, model: str, exclude: Collection[str] = ()) -> list[Backend]:
         return self.health.routable(self.pool.candidates(model), exclude)

@@ -69,6 +69,8 @@ async def route(
     if pinned is None:  # the client's `?id=` first, then what the body pins it to
         pinned = inbound.pinned
     chooser = app[CHOOSER]
+    if pinned is None:
+        await chooser.prepare(inbound, flow.endpoint)
     flow.backend = chooser.choose(inbound, pinned)
     failover: Failover | None = None
     prefill_hop = app[PREFILL_HOP]

@@ -228,6 +228,9 @@ class InboundRequest:
     pinned: str | None = None
     """The backend id this request must go to, learned from its body (a follow-up of a
     stored response, `previous_response_id`); the client's `?id=` comes first."""
+    prepared: object = None
+    """What the routing policy learned of this request before choosing (`kvaware`: the
+    prompt's blocks), reused when a retry chooses again."""
 
     @property
     def replayable(self) -> bool:

@@ -27,7 +27,9 @@ from aiohttp import web
 
 from router.config.settings import Config, ConfigError
 from router.discovery.static import static_backends
-from router.keys import API_KEYS, CHOOSER, CONFIG, ENGINE_STATS, EVENTS, POOL, STATS
+from router.keys import (
+    API_KEYS, CHOOSER, CONFIG, ENGINE_STATS, EVENTS, KV_CACHE, POOL, STATS,
+)
 from router.policies import PolicyContext, make_policy
 
 __all__ = ["Reloader"]
@@ -84,7 +86,8 @@ class Reloader:
         if changed & ROUTING:
             chooser = app[CHOOSER]
             policy = make_policy(
-                new.routing_logic, PolicyContext(new, app[STATS], app[ENGINE_STATS])
+                new.routing_logic,
+                PolicyContext(new, app[STATS], app[ENGINE_STATS], app[KV_CACHE]),
             )
             app[EVENTS].replace(chooser.policy, policy)
             chooser.use_policy(policy)
