@@ -154,7 +154,8 @@ def test_the_engine_holding_the_prompt_wins_until_it_is_busy_enough() -> None:
     set_in_flight(context, backends[1], 41)
     assert policy.choose(request, backends) is not backends[1]
     predicted = context.kv.predicted[backends[1].id]
-    assert (predicted.cached_tokens, predicted.prompt_tokens) == (800, 800)
+    # All but the last block: the engine always computes the last token.
+    assert (predicted.cached_tokens, predicted.prompt_tokens) == (792, 800)
 
 
 def test_ties_spread_new_prompts_and_two_replicas_break_them_alike() -> None:

@@ -14,7 +14,7 @@ on every block of an adapter's prompt, the `cache_salt` on the first block. Only
 events hold the same index.
 
 Memory is bounded by `max_blocks` over all engines: past it the busiest engine's oldest block
-goes (blocks are ordered by their last store; vLLM re-sends `BlockStored` on a hit).
+goes (blocks are ordered by their last store).
 """
 
 from __future__ import annotations

@@ -117,7 +117,9 @@ class KvAware:
             for number, backend in enumerate(candidates):
                 size = index.block_size(backend.id)
                 if size:
-                    cached[number] = size * index.matched_blocks(backend.id, blocks.hashes(size))
+                    # The engine computes the prompt's last token whatever it holds.
+                    hashes = blocks.hashes(size)[: (prompt - 1) // size]
+                    cached[number] = size * index.matched_blocks(backend.id, hashes)
         score = self._score
         costs = score.costs(prompt, cached, loads)
         if home is not None:
