@@ -102,6 +102,19 @@ def test_removals_and_a_reset_take_blocks_away() -> None:
     assert index.blocks == 0
 
 
+def test_a_block_stored_twice_stays_until_both_copies_are_removed() -> None:
+    index = KvIndex(1000)
+    tokens = list(range(8))
+    store_prompt(index, "a", tokens)
+    store_prompt(index, "a", tokens)  # vLLM computed the last block again and kept both
+    removal = {"type": "BlockRemoved", "block_hashes": [1001], "medium": "GPU"}
+    index.apply("a", 0, decode_batch(batch(removal)))
+    assert index.matched_blocks("a", prompt_hashes(tokens, BLOCK)) == 2
+    index.apply("a", 0, decode_batch(batch(removal)))
+    assert index.matched_blocks("a", prompt_hashes(tokens, BLOCK)) == 1
+    assert index.blocks == 1
+
+
 def test_lora_and_cache_salt_keep_the_same_tokens_apart() -> None:
     index = KvIndex(1000)
     tokens = list(range(12))

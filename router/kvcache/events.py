@@ -32,7 +32,8 @@ class MalformedBatch(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """`BlockStored`: blocks now in the cache (also sent again when a prompt hits them)."""
+    """`BlockStored`: blocks now in the cache (a hit sends none, unless the request asked
+    for `kv_cache_report_mode: full`)."""
 
     block_hashes: list[BlockHash]
     parent: BlockHash | None

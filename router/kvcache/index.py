@@ -31,6 +31,8 @@ __all__ = ["KvIndex", "EngineBlocks", "prompt_hashes", "extra_code", "ROOT"]
 ROOT = 0
 """The parent of a first block."""
 MAX_LORA_NAMES = 10_000
+MAX_COPIES = 100_000
+"""Duplicate blocks counted per engine at most (a removal beyond is taken as the last copy)."""
 
 
 def extra_code(keys: tuple[str, ...] | None) -> int:
@@ -68,6 +70,10 @@ class EngineBlocks:
     """The engine's block size, from its `BlockStored` events (0 before any)."""
     orphans: int = 0
     """Stored events skipped because their parent was unknown here (joined mid-stream)."""
+    copies: dict[tuple[int, BlockHash], int] = field(default_factory=dict)
+    """Blocks stored more than once under one hash, and how many times more: vLLM computes a
+    fully cached prompt's last block again and keeps both copies; evicting one leaves the
+    other serving hits."""
 
     def add(self, key: tuple[int, BlockHash], own_hash: int) -> bool:
         """Record one block; True if it is new."""
@@ -75,13 +81,23 @@ class EngineBlocks:
         if previous is not None:
             self.by_engine_hash.move_to_end(key)
             if previous == own_hash:
+                if len(self.copies) < MAX_COPIES:
+                    self.copies[key] = self.copies.get(key, 0) + 1
                 return False
+            self.copies.pop(key, None)
             self._release(previous)
         self.by_engine_hash[key] = own_hash
         self.own[own_hash] = self.own.get(own_hash, 0) + 1
         return previous is None
 
     def remove(self, key: tuple[int, BlockHash]) -> bool:
+        extra = self.copies.get(key)
+        if extra is not None:  # one copy of several went
+            if extra > 1:
+                self.copies[key] = extra - 1
+            else:
+                del self.copies[key]
+            return False
         own_hash = self.by_engine_hash.pop(key, None)
         if own_hash is None:
             return False
@@ -89,12 +105,14 @@ class EngineBlocks:
         return True
 
     def pop_oldest(self) -> None:
-        _, own_hash = self.by_engine_hash.popitem(last=False)
+        key, own_hash = self.by_engine_hash.popitem(last=False)
+        self.copies.pop(key, None)
         self._release(own_hash)
 
     def clear_rank(self, rank: int) -> int:
         keys = [key for key in self.by_engine_hash if key[0] == rank]
         for key in keys:
+            self.copies.pop(key, None)
             self.remove(key)
         return len(keys)
 

@@ -3,6 +3,7 @@ around it: misbehaving backends and clients for the chaos suite (`chaos`), a scr
 HTTP engine (`raw_engine`), vLLM metrics samples, load floods and child processes."""
 
 from router.testing.engine.app import RunningEngine, make_engine_app, start_engine
+from router.testing.engine.kv_events import KvEventPublisher, KvEvents, KvEventsOptions
 from router.testing.engine.state import (
     ENGINE_BEHAVIOUR,
     ENGINE_STATE,
@@ -16,6 +17,9 @@ __all__ = [
     "ENGINE_STATE",
     "EngineBehaviour",
     "EngineState",
+    "KvEventPublisher",
+    "KvEvents",
+    "KvEventsOptions",
     "RunningEngine",
     "Upload",
     "make_engine_app",

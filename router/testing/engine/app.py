@@ -1,5 +1,6 @@
 """The fake engine app (`make_engine_app`: every route in one place) and `start_engine`, which
-runs it on a loopback port as a `RunningEngine`."""
+runs it on a loopback port as a `RunningEngine`; `kv_events=` turns on vLLM's KV cache events
+(`kv_events`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from aiohttp import web
 
 from router.testing.engine.audio import audio_endpoint
 from router.testing.engine.generate import chat_completions, completions, responses
+from router.testing.engine.kv_events import (
+    KV_EVENTS,
+    KvEvents,
+    KvEventsOptions,
+    add_kv_events,
+    kv_event_sources,
+    reset_prefix_cache,
+    with_prefix_cache_counters,
+)
 from router.testing.engine.media import images_edits, images_generations, speech
 from router.testing.engine.messages import messages
 from router.testing.engine.pooling import detokenize, embeddings, rerank, score, tokenize
@@ -39,11 +49,18 @@ async def _echo_request_id(request: web.BaseRequest, response: web.StreamRespons
         response.headers["x-request-id"] = request_id
 
 
-def make_engine_app(models: Sequence[str], name: str = "engine") -> web.Application:
-    """Build the fake engine app serving ``models`` (the first one is the default)."""
+def make_engine_app(
+    models: Sequence[str], name: str = "engine", *, kv_events: bool | KvEventsOptions = False
+) -> web.Application:
+    """Build the fake engine app serving ``models`` (the first one is the default).
+
+    ``kv_events``: True (default options) or `KvEventsOptions` for a prefix cache that
+    publishes vLLM's KV cache events over ZMQ while the app runs; off by default."""
     if isinstance(models, str) or not models:
         raise ValueError("models must be a non-empty sequence of model names")
     app = web.Application(client_max_size=_CLIENT_MAX_SIZE)
+    if kv_events is not False:
+        add_kv_events(app, KvEventsOptions() if kv_events is True else kv_events)
     app[ENGINE_CONFIG] = EngineConfig(models=tuple(models), name=name)
     app[ENGINE_STATE] = EngineState()
     app[ENGINE_BEHAVIOUR] = EngineBehaviour()
@@ -72,7 +89,11 @@ def make_engine_app(models: Sequence[str], name: str = "engine") -> web.Applicat
     app.router.add_get("/is_sleeping", is_sleeping)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get(
+        "/metrics", metrics if kv_events is False else with_prefix_cache_counters(metrics)
+    )
+    app.router.add_get("/kv_event_sources", kv_event_sources)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     add_realtime(app)
     return app
 
@@ -93,6 +114,14 @@ class RunningEngine:
     @property
     def behaviour(self) -> EngineBehaviour:
         return self.app[ENGINE_BEHAVIOUR]
+
+    @property
+    def kv_events(self) -> KvEvents:
+        """The prefix cache and its publisher (`.publisher.endpoint`, `.restart()`, ...)."""
+        kv = self.app.get(KV_EVENTS)
+        if kv is None:
+            raise RuntimeError("KV cache events are off: start the engine with kv_events=...")
+        return kv
 
     async def close(self) -> None:
         """Stop listening and cancel running handlers; safe to call more than once."""
@@ -115,9 +144,11 @@ async def start_engine(
     port: int = 0,
     name: str = "engine",
     shutdown_timeout: float = 0.25,
+    kv_events: bool | KvEventsOptions = False,
 ) -> RunningEngine:
-    """Start a fake engine on ``host:port`` (port 0 picks a free port)."""
-    app = make_engine_app(models, name)
+    """Start a fake engine on ``host:port`` (port 0 picks a free port); ``kv_events`` as in
+    `make_engine_app`."""
+    app = make_engine_app(models, name, kv_events=kv_events)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
     )

@@ -1,5 +1,6 @@
 """The fake engine's endpoints that generate no text: embeddings, rerank, score, tokenize and
-detokenize, with deterministic vectors and word-overlap similarities."""
+detokenize, with deterministic vectors and word-overlap similarities; and the prompt
+rendering `/tokenize` shares with the prefix cache (`prompt_token_ids`, `chat_token_ids`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,18 @@ from router.testing.engine.replies import BadRequest, dumps, model_of, proxied, 
 from router.testing.engine.state import ENGINE_CONFIG, MAX_MODEL_LEN, JsonDict
 from router.testing.engine.tokens import count_tokens, text_of, token_usage, utf8
 
-__all__ = ["detokenize", "embeddings", "rerank", "score", "tokenize"]
+__all__ = [
+    "chat_token_ids",
+    "detokenize",
+    "embeddings",
+    "is_token_ids",
+    "prompt_token_ids",
+    "rerank",
+    "score",
+    "tokenize",
+]
+
+_MAX_TOKEN_ID = 2**63 - 1  # vLLM's bound on a token id in `/detokenize`
 
 
 def _words(text: str) -> set[str]:
@@ -146,17 +158,38 @@ async def score(request: web.Request) -> web.StreamResponse:
     })
 
 
+def is_token_ids(value: Any) -> bool:
+    """A pre-tokenised prompt: a non-empty list of token ids (not bools, not negative)."""
+    return isinstance(value, list) and bool(value) and all(
+        type(item) is int and 0 <= item <= _MAX_TOKEN_ID for item in value
+    )
+
+
+def prompt_token_ids(prompt: Any) -> list[int]:
+    """A prompt's token ids as the engine sees them: given ids as they are, anything else
+    through the byte-level tokenizer. `/tokenize` and the prefix cache both use this."""
+    if is_token_ids(prompt):
+        return list(prompt)
+    return list(utf8(text_of(prompt)))
+
+
+def chat_token_ids(messages: Any) -> list[int]:
+    """The fake's one chat rendering ("role: content" lines), for `/tokenize` with `messages`
+    and for the prompt of a chat completion alike: they must never disagree, or a router
+    hashing `/tokenize`'s answer would miss the blocks the engine really stored."""
+    return list(utf8(text_of(messages)))
+
+
 @proxied
 async def tokenize(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model_of(request, body.get("model"))
     if "prompt" in body:
-        text = text_of(body["prompt"])
+        tokens = prompt_token_ids(body["prompt"])
     elif isinstance(body.get("messages"), list):
-        text = text_of(body["messages"])
+        tokens = chat_token_ids(body["messages"])
     else:
         raise BadRequest(400, "Either `prompt` or `messages` is required.")
-    tokens = list(utf8(text))
     return await reply(request, {
         "count": len(tokens),
         "max_model_len": MAX_MODEL_LEN,
