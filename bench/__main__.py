@@ -51,7 +51,9 @@ from bench.targets import target as find_target
 
 RESULTS = Path(__file__).parent / "results"
 WORKLOADS = {"chat": False, "sse": True}
-SECTIONS = ("chat", "sse", "upload", "streams", "workers", "soak")
+SECTIONS = ("chat", "sse", "upload", "streams", "workers", "soak", "kv")
+KV_PROMPT_TOKENS = 4000
+"""The kv section's chat: the fake engine's tokenizer takes one token per byte."""
 SSE_EVENTS = 64 + 3  # role chunk, 64 tokens, finish chunk, [DONE]
 NPROC = len(os.sched_getaffinity(0))
 
@@ -213,8 +215,9 @@ def loadgen_cpu() -> float:
 
 def measure(target: Target, proc: Proc, url: str, engines: Sequence[Sequence[Proc]],
             workload: str, concurrency: int, args: argparse.Namespace,
-            loadgen_pin: str | None = None) -> Row:
-    body = chat_body(CHAT, WORKLOADS[workload])
+            loadgen_pin: str | None = None, body: str | None = None) -> Row:
+    if body is None:
+        body = chat_body(CHAT, WORKLOADS[workload])
     endpoint = url + "/v1/chat/completions"
     warmup_requests = 0
     if args.warmup > 0:
@@ -247,6 +250,68 @@ def measure(target: Target, proc: Proc, url: str, engines: Sequence[Sequence[Pro
         cpu_us_min=round(cpu / requests * 1e6, 1), cpu_us_max=round(cpu / requests * 1e6, 1),
         cpu_us_rounds=[round(cpu / requests * 1e6, 1)], warmup_requests=warmup_requests,
     )
+
+
+def kv_routing(args: argparse.Namespace, log_dir: Path, report: dict[str, object]) -> None:
+    """What kvaware adds over roundrobin per request: a 4,000-token chat through both, side
+    by side in interleaved rounds, in front of two fake engines publishing KV events (so
+    every kvaware request asks an engine's /tokenize and scores the engines' blocks)."""
+    urls, engines = start_engines(log_dir, 2, 1, args.engine_uvloop, extra=["--kv-events"])
+    started: list[Proc] = [proc for group in engines for proc in group]
+    with running(started):
+        routers = {
+            "roundrobin": start_router(urls, log_dir, "router-roundrobin"),
+            "kvaware": start_router(urls, log_dir, "router-kvaware",
+                                    extra=["--routing-logic", "kvaware"]),
+        }
+        started.extend(routers.values())
+        for proc in routers.values():
+            proc.wait_http("/ready", timeout=60)
+        content = ("The quick brown fox jumps over the lazy dog. " * 100)[:KV_PROMPT_TOKENS - 40]
+        body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": content}],
+                           "max_tokens": 16, "stream": False}, separators=(",", ":"))
+        kvaware = routers["kvaware"]
+        # Until the engines' first blocks reach the index, kvaware routes without tokens.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            request = urllib.request.Request(kvaware.url + "/v1/chat/completions",
+                                             data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).read()
+            with urllib.request.urlopen(kvaware.url + "/engines", timeout=10) as answer:
+                listing = json.loads(answer.read())
+            if all((entry.get("kv_events") or {}).get("index_blocks") for entry in listing):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"kvaware never indexed the engines' blocks:\n"
+                               f"{kvaware.log_tail()}")
+        runs: dict[tuple[int, str], list[Row]] = {}
+        for round_number in range(args.rounds):
+            if args.rounds > 1:
+                print(f"-- kv round {round_number + 1} of {args.rounds}", flush=True)
+            for concurrency in args.kv_concurrency:
+                for name, proc in routers.items():
+                    target = Target(f"router-{name}", "ours", lambda: None, None)
+                    row = measure(target, proc, proc.url, engines, "kv-chat", concurrency,
+                                  args, body=body)
+                    runs.setdefault((concurrency, name), []).append(row)
+                    print_row(row)
+        with urllib.request.urlopen(kvaware.url + "/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
+    rows = {key: median_row(group) for key, group in runs.items()}
+    report.setdefault("rows", []).extend(rows.values())  # type: ignore[union-attr]
+    added = {}
+    for concurrency in args.kv_concurrency:
+        base, kv = rows[(concurrency, "roundrobin")], rows[(concurrency, "kvaware")]
+        added[concurrency] = {
+            "cpu_us": round(kv.cpu_us_per_request - base.cpu_us_per_request, 1),
+            "p50_ms": round(kv.p50_ms - base.p50_ms, 3),
+        }
+    predicted = [line for line in metrics.splitlines()
+                 if line.startswith("router_kv_predicted_")]
+    report["kv"] = {"prompt_tokens": KV_PROMPT_TOKENS, "added": added,
+                    "predicted": predicted}
 
 
 def median_row(rows: list[Row]) -> Row:
@@ -604,6 +669,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="rounds of all measurements, interleaved; the table shows medians (default 2)")
     add("--warmup", type=float, default=2.0, help="seconds of warm-up before each (default 2)")
     add("--concurrency", default="1,64", help="client connections (default 1,64)")
+    add("--kv-concurrency", default="1,8",
+        help="kv section: client connections (default 1,8)")
     add("--loadgen", choices=("auto", "wrk", "python"), default="auto",
         help="wrk, or a Python client (no wrk: figures not comparable); default auto")
     add("--engine-procs", type=int, default=1,
@@ -689,6 +756,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name in EXTENSIONS.values():
             parser.error(f"--streams-targets: {name} is measured on chat and SSE only")
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    args.kv_concurrency = [int(c) for c in str(args.kv_concurrency).split(",") if c]
     if args.loadgen == "auto":
         args.loadgen = "wrk" if wrk_path() else "python"
     elif args.loadgen == "wrk" and not wrk_path():
@@ -736,6 +804,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if "soak" in args.only:
             with phase("soak"):
                 soak(args, log_dir, report)
+        if "kv" in args.only:
+            with phase("kv"):
+                kv_routing(args, log_dir, report)
         ok = True
     finally:
         if args.keep_logs or not ok:

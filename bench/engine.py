@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from router.testing.engine.app import make_engine_app
+from router.testing.engine.kv_events import KvEventsOptions
 from router.testing.engine.state import ENGINE_BEHAVIOUR
 
 
@@ -57,6 +58,9 @@ def main() -> None:
                         help="use uvloop when it is installed")
     parser.add_argument("--upload-sink", choices=("multipart", "raw"), default="multipart",
                         help="how audio uploads are read (default: the engine's multipart)")
+    parser.add_argument("--kv-events", action="store_true",
+                        help="publish vLLM's KV cache events (ports picked free; the engine's "
+                             "/kv_event_sources says which)")
     args = parser.parse_args()
     if args.uvloop:
         try:
@@ -65,7 +69,9 @@ def main() -> None:
             pass
         else:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    app = make_engine_app([m for m in args.models.split(",") if m], name=args.name)
+    kv_events = KvEventsOptions(host=args.host) if args.kv_events else False
+    app = make_engine_app([m for m in args.models.split(",") if m], name=args.name,
+                          kv_events=kv_events)
     behaviour = app[ENGINE_BEHAVIOUR]
     behaviour.token_delay = args.token_delay
     behaviour.first_token_delay = args.first_token_delay

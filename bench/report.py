@@ -76,6 +76,17 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     f"vs direct {direct[f'{stat}_ms']:.2f} ms)")
             else:
                 add(key, goal, None, "")
+    kv = report.get("kv")
+    for concurrency, added in sorted((kv or {}).get("added", {}).items()):
+        prompt = kv["prompt_tokens"]  # type: ignore[index]
+        add(f"kv_cpu_c{concurrency}",
+            f"kvaware over roundrobin, {prompt}-token chat, c={concurrency}: router CPU "
+            f"<= +1 ms per request", added["cpu_us"] <= 1000, f"{added['cpu_us']:+.0f} us")
+        add(f"kv_p50_c{concurrency}",
+            f"kvaware over roundrobin, {prompt}-token chat, c={concurrency}: p50 <= +2 ms",
+            added["p50_ms"] <= 2.0, f"{added['p50_ms']:+.2f} ms")
+    if not kv:
+        add("kv", "kvaware over roundrobin: router CPU <= +1 ms, p50 <= +2 ms", None, "")
     upload = report.get("upload", {}).get("router")
     if upload and "mb_per_s" in upload:
         size = f"{upload['size_mib']} MiB"

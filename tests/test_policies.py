@@ -342,28 +342,46 @@ def test_another_conversation_can_go_elsewhere() -> None:
     context = make_context()
     backends = make_backends(2)
     policy = PrefixAware(context)
-    first = policy.choose(make_request(chat("Plan a trip to Lisbon.", system="Travel agent.")),
-                          backends)
-    set_in_flight(context, first, 5)  # busier, though not imbalanced
-    other = policy.choose(make_request(chat("Prove that 17 is prime.", system="Mathematician.")),
+    agent, mathematician = "Travel agent. " * 300, "Mathematician. " * 300
+    first = policy.choose(make_request(chat("Plan a trip to Lisbon.", system=agent)), backends)
+    set_in_flight(context, first, 3)  # busier, though not by the 4,000 characters it holds
+    other = policy.choose(make_request(chat("Prove that 17 is prime.", system=mathematician)),
                           backends)
     assert other is not first
     follow_up = chat("Plan a trip to Lisbon.", "Day one: Alfama...", "And day two?",
-                     system="Travel agent.")
+                     system=agent)
     assert policy.choose(make_request(follow_up), backends) is first
 
 
-def test_an_imbalanced_fleet_overrides_affinity() -> None:
-    context = make_context(balance_abs_threshold=32, balance_rel_threshold=1.5)
+def test_a_hot_prefix_spreads_once_its_backend_is_busy() -> None:
+    # 4,643 characters held: at 256 tokens of 4 characters per request of load, the home
+    # keeps the prompt until it carries more than 4.5 requests over another backend.
+    context = make_context(load_cost_tokens=256.0)
     backends = make_backends(3)
     policy = PrefixAware(context)
-    body = chat("Summarise this report. " * 20)
+    body = chat("Summarise this report. " * 200)
     home = policy.choose(make_request(body), backends)
-    set_in_flight(context, home, 30)  # a gap of 30 is within the absolute threshold
+    set_in_flight(context, home, 4)
     assert policy.choose(make_request(body), backends) is home
-    set_in_flight(context, home, 40)
+    set_in_flight(context, home, 5)
     others = [b for b in backends if b is not home]
-    set_in_flight(context, others[0], 2)
+    set_in_flight(context, others[0], 1)
+    assert policy.choose(make_request(body), backends) is others[1]
+
+
+def test_an_imbalanced_fleet_overrides_affinity() -> None:
+    # production-stack's escape stays: past both thresholds load alone decides.
+    context = make_context(balance_abs_threshold=2, balance_rel_threshold=1.5,
+                           load_cost_tokens=1.0)
+    backends = make_backends(3)
+    policy = PrefixAware(context)
+    body = chat("Summarise this report. " * 200)
+    home = policy.choose(make_request(body), backends)
+    set_in_flight(context, home, 2)  # a gap of 2 is within the absolute threshold
+    assert policy.choose(make_request(body), backends) is home
+    set_in_flight(context, home, 3)
+    others = [b for b in backends if b is not home]
+    set_in_flight(context, others[0], 1)
     assert policy.choose(make_request(body), backends) is others[1]
 
 
@@ -404,7 +422,7 @@ def test_the_cache_salt_keeps_prefixes_apart() -> None:
     context = make_context()
     backends = make_backends(2)
     policy = PrefixAware(context)
-    body = chat("A long shared question about the weather. " * 5)
+    body = chat("A long shared question about the weather. " * 50)
     home = policy.choose(make_request({**body, "cache_salt": "tenant-a"}), backends)
     set_in_flight(context, home, 1)
     assert policy.choose(make_request({**body, "cache_salt": "tenant-b"}), backends) is not home
@@ -478,11 +496,16 @@ def test_prefix_affinity_hit_rate_on_a_multi_turn_workload() -> None:
     backends = make_backends(4)
     context = make_context()
     rate = hit_rate(PrefixAware(context), context, backends)
+    # Load weighing less than the default: a conversation's own part (a few hundred
+    # characters a turn here) keeps it home against a busier backend.
+    sticky_context = make_context(load_cost_tokens=32.0)
+    sticky = hit_rate(PrefixAware(sticky_context), sticky_context, backends)
     baseline_context = make_context()
     baseline = hit_rate(RoundRobin(baseline_context), baseline_context, backends)
-    print(f"\nhit rate, 50 conversations x 8 turns over 4 backends: prefixaware {rate:.3f}, "
-          f"roundrobin {baseline:.3f}")
-    assert rate >= 0.9
+    print(f"\nhit rate, 50 conversations x 8 turns over 4 backends: prefixaware {rate:.3f} "
+          f"(--load-cost-tokens 32: {sticky:.3f}), roundrobin {baseline:.3f}")
+    assert rate >= 2 * baseline
+    assert sticky >= 0.9
 
 
 @pytest.mark.slow

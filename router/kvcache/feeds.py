@@ -82,6 +82,8 @@ class FeedStats:
     """Seconds between the engine publishing the last batch and the router applying it."""
     sources: int = 0
     """Event streams followed (data-parallel ranks)."""
+    synced: int = 0
+    """Streams whose first replay (what the engine held before we came) is done."""
     warned_at: float = -WARN_EVERY
 
 
@@ -244,7 +246,8 @@ class KvEventFeeds:
         try:
             socket.connect(source.endpoint)
             if source.replay is not None:  # learn what the engine already holds
-                await self._replay(backend, source, 0, cursor)
+                await self._replay(backend, source, 0, cursor, initial=True)
+            self.stats[backend.id].synced += 1
             while True:
                 frames = await socket.recv_multipart()
                 try:
@@ -289,11 +292,13 @@ class KvEventFeeds:
 
     async def _replay(
         self, backend: Backend, source: EventSource, start: int, cursor: _Cursor,
+        initial: bool = False,
     ) -> None:
         """Apply the engine's buffered batches from `start`; a gap the buffer no longer
-        covers drops the rank's blocks."""
+        covers drops the rank's blocks. `initial`: the first read of what the engine held
+        before we came, which may start anywhere."""
         if source.replay is None:
-            if start > 0:
+            if not initial:
                 self._lost(backend.id, source.rank, cursor)
             return
         assert self._context is not None
@@ -312,17 +317,21 @@ class KvEventFeeds:
                         continue
                     seq = decode_seq(frames[2])
                     if seq == -1:
+                        if initial and cursor.last is None:
+                            # Nothing buffered from the start: the engine published nothing
+                            # yet, and its first batch will be 0.
+                            cursor.last = -1
                         break
-                    if first and seq > start and start > 0:
+                    if first and seq > start and not initial:
                         self._lost(backend.id, source.rank, cursor)
                     first = False
                     if cursor.last is None or seq > cursor.last:
                         self._apply(backend.id, source.rank, seq, frames[3], cursor)
-            if start > 0:
+            if not initial:
                 self.stats[backend.id].gaps_replayed += 1
             cursor.floor = start
         except (TimeoutError, MalformedBatch, zmq.ZMQError) as exc:
-            if start > 0:
+            if not initial:
                 log.info("kv events: backend %s replay from %d failed: %r", backend.id, start,
                          exc)
                 self._lost(backend.id, source.rank, cursor)

@@ -1,7 +1,7 @@
 """One score for cache and load, for the cache-aware policies (`kvaware`, `prefixaware`).
 
 For each candidate engine, in prompt tokens (characters for `prefixaware`, whose tree counts
-characters):
+characters: `CHARS_PER_TOKEN` to a token):
 
     cost = (prompt - cached) + load_cost * load
 
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from router.backends.pool import Backend
     from router.config.settings import Config
 
-__all__ = ["CacheScore", "mix"]
+__all__ = ["CacheScore", "mix", "CHARS_PER_TOKEN"]
+
+CHARS_PER_TOKEN = 4.0
+"""About what English text and code take per token with common tokenizers."""
 
 MASK = (1 << 64) - 1
 
@@ -46,8 +49,9 @@ def mix(value: int) -> int:
 class CacheScore:
     """The cost formula with its knobs from the config."""
 
-    def __init__(self, config: Config, min_share: float = 0.0) -> None:
-        self.load_cost = config.load_cost_tokens
+    def __init__(self, config: Config, min_share: float = 0.0, unit: float = 1.0) -> None:
+        self.load_cost = config.load_cost_tokens * unit
+        """In the policy's unit of prompt: tokens, or characters (`unit` per token)."""
         self.min_length = config.prefix_min_match_length
         self.min_share = min_share
         self._backend_codes: dict[str, int] = {}

@@ -2,13 +2,13 @@
 cache serves it (a multi-turn chat resends its whole history every turn), unless that would
 pile work onto an overloaded backend.
 
-For each request: the candidate that received the longest prefix of this prompt wins when that
-prefix is at least `prefix_match_threshold` of the prompt and `prefix_min_match_length`
-characters long (production-stack's `--prefix-min-match-length`, which counts characters
-too), and the fleet is not imbalanced
+For each request every candidate is scored by `router.policies.cache_score`, in characters:
+the prefix of this prompt it received counts when it is at least `prefix_match_threshold` of
+the prompt and `prefix_min_match_length` characters long (production-stack's
+`--prefix-min-match-length`, which counts characters too), and the fleet is not imbalanced
 (load gap over `balance_abs_threshold` and busiest over `balance_rel_threshold` × idlest);
-otherwise the least loaded candidate. Either way the prompt is recorded for the chosen backend.
-Ties (several backends hold the same prefix) go to the least loaded of them, then at random.
+against that, its load, `--load-cost-tokens` × `CHARS_PER_TOKEN` characters per request. The
+lowest cost wins, ties at random, and the prompt is recorded for the chosen backend.
 
 Only the first `max_prompt_chars` characters count, for the tree and for the share matched: a
 prompt longer than that matches fully once its head matches. Backends that are not candidates
@@ -22,6 +22,7 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from router.policies.cache_score import CHARS_PER_TOKEN, CacheScore
 from router.policies.features import ESC, prompt_text
 from router.policies.load import load_scores, lowest
 from router.policies.prefix_tree import PrefixTree
@@ -49,6 +50,7 @@ class PrefixAware:
         self._rel = config.balance_rel_threshold
         self._max_chars = config.prefix_cache_max_chars
         self._max_prompt_chars = min(max_prompt_chars, self._max_chars)
+        self._score = CacheScore(config, self._threshold, CHARS_PER_TOKEN)
         self._trees: dict[str, PrefixTree] = {}
         """One per model: a prefix sent to one model says nothing about another's cache."""
         self._rng = random.Random()
@@ -63,9 +65,13 @@ class PrefixAware:
             tree = self._trees[request.model] = PrefixTree(self._max_chars,
                                                            self._max_prompt_chars)
         _, lengths = tree.match(text)
-        chosen = self._affine(candidates, scores, lengths, len(text))
-        if chosen is None:
-            chosen = lowest(candidates, scores, self._rng)
+        high, low = max(scores), min(scores)
+        if high - low > self._abs and high > self._rel * low:
+            cached = [0] * len(candidates)  # imbalanced: load alone
+        else:
+            cached = [lengths.get(backend.id, 0) for backend in candidates]
+        costs = self._score.costs(len(text), cached, scores)
+        chosen = candidates[self._score.best(candidates, costs, self._rng.getrandbits(63))]
         tree.insert(text, chosen.id)
         return chosen
 
@@ -79,28 +85,6 @@ class PrefixAware:
         if isinstance(salt, str) and salt:
             text = (salt.replace(ESC, ESC + ESC) + SALT + text)[: self._max_prompt_chars]
         return text
-
-    def _affine(
-        self, candidates: Sequence[Backend], scores: list[float], lengths: dict[str, int],
-        size: int,
-    ) -> Backend | None:
-        """The candidate holding enough of the prompt, if the fleet is balanced enough."""
-        best_length = 0
-        best: list[int] = []
-        for index, backend in enumerate(candidates):
-            length = lengths.get(backend.id, 0)
-            if length > best_length:
-                best_length, best = length, [index]
-            elif length == best_length and length:
-                best.append(index)
-        if not best or best_length < self._threshold * size or best_length < self._min_length:
-            return None
-        high, low = max(scores), min(scores)
-        if high - low > self._abs and high > self._rel * low:
-            return None
-        if len(best) == 1:
-            return candidates[best[0]]
-        return lowest([candidates[i] for i in best], [scores[i] for i in best], self._rng)
 
     def forget_backend(self, backend_id: str) -> None:
         """A backend left the pool: drop what only it held from every model's tree."""

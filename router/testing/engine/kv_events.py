@@ -361,6 +361,11 @@ class KvEventPublisher:
         async with asyncio.timeout(timeout), self._subscriptions_changed:
             await self._subscriptions_changed.wait_for(lambda: self._subscriptions >= count)
 
+    @property
+    def running(self) -> bool:
+        """False once closed: an event stream that is down (the engine still serves)."""
+        return self._pub is not None
+
     def _socket(self) -> zmq.asyncio.Socket:
         if self._pub is None:
             raise RuntimeError("the publisher is not running")
@@ -475,7 +480,7 @@ class KvEvents:
             self.queries += len(prefill.token_ids)
             self.hits += result.hit_tokens
             events.extend(result.events)
-        if not events:
+        if not events or not self.publisher.running:
             return None
         return await self.publisher.publish(events)
 
