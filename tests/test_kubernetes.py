@@ -44,7 +44,7 @@ from router.discovery.k8s_access import (
 )
 from router.discovery.k8s_targets import LABELS_ANNOTATION
 from router.discovery.kubernetes import KubernetesDiscovery, kubernetes_discovery
-from router.testing import RunningEngine, start_engine
+from router.testing import KvEventsOptions, RunningEngine, start_engine
 from router.testing.flood import start_flood
 from router.testing.processes import free_port, wait_until_healthy
 from tests.k8s_stand_in import ApiServerStandIn, Pod, make_pod, make_service, set_ready
@@ -1075,3 +1075,40 @@ async def test_an_engine_whose_models_answer_never_ends_is_not_routed(
         assert flood.state.bytes_sent < 16 * 1024 * 1024
         assert any("vllm-1 is routable but" in message and "answered more than 1048576 bytes"
                    in message for message in messages(caplog))
+
+
+# --------------------------------------------------------------------------- kvaware
+
+
+async def kv_blocks(client: aiohttp.ClientSession, url: str) -> int:
+    async with client.get(url + "/engines") as response:
+        listing = await response.json()
+    return sum((entry.get("kv_events") or {}).get("index_blocks", 0) for entry in listing)
+
+
+async def test_kvaware_follows_the_kv_events_of_the_pods_it_discovers(
+    api: ApiServerStandIn, tmp_path: Path,
+) -> None:
+    # The engine's /kv_event_sources names `tcp://*:PORT`: the router subscribes at the
+    # pod's IP, learned from discovery alone.
+    options = KvEventsOptions(block_size=16)
+    async with await start_engine(LLAMA, name="llama-kv", kv_events=options) as engine:
+        port = port_of(engine)
+        async with router_process(api, tmp_path, "--routing-logic", "kvaware") as url, \
+                aiohttp.ClientSession() as client:
+            await eventually(lambda: api.open_watches == 1, timeout=10.0)
+            api.add(make_pod("vllm-0", port=port))
+            await until(lambda: _lists(client, url, [f"http://127.0.0.1:{port}"]))
+            await engine.kv_events.publisher.wait_for_subscribers(timeout=10)
+            body = {"model": LLAMA[0], "max_tokens": 3,
+                    "messages": [{"role": "user", "content": "a question of some length " * 4}]}
+            async with client.post(url + "/v1/chat/completions", json=body) as response:
+                assert response.status == 200, await response.text()
+            await until(lambda: _positive(kv_blocks(client, url)), timeout=10)
+            api.delete("vllm-0")  # it leaves the pool, and takes its blocks along
+            await until(lambda: _lists(client, url, []))
+            assert await kv_blocks(client, url) == 0
+
+
+async def _positive(count: Awaitable[int]) -> bool:
+    return await count > 0
