@@ -280,7 +280,7 @@ def kv_routing(args: argparse.Namespace, log_dir: Path, report: dict[str, object
             urllib.request.urlopen(request, timeout=10).read()
             with urllib.request.urlopen(kvaware.url + "/engines", timeout=10) as answer:
                 listing = json.loads(answer.read())
-            if all((entry.get("kv_events") or {}).get("index_blocks") for entry in listing):
+            if any((entry.get("kv_events") or {}).get("index_blocks") for entry in listing):
                 break
             time.sleep(0.2)
         else:

@@ -23,7 +23,7 @@ every router replica breaks the same tie the same way.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -67,13 +67,16 @@ class CacheScore:
         return [prompt - self.counted(hit, prompt) + load_cost * load
                 for hit, load in zip(cached, loads)]
 
-    def best(self, candidates: Sequence[Backend], costs: Sequence[float], key: int) -> int:
-        """The index of the lowest cost; ties go to the highest rendezvous weight of `key`."""
+    def best(self, candidates: Sequence[Backend], costs: Sequence[float],
+             key: Callable[[], int]) -> int:
+        """The index of the lowest cost; ties go to the highest rendezvous weight of the
+        prompt's `key()` (asked for only when there is a tie)."""
         low = min(costs)
         tied = [index for index, cost in enumerate(costs) if cost == low]
         if len(tied) == 1:
             return tied[0]
-        return max(tied, key=lambda index: mix(key ^ self._code(candidates[index])))
+        prompt = key()
+        return max(tied, key=lambda index: mix(prompt ^ self._code(candidates[index])))
 
     def _code(self, backend: Backend) -> int:
         """A stable number for the backend (its URL), the same on every replica."""

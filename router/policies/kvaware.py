@@ -27,7 +27,7 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from router.kvcache.index import prompt_hashes
+from router.kvcache.index import extra_code, prompt_hashes
 from router.policies.cache_score import CacheScore
 from router.policies.features import session_key
 from router.policies.load import load_scores, lowest
@@ -48,15 +48,23 @@ DEFAULT_SESSION_KEY = "x-session-id"
 class PromptBlocks:
     """A prompt's token ids and, per block size, its block hashes (made when first asked)."""
 
-    __slots__ = ("tokens", "lora", "salt", "key", "_hashes")
+    __slots__ = ("tokens", "lora", "salt", "_key", "_hashes")
 
     def __init__(self, tokens: list[int], lora: str | None, salt: str | None) -> None:
         self.tokens = tokens
         self.lora = lora
         self.salt = salt
-        self.key = hash((tuple(tokens), lora or "", salt or "")) if tokens else 0
-        """Breaks ties between engines; the same on every replica for the same prompt."""
+        self._key: int | None = None
         self._hashes: dict[int, list[int]] = {}
+
+    @property
+    def key(self) -> int:
+        """Breaks ties between engines; the same on every replica for the same prompt.
+        Made only when there is a tie to break."""
+        if self._key is None:
+            self._key = hash((tuple(self.tokens), extra_code(
+                tuple(key for key in (self.lora, self.salt) if key))))
+        return self._key
 
     def hashes(self, block_size: int) -> list[int]:
         hashes = self._hashes.get(block_size)
@@ -124,8 +132,8 @@ class KvAware:
         costs = score.costs(prompt, cached, loads)
         if home is not None:
             costs[home] = loads[home] * score.load_cost - score.load_cost
-        key = blocks.key if blocks is not None else self._rng.getrandbits(63)
-        chosen = score.best(candidates, costs, key)
+        chosen = score.best(candidates, costs,
+                            lambda: blocks.key if blocks is not None else self._rng.getrandbits(63))
         if blocks is not None:
             self._kv.predict(candidates[chosen].id, score.counted(cached[chosen], prompt), prompt)
         return candidates[chosen]

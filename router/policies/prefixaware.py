@@ -71,7 +71,8 @@ class PrefixAware:
         else:
             cached = [lengths.get(backend.id, 0) for backend in candidates]
         costs = self._score.costs(len(text), cached, scores)
-        chosen = candidates[self._score.best(candidates, costs, self._rng.getrandbits(63))]
+        chosen = candidates[self._score.best(candidates, costs,
+                                             lambda: self._rng.getrandbits(63))]
         tree.insert(text, chosen.id)
         return chosen
 
