@@ -12,6 +12,7 @@ import pytest
 
 from router.backends.pool import Backend
 from router.kvcache.events import MalformedBatch, Removed, Stored, decode_batch
+from router.kvcache.feeds import EventSource, event_sources
 from router.kvcache.index import KvIndex, prompt_hashes
 from router.kvcache.state import KvCache
 from router.policies import PolicyContext
@@ -231,3 +232,21 @@ def test_a_removed_backend_takes_its_blocks_along() -> None:
     store_prompt(context.kv.index, backend.id, list(range(8)))
     KvAware(context).forget_backend(backend.id)
     assert context.kv.index.blocks == 0
+
+
+def test_the_event_sources_an_engine_names_are_reached_at_its_host() -> None:
+    answer = {
+        "0": {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+              "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"},
+        "1": {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+              "endpoint": "tcp://10.1.2.3:5560", "replay_endpoint": None},
+        "2": {"enable_kv_cache_events": False, "endpoint": "tcp://*:5561"},
+        "3": {"publisher": "null", "endpoint": "tcp://*:5562"},
+        "4": {"endpoint": "ipc:///tmp/kv"},
+    }
+    assert event_sources(answer, "10.0.0.7") == [
+        EventSource(0, "tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558", "kv", True),
+        EventSource(1, "tcp://10.1.2.3:5560", None, "kv", False),  # vLLM connects out there
+    ]
+    assert event_sources(answer, "fd00::7")[0].endpoint == "tcp://[fd00::7]:5557"
+    assert event_sources([], "h") == [] and event_sources({}, "h") == []

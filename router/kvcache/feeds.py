@@ -63,6 +63,9 @@ class EventSource(NamedTuple):
     endpoint: str
     replay: str | None
     topic: str
+    binds: bool = True
+    """The engine binds its publisher (a wildcard host). With a given host vLLM connects
+    out to it instead, to a subscriber that binds: the router, which connects, gets nothing."""
 
 
 @dataclass
@@ -97,7 +100,8 @@ def event_sources(answer: Any, host: str) -> list[EventSource]:
             continue
         if config.get("publisher", "zmq") != "zmq":
             continue
-        endpoint = _reachable(config.get("endpoint"), host)
+        raw = config.get("endpoint")
+        endpoint = _reachable(raw, host)
         if endpoint is None:
             continue
         topic = config.get("topic")
@@ -105,6 +109,7 @@ def event_sources(answer: Any, host: str) -> list[EventSource]:
             int(rank) if str(rank).isdigit() else 0, endpoint,
             _reachable(config.get("replay_endpoint"), host),
             topic if isinstance(topic, str) else "",
+            endpoint != raw,
         ))
     return sorted(sources)
 
@@ -206,6 +211,14 @@ class KvEventFeeds:
                     if sources:
                         log.info("kv events: following backend %s at %s", backend.id,
                                  ", ".join(source.endpoint for source in sources))
+                    for source in sources:
+                        if not source.binds:
+                            log.warning(
+                                "kv events: backend %s publishes by connecting out to %s (vLLM "
+                                "binds only a wildcard endpoint such as tcp://*:5557): the "
+                                "router connects as well, so no live event will come; start "
+                                "the engine with a tcp://*:PORT endpoint",
+                                backend.id, source.endpoint)
                 await asyncio.sleep(SOURCES_REFRESH if current else SOURCES_RETRY)
         finally:
             for task in followers:
