@@ -363,10 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefixaware: characters of the prompt a backend's cached prefix must match "
              "at least, else the least loaded backend serves it (production-stack's flag, "
              "in characters as there; default 0)")
-    add("--load-cost-tokens", type=non_negative_float, default=256.0,
+    add("--load-cost-tokens", type=non_negative_float, default=64.0,
         help="kvaware, prefixaware: prompt tokens one request of load is worth: an engine "
              "holding N more tokens of the prompt wins until it carries N / this many "
-             "requests more (default 256; see docs/routing.md)")
+             "requests more (default 64; see docs/routing.md)")
     add("--kv-events-endpoint", default=None,
         help="kvaware: where every engine publishes its KV events, {host} for the engine's "
              "host, e.g. tcp://{host}:5557 (default: each engine's GET /kv_event_sources)")

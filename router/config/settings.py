@@ -316,7 +316,7 @@ class Config:
     prefix_min_match_length: int = 0
     """`prefixaware`: characters a cached prefix must match at least (production-stack's
     `--prefix-min-match-length`); below it the least loaded backend serves the request."""
-    load_cost_tokens: float = 256.0
+    load_cost_tokens: float = 64.0
     """`kvaware`, `prefixaware`: prompt tokens one request of load is worth in the cache
     score (`router.policies.cache_score`)."""
     kv_events_endpoint: str | None = None

@@ -76,6 +76,20 @@ def get_text(url: str) -> str:
         return str(response.read().decode())
 
 
+E2E_REPORTS = pytest.StashKey[list[tuple[str, str]]]()
+
+
+def add_report(config: pytest.Config, title: str, text: str) -> None:
+    """Text for the end of the run's terminal output (shown without `-s`), under `title`."""
+    config.stash.setdefault(E2E_REPORTS, []).append((title, text))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for title, text in terminalreporter.config.stash.get(E2E_REPORTS, []):
+        terminalreporter.section(title)
+        terminalreporter.write(text)
+
+
 @dataclass
 class Fleet:
     engines: list[str]
