@@ -250,3 +250,29 @@ def test_the_event_sources_an_engine_names_are_reached_at_its_host() -> None:
     ]
     assert event_sources(answer, "fd00::7")[0].endpoint == "tcp://[fd00::7]:5557"
     assert event_sources([], "h") == [] and event_sources({}, "h") == []
+
+
+async def test_tokens_that_are_no_token_ids_leave_the_request_to_load() -> None:
+    context = kv_context()
+    assert context.kv is not None
+    backends = make_backends(2)
+    store_prompt(context.kv.index, backends[0].id, list(range(8)))
+
+    class Answers:  # what a broken or hostile engine's /tokenize could give
+        def __init__(self, tokens: list[Any]) -> None:
+            self.tokens_answer = tokens
+
+        async def tokens(self, *args: Any) -> list[Any]:
+            return self.tokens_answer
+
+    policy = KvAware(context)
+    for tokens in ([[1], [2], [3], [4]] * 2, [{"a": 1}] * 8):
+        context.kv.tokens = Answers(tokens)  # type: ignore[assignment]
+        request = make_request(chat("hi"))
+        await policy.prepare(request, backends, "/v1/chat/completions")
+        assert request.prepared is None
+        assert policy.choose(request, backends) in backends
+    context.kv.tokens = Answers([0, 1, 2, 3, "x", 5, 6, 7.0])  # type: ignore[assignment]
+    request = make_request(chat("hi"))
+    await policy.prepare(request, backends, "/v1/chat/completions")
+    assert policy.choose(request, backends) in backends

@@ -8,6 +8,7 @@ never applied half-read, and sizes are bounded before anything is kept.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgpack
 
 __all__ = [
     "BlockHash", "Stored", "Removed", "Cleared", "Event", "Batch", "MalformedBatch",
-    "decode_seq", "decode_batch", "MAX_BLOCKS_PER_EVENT",
+    "decode_seq", "decode_batch", "are_token_ids", "MAX_BLOCKS_PER_EVENT",
 ]
 
 BlockHash = int | bytes
@@ -74,6 +75,16 @@ UNMATCHABLE = ("\x00unmatchable",)
 but never match a request the router can hash."""
 
 
+def are_token_ids(values: list[Any]) -> bool:
+    """Every value is an int that fits 64 bits: checked at C speed by `array`, which refuses
+    anything else (a 4,000-token prompt: tens of microseconds, not hundreds)."""
+    try:
+        array("q", values)
+    except (TypeError, OverflowError):
+        return False
+    return True
+
+
 def decode_seq(raw: bytes) -> int:
     if len(raw) != 8:
         raise MalformedBatch(f"sequence number of {len(raw)} bytes, not 8")
@@ -128,7 +139,7 @@ def _event(raw: Any) -> Event | None:
     tokens = raw.get("token_ids")
     if not isinstance(tokens, list) or len(tokens) != len(hashes) * block_size:
         raise ValueError("BlockStored token_ids do not fill its blocks")
-    if not all(type(token) is int for token in tokens):
+    if not are_token_ids(tokens):
         raise ValueError("BlockStored token_ids are not all integers")
     parent = raw.get("parent_block_hash")
     if parent is not None and not _is_hash(parent):

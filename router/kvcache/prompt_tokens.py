@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from router.backends.pool import Backend
+from router.kvcache.events import are_token_ids
 from router.proxy.upstream_read import read_bounded
 
 __all__ = ["PromptTokens", "CHAT_FIELDS"]
@@ -54,7 +55,7 @@ class PromptTokens:
             fields = CHAT_FIELDS
         elif endpoint == "/v1/completions":
             prompt = body.get("prompt")
-            if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            if isinstance(prompt, list) and prompt and are_token_ids(prompt):
                 return prompt  # token ids already
             if not isinstance(prompt, str):
                 return None  # a batch of prompts is spread by load
@@ -74,8 +75,11 @@ class PromptTokens:
                     raise ValueError(f"HTTP {response.status}")
                 answer = json.loads(await read_bounded(response, MAX_ANSWER, "/tokenize"))
             tokens = answer.get("tokens") if isinstance(answer, dict) else None
-            if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            if not isinstance(tokens, list):
                 raise ValueError("no list of token ids in the answer")
+            # Not checked item by item (that cost more than the hashing): values that are
+            # no ints only hash to blocks no engine holds, and unhashable ones are caught
+            # where the blocks are hashed.
             return tokens
         except Exception as exc:  # any failure routes on load; never fails the request
             self.failed += 1

@@ -108,7 +108,14 @@ class KvAware:
             return
         salt = body.get("cache_salt")
         lora = request.model if request.model in kv.index.lora_names else None
-        request.prepared = PromptBlocks(tokens, lora, salt if isinstance(salt, str) else None)
+        blocks = PromptBlocks(tokens, lora, salt if isinstance(salt, str) else None)
+        try:  # hashed here, where a failure only means routing on load
+            for size in {kv.index.block_size(backend.id) for backend in candidates}:
+                if size:
+                    blocks.hashes(size)
+        except TypeError:  # the engine's "tokens" held something unhashable
+            return
+        request.prepared = blocks
 
     def choose(self, request: InboundRequest, candidates: Sequence[Backend]) -> Backend:
         loads = load_scores(self._context, candidates)
