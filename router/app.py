@@ -91,8 +91,10 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the engine-stats scraper and the health prober, as background tasks with a
-    session of their own, so their calls never share (or show up in) the proxy's pool."""
+    """cleanup_ctx: the engine-stats scraper, the health prober and the KV event feeds, as
+    background tasks with a session of their own, so their calls never share (or show up in)
+    the proxy's pool; `kvaware`'s `/tokenize` calls use that session too. The KV event
+    streams are followed only while the policy uses them."""
     config = app[CONFIG]
     pool = app[POOL]
     key = config.backend_api_key
@@ -112,6 +114,14 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
                 app[HEALTH], pool, session, config.health_check_interval,
                 config.health_check_path, config.health_check_timeout,
             ).run())
+        kv = app[KV_CACHE]
+        kv.tokens = PromptTokens(session, config.kv_tokenize_timeout)
+        kv.feeds = KvEventFeeds(
+            kv.index, pool, session,
+            lambda: bool(getattr(app[CHOOSER].policy, "uses_kv_events", False)),
+            config.kv_events_endpoint, config.kv_events_replay_endpoint,
+        )
+        loops.append(kv.feeds.run())
         tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             yield
@@ -119,30 +129,6 @@ async def fleet_watchers(app: web.Application) -> AsyncIterator[None]:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def kv_cache_feeds(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the engines' KV event streams and `/tokenize` calls (`kvaware`), with a
-    session of their own. The streams are followed only while the policy uses them."""
-    config = app[CONFIG]
-    kv = app[KV_CACHE]
-    key = config.backend_api_key
-    headers = {"Authorization": f"Bearer {key}"} if key else None
-    async with aiohttp.ClientSession(
-        connector=GuardedConnector(), cookie_jar=aiohttp.DummyCookieJar(), headers=headers
-    ) as session:
-        kv.tokens = PromptTokens(session, config.kv_tokenize_timeout)
-        kv.feeds = KvEventFeeds(
-            kv.index, app[POOL], session,
-            lambda: bool(getattr(app[CHOOSER].policy, "uses_kv_events", False)),
-            config.kv_events_endpoint, config.kv_events_replay_endpoint,
-        )
-        task = asyncio.create_task(kv.feeds.run())
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             kv.tokens = None
 
 
@@ -291,7 +277,6 @@ def make_app(config: Config) -> web.Application:
         pool.replace(static_backends(config))
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(fleet_watchers)
-    app.cleanup_ctx.append(kv_cache_feeds)
     app.cleanup_ctx.append(watch_stalls)
     if config.enable_batch_api:
         # After client_session: batch lines use the session until their runners stop.
