@@ -50,9 +50,10 @@ RECEIVE_QUEUE = 256
 MAX_SOURCES_ANSWER = 256 * 1024
 REPLAY_TIMEOUT = 5.0
 SOURCES_RETRY = 5.0
-"""Seconds between two asks of `/kv_event_sources` while an engine's sources are unknown."""
+"""Seconds before asking `/kv_event_sources` again after it could not be asked."""
 SOURCES_REFRESH = 30.0
-"""Seconds between two asks once known: a restarted engine may publish elsewhere."""
+"""Seconds between two asks once answered: a restarted engine may publish elsewhere, or
+start publishing."""
 SYNC_INTERVAL = 2.0
 """Seconds between two looks at the pool (backends added or removed)."""
 WARN_EVERY = 60.0
@@ -219,7 +220,9 @@ class KvEventFeeds:
                                 "router connects as well, so no live event will come; start "
                                 "the engine with a tcp://*:PORT endpoint",
                                 backend.id, source.endpoint)
-                await asyncio.sleep(SOURCES_REFRESH if current else SOURCES_RETRY)
+                # An engine that answered (even "no events") is asked again now and then;
+                # one that could not be asked, soon.
+                await asyncio.sleep(SOURCES_RETRY if sources is None else SOURCES_REFRESH)
         finally:
             for task in followers:
                 task.cancel()

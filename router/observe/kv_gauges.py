@@ -70,4 +70,6 @@ class KvGauges(Collector):
             skipped.add_metric(labels, stats.malformed + stats.events_skipped)
             if stats.lag is not None:
                 lag.add_metric(labels, stats.lag)
-        yield from (blocks, cached, prompt, batches, gaps, skipped, lag)
+        # Without kvaware there is nothing to say: no empty families on every /metrics.
+        yield from (family for family in (blocks, cached, prompt, batches, gaps, skipped, lag)
+                    if family.samples)
