@@ -12,8 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from router.backends.pool import Backend, BackendPool
 from router.keys import KV_CACHE, POOL
-from router.kvcache.feeds import FeedStats
+from router.kvcache import feeds as feeds_module
+from router.kvcache.events import Batch
+from router.kvcache.feeds import FeedStats, KvEventFeeds
+from router.kvcache.index import KvIndex
 from router.testing import KvEventsOptions, RunningEngine, start_engine
 
 from .conftest import CHAT, MODELS, RouterUnderTest, StartRouter, config_for, eventually
@@ -249,3 +253,47 @@ async def test_the_engines_endpoints_can_be_given_instead_of_asked(
         await eventually(lambda: router.app[KV_CACHE].index.blocks > 0, timeout=5)
     finally:
         await engine.close()
+
+
+class BrokenOnce(KvIndex):
+    """An index whose first apply fails as a bug would."""
+
+    def __init__(self) -> None:
+        super().__init__(10_000)
+        self.failed = False
+
+    def apply(self, backend_id: str, rank: int, batch: Batch) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug")
+        super().apply(backend_id, rank, batch)
+
+
+async def test_a_stream_that_stopped_on_a_bug_is_followed_again(
+    kv_engines: list[RunningEngine], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feeds_module, "SOURCES_REFRESH", 0.05)
+    engine = kv_engines[0]
+    pool = BackendPool()
+    pool.replace([Backend(url=engine.url, models=MODELS)])
+    index = BrokenOnce()
+    async with aiohttp.ClientSession() as session:
+        feeds = KvEventFeeds(index, pool, session, lambda: True)
+        task = asyncio.create_task(feeds.run())
+        try:
+            publisher = engine.kv_events.publisher
+            await publisher.wait_for_subscribers(timeout=10)
+            await eventually(lambda: all(s.synced for s in feeds.stats.values())
+                             and len(feeds.stats) == 1, timeout=10)
+            stored = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None,
+                      "token_ids": list(range(BLOCK)), "block_size": BLOCK, "lora_id": None,
+                      "medium": "GPU", "lora_name": None}
+            await publisher.publish([stored])  # kills the follower
+            await eventually(lambda: index.failed, timeout=10)
+            # Followed again: its first replay reads the batch the bug cut short.
+            await eventually(lambda: all(s.synced >= 2 for s in feeds.stats.values()),
+                             timeout=10)
+            await eventually(lambda: index.blocks == 1, timeout=10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

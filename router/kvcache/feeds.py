@@ -220,6 +220,15 @@ class KvEventFeeds:
                                 "router connects as well, so no live event will come; start "
                                 "the engine with a tcp://*:PORT endpoint",
                                 backend.id, source.endpoint)
+                for number, task in enumerate(followers):
+                    if task.done():  # ended by what no handler expected: follow it again
+                        if not task.cancelled() and task.exception() is not None:
+                            log.warning("kv events: backend %s stream %s stopped (%r); "
+                                        "following it again", backend.id,
+                                        current[number].endpoint, task.exception())
+                        self.index.forget(backend.id, current[number].rank)
+                        followers[number] = asyncio.create_task(
+                            self._follow(backend, current[number]))
                 # An engine that answered (even "no events") is asked again now and then;
                 # one that could not be asked, soon.
                 await asyncio.sleep(SOURCES_RETRY if sources is None else SOURCES_REFRESH)
