@@ -123,12 +123,17 @@ def _reachable(endpoint: Any, host: str) -> str | None:
     if not port.isdigit() or not address:
         return None
     if address in ("*", "0.0.0.0", "[::]", "::"):
-        address = f"[{host}]" if ":" in host else host
+        address = _in_url(host)
     return f"tcp://{address}:{port}"
 
 
 def from_template(template: str, host: str) -> str:
-    return template.replace("{host}", f"[{host}]" if ":" in host else host)
+    return template.replace("{host}", _in_url(host))
+
+
+def _in_url(host: str) -> str:
+    """The host as an endpoint writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 class _Cursor:
@@ -260,11 +265,16 @@ class KvEventFeeds:
                       backend.id, exc)
             return None
 
-    async def _follow(self, backend: Backend, source: EventSource) -> None:
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        """A socket that never lingers on close and drops a peer sending frames too big."""
         assert self._context is not None
-        socket = self._context.socket(zmq.SUB)
+        socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        return socket
+
+    async def _follow(self, backend: Backend, source: EventSource) -> None:
+        socket = self._socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         socket.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
         cursor = _Cursor()
@@ -326,10 +336,7 @@ class KvEventFeeds:
             if not initial:
                 self._lost(backend.id, source.rank, cursor)
             return
-        assert self._context is not None
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        socket = self._socket(zmq.DEALER)
         first = True
         try:
             socket.connect(source.replay)

@@ -22,9 +22,10 @@ every router replica breaks the same tie the same way.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from router.policies.session import stable_hash
 
 if TYPE_CHECKING:
     from router.backends.pool import Backend
@@ -84,6 +85,6 @@ class CacheScore:
         if code is None:
             if len(self._backend_codes) > 65_536:
                 self._backend_codes.clear()
-            digest = hashlib.blake2b(backend.url.encode(), digest_size=8).digest()
-            code = self._backend_codes[backend.url] = int.from_bytes(digest, "big")
+            code = self._backend_codes[backend.url] = int.from_bytes(
+                stable_hash(backend.url.encode()), "big")
         return code
